@@ -1,0 +1,360 @@
+"""Dataset folders: discovery of cases in the nnU-Net v2 raw layout plus spinelm's additions.
+
+```
+DATASET/
+  dataset.json                 optional (channel_names, labels, file_ending); inferred if absent
+  imagesTr/CASE_0000.nii.gz    one file per channel (_0000, _0001, ...)
+  labelsTr/CASE.nii.gz         optional per case: vertebra masks (VerSe labels)
+  centroidsTr/CASE.json        optional per case: spinelm JSON, VerSe CASE_ctd.json or CASE.mrk.json
+  classesTr.csv                optional: case,label,class
+  imagesUnlabelled/CASE_0000.nii.gz   optional: scans without annotation
+```
+
+Discovery only looks at file names; it never reads voxels. Problems it can see from names alone
+(orphan masks, missing channels, two files for one case) are collected as :class:`Problem` for
+``spinelm validate`` instead of being raised, so that every problem is reported at once.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spinelm import labels as L
+from spinelm.io.files import read_json
+from spinelm.io.image import IMAGE_ENDINGS, Geometry, image_ending, load_volume, read_geometry
+from spinelm.io.landmarks import Landmark, centroids_from_mask, read_landmarks
+
+CENTROID_SUFFIXES = (".mrk.json", "_ctd.json", ".json")
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of discovery or validation, printed as one line.
+
+    Attributes:
+        severity: ``"error"`` (blocks training) or ``"warning"`` (suspicious but legal).
+        path: file or folder concerned.
+        message: what was expected and what was found.
+        fix: how to fix it.
+        case: case identifier, when the problem belongs to one.
+    """
+
+    severity: str
+    path: str
+    message: str
+    fix: str = ""
+    case: str | None = None
+
+    def line(self, root: Path | None = None) -> str:
+        path = self.path
+        if root is not None:
+            try:
+                path = str(Path(self.path).resolve().relative_to(Path(root).resolve()))
+            except ValueError:
+                pass
+        tag = "ERROR  " if self.severity == "error" else "WARNING"
+        fix = f" -> {self.fix}" if self.fix else ""
+        return f"{tag} {path}: {self.message}{fix}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scan and its annotations (paths only)."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    mask: Path | None = None
+    centroids: Path | None = None
+    classes: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def annotated(self) -> bool:
+        return self.mask is not None or self.centroids is not None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A discovered dataset folder."""
+
+    root: Path
+    channel_names: dict[str, str]
+    file_ending: str
+    cases: tuple[Case, ...]
+    unlabelled: tuple[Case, ...] = ()
+    dataset_json: dict = field(default_factory=dict)
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    def case(self, case_id: str) -> Case:
+        for c in self.cases + self.unlabelled:
+            if c.case_id == case_id:
+                return c
+        raise KeyError(f"no case {case_id!r} in {self.root}")
+
+
+def _split_channel(name: str) -> tuple[str, int] | None:
+    ending = image_ending(name)
+    if ending is None:
+        return None
+    m = _CHANNEL_RE.match(name[: -len(ending)])
+    if not m:
+        return None
+    return m.group("case"), int(m.group("channel"))
+
+
+def _scan_images(folder: Path, problems: list[Problem], n_channels: int | None,
+                 ) -> tuple[dict[str, dict[int, Path]], Counter]:
+    """Group image files of a folder by case and channel; note odd names and duplicates."""
+    by_case: dict[str, dict[int, Path]] = defaultdict(dict)
+    endings: Counter = Counter()
+    if not folder.is_dir():
+        return by_case, endings
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        parsed = _split_channel(path.name)
+        if parsed is None:
+            if image_ending(path.name) is None:
+                problems.append(Problem("warning", str(path), "not an image file (expected one of "
+                                        f"{', '.join(IMAGE_ENDINGS)}); ignored", "move it out of the folder"))
+            else:
+                problems.append(Problem("error", str(path), "image name lacks the channel suffix: expected "
+                                        "CASE_0000" + (image_ending(path.name) or ""),
+                                        "rename to CASE_0000<ending> (one file per channel)"))
+            continue
+        case, ch = parsed
+        endings[image_ending(path.name)] += 1
+        if ch in by_case[case]:
+            problems.append(Problem("error", str(path), f"duplicated case: channel {ch:04d} of case {case!r} "
+                                    f"also exists as {by_case[case][ch].name}",
+                                    "keep one file per case and channel", case))
+            continue
+        by_case[case][ch] = path
+    return by_case, endings
+
+
+def _cases_from(by_case: dict[str, dict[int, Path]], n_channels: int, problems: list[Problem],
+                folder: Path) -> dict[str, tuple[Path, ...]]:
+    out = {}
+    for case, chans in sorted(by_case.items()):
+        expected = list(range(n_channels))
+        if sorted(chans) != expected:
+            missing = [f"{c:04d}" for c in expected if c not in chans]
+            extra = [f"{c:04d}" for c in chans if c not in expected]
+            what = (f"missing channel(s) {', '.join(missing)}" if missing else "") + \
+                   ("; " if missing and extra else "") + (f"unexpected channel(s) {', '.join(extra)}" if extra else "")
+            problems.append(Problem("error", str(folder / f"{case}_*"), f"case {case!r}: expected channels "
+                                    f"{', '.join(f'{c:04d}' for c in expected)}, {what}",
+                                    "provide one file per channel listed in dataset.json channel_names", case))
+            continue
+        out[case] = tuple(chans[c] for c in expected)
+    return out
+
+
+def _find_by_case(folder: Path, suffixes: tuple[str, ...], problems: list[Problem],
+                  what: str) -> dict[str, Path]:
+    """Files of a folder keyed by case id, for the given suffixes (first match wins)."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        name = path.name
+        suffix = next((s for s in suffixes if name.lower().endswith(s)), None)
+        if suffix is None:
+            problems.append(Problem("warning", str(path), f"not a {what} file (expected {', '.join(suffixes)}); "
+                                    f"ignored", "move it out of the folder"))
+            continue
+        case = name[: -len(suffix)]
+        if case in found:
+            problems.append(Problem("error", str(path), f"duplicated case: {what} for case {case!r} also given "
+                                    f"as {found[case].name}", "keep one file per case", case))
+            continue
+        found[case] = path
+    return found
+
+
+def _read_classes(path: Path, problems: list[Problem]) -> dict[str, list[tuple[int, str]]]:
+    out: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    if not path.is_file():
+        return out
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        problems.append(Problem("error", str(path), f"unreadable CSV ({exc})", "save it as UTF-8 CSV"))
+        return out
+    if not rows:
+        return out
+    header = [h.strip().lower() for h in rows[0]]
+    if header[:3] != ["case", "label", "class"]:
+        problems.append(Problem("error", str(path), f"expected the header 'case,label,class', found "
+                                f"{','.join(rows[0])!r}", "add the header line case,label,class"))
+        return out
+    seen = set()
+    for n, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 3:
+            problems.append(Problem("error", f"{path}:{n}", f"expected 3 columns case,label,class, found "
+                                    f"{len(row)}", "complete or delete the row"))
+            continue
+        case, lab, cls = (c.strip() for c in row[:3])
+        try:
+            label = L.vertebra(lab).label
+        except KeyError:
+            problems.append(Problem("error", f"{path}:{n}", f"unknown vertebra {lab!r}; expected a VerSe label "
+                                    f"1-{L.MAX_LABEL} or a name such as 'L1'", "fix the label column", case))
+            continue
+        if (case, label) in seen:
+            problems.append(Problem("error", f"{path}:{n}", f"duplicated row for case {case!r}, "
+                                    f"{L.name_of(label)}", "keep one class per vertebra", case))
+            continue
+        seen.add((case, label))
+        out[case].append((label, cls))
+    return out
+
+
+def discover_dataset(root: str | os.PathLike) -> Dataset:
+    """Find the cases of a dataset folder (file names only; nothing is read but dataset.json and CSV).
+
+    Raises:
+        FileNotFoundError: the folder or its ``imagesTr`` does not exist.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    problems: list[Problem] = []
+    djson: dict = {}
+    if (root / "dataset.json").is_file():
+        try:
+            djson = read_json(root / "dataset.json")
+            if not isinstance(djson, dict):
+                raise ValueError(f"{root / 'dataset.json'}: expected a JSON object")
+        except ValueError as exc:
+            problems.append(Problem("error", str(root / "dataset.json"), str(exc).split(": ", 1)[-1],
+                                    "fix the JSON or delete the file to let spinelm infer it"))
+            djson = {}
+    images_dir = root / "imagesTr"
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{images_dir}: folder not found; a dataset needs imagesTr/ with files "
+                                f"CASE_0000.nii.gz (nnU-Net v2 raw layout)")
+    by_case, endings = _scan_images(images_dir, problems, None)
+    unl_dir = root / "imagesUnlabelled"
+    by_case_u, endings_u = _scan_images(unl_dir, problems, None)
+    channel_names = djson.get("channel_names") or djson.get("modality")
+    if not channel_names:
+        n_ch = max((max(ch) + 1 for ch in by_case.values() if ch), default=1)
+        channel_names = {str(i): "unknown" for i in range(n_ch)}
+    channel_names = {str(k): str(v) for k, v in channel_names.items()}
+    all_endings = endings + endings_u
+    file_ending = djson.get("file_ending") or (all_endings.most_common(1)[0][0] if all_endings else ".nii.gz")
+    n_ch = len(channel_names)
+    images = _cases_from(by_case, n_ch, problems, images_dir)
+    unlabelled = _cases_from(by_case_u, n_ch, problems, unl_dir)
+    masks = _find_by_case(root / "labelsTr", tuple(IMAGE_ENDINGS), problems, "mask")
+    centroids = _find_by_case(root / "centroidsTr", CENTROID_SUFFIXES, problems, "centroid")
+    classes = _read_classes(root / "classesTr.csv", problems)
+    for case, path in masks.items():
+        if case not in images and case not in by_case:
+            problems.append(Problem("error", str(path), f"mask without image: no imagesTr/{case}_0000*",
+                                    "add the image or remove the mask", case))
+    for case, path in centroids.items():
+        if case not in images and case not in by_case:
+            problems.append(Problem("error", str(path), f"centroids without image: no imagesTr/{case}_0000*",
+                                    "add the image or remove the file", case))
+    for case in classes:
+        if case not in images:
+            problems.append(Problem("error", str(root / "classesTr.csv"), f"classes for case {case!r}, which "
+                                    f"has no image in imagesTr", "fix the case name", case))
+    for case in set(images) & set(unlabelled):
+        problems.append(Problem("error", str(unl_dir / f"{case}_0000{file_ending}"), f"duplicated case: "
+                                f"{case!r} is in both imagesTr and imagesUnlabelled", "rename one of them", case))
+    cases = []
+    for case, imgs in images.items():
+        c = Case(case, imgs, masks.get(case), centroids.get(case), tuple(classes.get(case, ())))
+        if not c.annotated:
+            problems.append(Problem("error", str(imgs[0]), f"case {case!r} has neither a mask (labelsTr/"
+                                    f"{case}{file_ending}) nor centroids (centroidsTr/{case}.json)",
+                                    "add an annotation or move the image to imagesUnlabelled/", case))
+        cases.append(c)
+    if not cases:
+        problems.append(Problem("error", str(images_dir), "no training images found (expected "
+                                "CASE_0000.nii.gz files)", "add images in the nnU-Net v2 raw layout"))
+    unl = tuple(Case(case, imgs) for case, imgs in unlabelled.items())
+    return Dataset(root, channel_names, file_ending, tuple(cases), unl, djson, tuple(problems))
+
+
+@dataclass
+class LoadedCase:
+    """A case read into memory in the canonical orientation (NumPy axis 0 cranio-caudal).
+
+    Attributes:
+        image: (C, z, y, x) float32.
+        mask: (z, y, x) int16 mask, or None.
+        geometry: canonical geometry shared by all channels and the mask.
+        landmarks: centroids in world LPS mm (from the centroid file, else from the mask).
+        landmarks_from_mask: True when the centroids were derived from the mask.
+    """
+
+    case_id: str
+    image: np.ndarray
+    mask: np.ndarray | None
+    geometry: Geometry
+    landmarks: list[Landmark]
+    landmarks_from_mask: bool
+
+
+def read_case_landmarks(case: Case, geometry: Geometry | None = None) -> list[Landmark]:
+    """Centroids of a case from its centroid file (world LPS mm), or [] when it has none.
+
+    ``geometry`` is the geometry of the case's first image as stored (needed for VerSe files);
+    it is read from the header when not given.
+    """
+    if case.centroids is None:
+        return []
+    if geometry is None:
+        geometry = read_geometry(case.images[0])
+    return read_landmarks(case.centroids, geometry)
+
+
+def load_case(case: Case, canonical: bool = True) -> LoadedCase:
+    """Read a case's channels, mask and centroids.
+
+    Raises:
+        FileNotFoundError / ImageReadError / ValueError: naming the file (run ``spinelm validate`` first
+        to see all problems at once).
+    """
+    channels, geom = [], None
+    for path in case.images:
+        arr, g = load_volume(path, canonical=canonical)
+        if geom is not None and g.same_as(geom):
+            raise ValueError(f"{path}: geometry differs from channel 0 ({'; '.join(g.same_as(geom))})")
+        geom = geom or g
+        channels.append(arr)
+    mask = None
+    if case.mask is not None:
+        mask, gm = load_volume(case.mask, canonical=canonical, dtype=None)
+        if gm.same_as(geom):
+            raise ValueError(f"{case.mask}: mask geometry differs from its image ({'; '.join(gm.same_as(geom))})")
+        mask = np.rint(mask).astype(np.int16) if mask.dtype.kind == "f" else mask.astype(np.int16)
+    if case.centroids is not None:
+        lms = read_case_landmarks(case)
+        derived = False
+    elif mask is not None:
+        lms = centroids_from_mask(mask, geom)
+        derived = True
+    else:
+        lms, derived = [], False
+    return LoadedCase(case.case_id, np.stack(channels), mask, geom, lms, derived)

@@ -1,0 +1,494 @@
+"""``spinelm plan``: derive spacing, patch, batch, topology and the spinelm parts from a fingerprint.
+
+The nnU-Net parts (target spacing, transpose, patch size, pooling per axis, kernel sizes, batch
+size under a memory target) come from nnunetv2's :class:`ExperimentPlanner`, subclassed narrowly
+so that (1) it reads the fingerprint and dataset description handed to it instead of nnU-Net's
+environment folders, (2) its memory estimate counts spinelm's extra output channels, and (3) a
+compute budget can cap the patch size. Everything else is a small pure rule in this module with
+its rationale in the docstring:
+
+- :func:`choose_preset`, :func:`memory_target_gb`, :func:`patch_voxel_budget` (compute budget),
+- :func:`apply_spacing_floor` (presets that trade resolution for speed),
+- :func:`heatmap_sigma_mm`, :func:`choose_heads` (output heads),
+- :func:`needs_coarse_configuration`, :func:`coarse_spacing` (a configuration that sees many
+  vertebrae at once when the fine patch cannot),
+- :func:`cranio_caudal_axis_after_transpose`, :func:`mirror_axes`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from spinelm import __version__
+from spinelm import labels as L
+from spinelm.io.files import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+PLANS_VERSION = 1
+#: Vertebrae a configuration should see along the column to tell levels apart by counting and by
+#: shape (a single vertebra looks much like its neighbours).
+MIN_VERTEBRAE_IN_VIEW = 3.0
+#: What the coarse configuration aims for: enough to see a region boundary (e.g. the lumbosacral or
+#: thoracolumbar junction) together with the level in question.
+COARSE_VERTEBRAE_IN_VIEW = 6.0
+#: Fallback distance between consecutive vertebra centres (mm, adult thoracolumbar) when the
+#: fingerprint has no pair statistics (single-vertebra cases).
+DEFAULT_CONSECUTIVE_DISTANCE_MM = 30.0
+#: Heatmap sigma as a fraction of the distance between neighbours; 0.1 keeps neighbouring peaks
+#: separated by more than 8 sigma while giving a target a few voxels wide.
+SIGMA_FRACTION_OF_DISTANCE = 0.1
+#: A heatmap narrower than this many voxels of the finest axis is aliased by the voxel grid.
+SIGMA_MIN_VOXELS = 1.5
+#: GPU memory the CUDA context, cuDNN workspaces and the allocator's fragmentation take beyond the
+#: activations nnU-Net's estimate counts.
+GPU_OVERHEAD_GB = 1.5
+
+DEFAULT_PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
+
+
+# ----------------------------------------------------------------------------------------------
+# presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Budget-dependent planner settings (a JSON file in ``plans/``)."""
+
+    name: str
+    description: str
+    device: str
+    memory_target_gb: float
+    base_features: int
+    max_features: int
+    min_batch_size: int
+    network_class: str
+    min_spacing_mm: float
+    cpu_seconds_per_mvoxel: float | None
+    min_iterations: int
+    epochs: int
+    iterations_per_epoch: int
+    initial_lr: float
+    time_budget_min: float | None
+    num_folds: int
+    blocks_per_stage_encoder: tuple[int, ...] = (2,) * 14
+    blocks_per_stage_decoder: tuple[int, ...] = (2,) * 13
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "preset") -> "Preset":
+        fields = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"{source}: unknown preset field(s) {sorted(unknown)}; valid: {sorted(fields)}")
+        import dataclasses
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data
+                         and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"{source}: missing preset field(s) {missing}")
+        data = dict(data)
+        for key in ("blocks_per_stage_encoder", "blocks_per_stage_decoder"):
+            if key in data:
+                data[key] = tuple(data[key])
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+def plans_dirs() -> list[Path]:
+    """Where presets are looked up: the source tree's ``plans/``, then the installed copy."""
+    return [DEFAULT_PLANS_DIR, Path(sys.prefix) / "share" / "spinelm" / "plans"]
+
+
+def available_presets() -> list[str]:
+    names = set()
+    for d in plans_dirs():
+        if d.is_dir():
+            names |= {p.stem for p in d.glob("*.json") if not p.stem.startswith("reference")}
+    return sorted(names)
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A preset by name (``"cpu"``, ``"gpu"``) or by path to a JSON file."""
+    path = Path(name_or_path)
+    if not path.suffix == ".json":
+        path = next((d / f"{name_or_path}.json" for d in plans_dirs() if (d / f"{name_or_path}.json").is_file()),
+                    path)
+    if not path.is_file():
+        import difflib
+        options = available_presets()
+        close = difflib.get_close_matches(str(name_or_path), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown preset {name_or_path!r}{hint} Available: {', '.join(options) or 'none found'}")
+    return Preset.from_json(read_json(path), str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# rules
+
+
+def choose_preset(device: str, gpu_memory_gb: float | None = None) -> str:
+    """Preset for a device.
+
+    ``cpu``: a CPU cannot train nnU-Net's default network (a 128^3 step takes about a minute on two
+    cores), so it gets the small-network, coarse-spacing preset. ``cuda``: nnU-Net's defaults; the
+    memory target adapts to the card in :func:`memory_target_gb`.
+    """
+    device = device.lower()
+    if device.startswith("cpu"):
+        return "cpu"
+    if device.startswith("cuda") or device.startswith("gpu"):
+        return "gpu"
+    raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+
+
+def memory_target_gb(preset_target_gb: float, gpu_memory_gb: float | None) -> float:
+    """Activation-memory target of the planner.
+
+    nnU-Net targets 8 GB whatever the card: larger patches bring little for most datasets, and 8 GB
+    fits consumer cards. A smaller card lowers the target to what fits after the overhead
+    (:data:`GPU_OVERHEAD_GB`); a larger card keeps the preset's target (raise it in a preset to use
+    it, as nnU-Net's ResEnc L/XL planners do).
+    """
+    if gpu_memory_gb is None:
+        return float(preset_target_gb)
+    if gpu_memory_gb <= GPU_OVERHEAD_GB + 0.5:
+        raise ValueError(f"--gpu-memory {gpu_memory_gb:g} GB is too small to train a 3-D U-Net; need more than "
+                         f"{GPU_OVERHEAD_GB + 0.5:g} GB")
+    return float(min(preset_target_gb, gpu_memory_gb - GPU_OVERHEAD_GB))
+
+
+def patch_voxel_budget(time_budget_min: float | None, batch_size: int, seconds_per_mvoxel: float | None,
+                       min_iterations: int) -> int | None:
+    """Largest patch (voxels) that still allows ``min_iterations`` training steps in the time budget.
+
+    A training step costs roughly ``seconds_per_mvoxel`` per million voxels in the batch (measured
+    for the preset's network on the target device; on a GPU the memory target binds first, so
+    presets leave it None). Few steps on large patches learn less than many on small ones, so the
+    patch shrinks to fit the budget. Never below 32^3, where a 4-stage U-Net still fits.
+    """
+    if time_budget_min is None or seconds_per_mvoxel is None:
+        return None
+    seconds = time_budget_min * 60.0 * 0.8  # 20 % for validation, checkpoints and data loading
+    voxels = seconds / (min_iterations * seconds_per_mvoxel * batch_size) * 1e6
+    return int(max(voxels, 32 ** 3))
+
+
+def apply_spacing_floor(spacing: Sequence[float], floor_mm: float) -> list[float]:
+    """Coarsen axes finer than ``floor_mm`` (CPU presets: fewer voxels, more context per voxel).
+
+    Axes already coarser (thick slices) are left alone, so anisotropy is never made worse.
+    """
+    return [float(max(s, floor_mm)) for s in spacing]
+
+
+def consecutive_distance_mm(fingerprint: dict) -> float:
+    """Median distance between consecutive vertebra centres, or the adult default."""
+    d = fingerprint.get("spine", {}).get("median_consecutive_distance_mm")
+    return float(d) if d else DEFAULT_CONSECUTIVE_DISTANCE_MM
+
+
+def heatmap_sigma_mm(distance_mm: float, spacing: Sequence[float]) -> float:
+    """Gaussian sigma of the centroid heatmaps.
+
+    :data:`SIGMA_FRACTION_OF_DISTANCE` of the neighbour distance (about 3 mm for lumbar, 2 mm for
+    cervical spines), but never narrower than :data:`SIGMA_MIN_VOXELS` voxels of the finest axis
+    so that the peak is resolved and sub-voxel refinement has something to fit.
+    """
+    return float(max(SIGMA_FRACTION_OF_DISTANCE * distance_mm, SIGMA_MIN_VOXELS * min(spacing)))
+
+
+def choose_heads(fingerprint: dict) -> dict:
+    """Output heads and their channel counts.
+
+    With masks: a segmentation head (background + one channel per vertebra label seen in the
+    masks) and ONE centroid heatmap channel for all vertebrae; the label of a heatmap peak is read
+    from the segmentation around it. One channel instead of one per label keeps the heatmap target
+    26x smaller (a 512x512x300 CT: 0.3 GB instead of 8 GB in float32). Without any mask
+    (centroids only): one heatmap channel per label seen, which then carries the identity.
+    """
+    spine = fingerprint.get("spine", {})
+    seg_labels = L.sort_cranio_caudal(spine.get("segmentation_labels", []))
+    all_labels = L.sort_cranio_caudal({lab for labs in spine.get("labels_per_case", {}).values() for lab in labs})
+    if seg_labels:
+        return {"segmentation": {"labels": sorted(seg_labels), "channels": len(seg_labels) + 1},
+                "heatmap": {"channels": 1, "per_label": False}}
+    return {"heatmap": {"channels": len(all_labels), "per_label": True, "labels": sorted(all_labels)}}
+
+
+def output_channels(heads: dict) -> int:
+    """Total output channels of all heads (counted in the memory estimate)."""
+    return int(sum(h["channels"] for h in heads.values()))
+
+
+def needs_coarse_configuration(patch_extent_cc_mm: float, fov_cc_mm: float, distance_mm: float) -> bool:
+    """Whether to add a coarse configuration.
+
+    When the fine patch spans fewer than :data:`MIN_VERTEBRAE_IN_VIEW` vertebrae along the column
+    but the scans hold more than that, the fine network cannot count levels: a coarse network that
+    sees more of the spine supplies the identity, the fine one the precise position.
+    """
+    seen = patch_extent_cc_mm / distance_mm
+    available = fov_cc_mm / distance_mm
+    return seen < MIN_VERTEBRAE_IN_VIEW and available > seen * 1.5
+
+
+def coarse_spacing(fine_spacing: Sequence[float], patch_extent_cc_mm: float, fov_cc_mm: float,
+                   distance_mm: float, max_factor: float = 4.0) -> list[float]:
+    """Spacing of the coarse configuration: scale isotropically so the same patch shape spans
+    :data:`COARSE_VERTEBRAE_IN_VIEW` vertebrae (or the whole median field of view, if shorter).
+
+    Axes that are already coarser than the new in-plane spacing (thick slices) stay as they are.
+    """
+    want = min(COARSE_VERTEBRAE_IN_VIEW * distance_mm, fov_cc_mm)
+    factor = float(np.clip(want / max(patch_extent_cc_mm, 1e-6), 1.0, max_factor))
+    finest = min(fine_spacing) * factor
+    return [float(max(s, finest)) for s in fine_spacing]
+
+
+def cranio_caudal_axis_after_transpose(transpose_forward: Sequence[int], canonical_axis: int = 0) -> int:
+    """Where the cranio-caudal axis (axis 0 of canonical arrays) ends up after nnU-Net's transpose."""
+    return int(list(transpose_forward).index(canonical_axis))
+
+
+def mirror_axes(cc_axis: int) -> list[int]:
+    """Mirroring is allowed along every axis but the cranio-caudal one (that would reverse the
+    label order); flipping left-right or front-back keeps levels valid for the heatmap task."""
+    return [a for a in range(3) if a != cc_axis]
+
+
+# ----------------------------------------------------------------------------------------------
+# nnU-Net planner, narrowly adapted
+
+
+@contextlib.contextmanager
+def nnunet_environment(dataset_json: dict, fingerprint: dict) -> Iterator[str]:
+    """A temporary nnU-Net raw/preprocessed pair holding only ``dataset.json`` and the fingerprint.
+
+    nnunetv2 resolves its folders from environment variables lazily, so setting them inside the
+    process is enough; the previous values are restored afterwards.
+    """
+    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA")
+    old = {k: os.environ.get(k) for k in keys}
+    with tempfile.TemporaryDirectory(prefix="spinelm_nnunet_") as tmp:
+        name = "Dataset999_spinelm"
+        raw, pre = Path(tmp) / "raw" / name, Path(tmp) / "preprocessed" / name
+        raw.mkdir(parents=True)
+        pre.mkdir(parents=True)
+        write_json_atomic(raw / "dataset.json", dataset_json)
+        write_json_atomic(pre / "dataset_fingerprint.json", fingerprint)
+        os.environ["nnUNet_raw"] = str(Path(tmp) / "raw")
+        os.environ["nnUNet_preprocessed"] = str(Path(tmp) / "preprocessed")
+        os.environ["nnUNet_results"] = str(Path(tmp) / "results")
+        os.environ.setdefault("nnUNet_n_proc_DA", str(max(os.cpu_count() or 1, 1)))
+        try:
+            yield name
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _make_planner(dataset_name: str, preset: Preset, mem_gb: float, n_outputs: int,
+                  max_patch_voxels: int | None):
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    class SpinePlanner(ExperimentPlanner):
+        """nnU-Net's planner with spinelm's output channels and an optional compute cap on the patch."""
+
+        def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name,
+                                       arch_kwargs, arch_kwargs_req_import):
+            est = ExperimentPlanner.static_estimate_VRAM_usage(patch_size, input_channels, n_outputs,
+                                                               arch_class_name, arch_kwargs, arch_kwargs_req_import)
+            if max_patch_voxels is not None and np.prod(patch_size, dtype=np.float64) > max_patch_voxels:
+                return float("inf")  # over the compute budget: make the planner shrink the patch
+            return est
+
+    if preset.network_class.endswith("ResidualEncoderUNet"):
+        from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet as net_class
+    else:
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet as net_class
+    planner = SpinePlanner(dataset_name, gpu_memory_target_in_gb=mem_gb)
+    planner.UNet_class = net_class
+    planner.UNet_base_num_features = preset.base_features
+    planner.UNet_max_features_3d = preset.max_features
+    planner.UNet_min_batch_size = preset.min_batch_size
+    planner.UNet_blocks_per_stage_encoder = preset.blocks_per_stage_encoder
+    planner.UNet_blocks_per_stage_decoder = preset.blocks_per_stage_decoder
+    return planner
+
+
+def _nnunet_dataset_json(fingerprint: dict, heads: dict) -> dict:
+    labels = {"background": 0}
+    for lab in heads.get("segmentation", {}).get("labels", []):
+        labels[L.name_of(lab)] = int(lab)
+    # the "dataset" key points nnU-Net at the user's files in place (nothing is copied)
+    files = fingerprint.get("files") or {c: {"images": [], "label": ""} for c in fingerprint["cases"]}
+    return {"channel_names": fingerprint["channel_names"], "labels": labels,
+            "numTraining": len(fingerprint["cases"]), "file_ending": ".nii.gz",
+            "overwrite_image_reader_writer": "SimpleITKIO", "dataset": files}
+
+
+def _config_summary(cfg: dict) -> dict:
+    arch = cfg["architecture"]["arch_kwargs"]
+    return {"spacing": cfg["spacing"], "patch_size": cfg["patch_size"], "batch_size": cfg["batch_size"],
+            "n_stages": arch["n_stages"], "features_per_stage": arch["features_per_stage"],
+            "strides": arch["strides"]}
+
+
+def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "cpu",
+         gpu_memory_gb: float | None = None, time_budget_min: float | None = None) -> dict:
+    """Plans for a dataset from its fingerprint; a pure function of its arguments.
+
+    Args:
+        fingerprint: output of :func:`spinelm.fingerprint.compute_fingerprint`.
+        preset: preset name, :class:`Preset`, or None to choose by device.
+        device: ``"cpu"`` or ``"cuda"``.
+        gpu_memory_gb: memory of the GPU, to lower the target on small cards.
+        time_budget_min: training time budget; on CPU it caps the patch size.
+    """
+    import nnunetv2
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    preset = preset if isinstance(preset, Preset) else load_preset(preset or choose_preset(device, gpu_memory_gb))
+    budget = time_budget_min if time_budget_min is not None else preset.time_budget_min
+    heads = choose_heads(fingerprint)
+    n_out = output_channels(heads)
+    mem_gb = memory_target_gb(preset.memory_target_gb, gpu_memory_gb if not device.startswith("cpu") else None)
+    max_vox = patch_voxel_budget(budget, preset.min_batch_size, preset.cpu_seconds_per_mvoxel, preset.min_iterations)
+    distance = consecutive_distance_mm(fingerprint)
+    why: list[str] = []
+    with nnunet_environment(_nnunet_dataset_json(fingerprint, heads), fingerprint) as name:
+        planner = _make_planner(name, preset, mem_gb, n_out, max_vox)
+        tf, tb = planner.determine_transpose()
+        nn_spacing = planner.determine_fullres_target_spacing()
+        spacing = np.asarray(apply_spacing_floor(nn_spacing, preset.min_spacing_mm))
+        why.append(f"target spacing {_fmt(spacing)} mm (z, y, x canonical; nnU-Net's rule gives {_fmt(nn_spacing)}"
+                   + (f", floored at {preset.min_spacing_mm:g} mm by the {preset.name} preset)" if
+                      np.any(spacing != nn_spacing) else ")"))
+        planner.overwrite_target_spacing = [float(s) for s in spacing]
+        tf, tb = planner.determine_transpose()
+        spacing_t = spacing[tf]
+        shapes = [compute_new_shape(s, sp, spacing) for sp, s in zip(fingerprint["spacings"],
+                                                                     fingerprint["shapes_after_crop"])]
+        median_shape_t = np.median(shapes, 0)[tf]
+        n_vox = float(np.prod(median_shape_t, dtype=np.float64) * len(fingerprint["cases"]))
+        cache: dict = {}
+        fine = planner.get_plans_for_configuration(spacing_t, median_shape_t, "spinelm_fine", n_vox, cache)
+        cc = cranio_caudal_axis_after_transpose(tf)
+        fine["batch_dice"] = False
+        patch_cc_mm = fine["patch_size"][cc] * spacing_t[cc]
+        fov_cc_mm = float(median_shape_t[cc] * spacing_t[cc])
+        why.append(f"fine patch {[int(v) for v in fine['patch_size']]} voxels spans {patch_cc_mm:.0f} mm along the column, "
+                   f"about {patch_cc_mm / distance:.1f} vertebrae (median distance {distance:.1f} mm)")
+        if max_vox is not None:
+            why.append(f"time budget {budget:g} min on {device}: patch capped at {max_vox} voxels so that at least "
+                       f"{preset.min_iterations} training steps fit")
+        configs = {"fine": fine}
+        if needs_coarse_configuration(patch_cc_mm, fov_cc_mm, distance):
+            c_spacing = np.asarray(coarse_spacing(spacing_t, patch_cc_mm, fov_cc_mm, distance))
+            c_shape = np.round(median_shape_t * spacing_t / c_spacing)
+            coarse = planner.get_plans_for_configuration(c_spacing, c_shape, "spinelm_coarse",
+                                                         float(np.prod(c_shape) * len(fingerprint["cases"])), cache)
+            coarse["batch_dice"] = False
+            c_cc_mm = coarse["patch_size"][cc] * c_spacing[cc]
+            configs["coarse"] = coarse
+            why.append(f"coarse configuration at {_fmt(c_spacing)} mm: patch spans {c_cc_mm:.0f} mm, about "
+                       f"{c_cc_mm / distance:.1f} vertebrae, to identify levels; the fine one refines positions")
+        else:
+            why.append("no coarse configuration: the fine patch already sees enough vertebrae "
+                       f"(>= {MIN_VERTEBRAE_IN_VIEW:g}) or the whole scan")
+        norm, mask_norm = planner.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+    for cfg in configs.values():
+        cfg["normalization_schemes"], cfg["use_mask_for_norm"] = norm, mask_norm
+        for k in ("spacing", "patch_size", "median_image_size_in_voxels"):
+            cfg[k] = [float(v) if k == "spacing" else int(round(v)) for v in cfg[k]]
+    sigma = heatmap_sigma_mm(distance, configs["fine"]["spacing"])
+    heads.setdefault("heatmap", {})["sigma_mm"] = round(sigma, 3)
+    why.append(f"heatmap sigma {sigma:.2f} mm ({SIGMA_FRACTION_OF_DISTANCE:g} x neighbour distance, at least "
+               f"{SIGMA_MIN_VOXELS:g} voxels)")
+    why.append("heads: " + ", ".join(f"{k} ({v['channels']} channel{'s' if v['channels'] > 1 else ''})"
+                                     for k, v in heads.items()))
+    fine_cfg = configs["fine"]
+    why.append(f"network {preset.network_class.rsplit('.', 1)[-1]}, "
+               f"{fine_cfg['architecture']['arch_kwargs']['n_stages']} stages, features "
+               f"{list(fine_cfg['architecture']['arch_kwargs']['features_per_stage'])}, batch {fine_cfg['batch_size']} "
+               f"(memory target {mem_gb:g} GB)")
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+    plans = {
+        "format": "spinelm-plans",
+        "version": PLANS_VERSION,
+        "spinelm_version": __version__,
+        "nnunetv2_version": getattr(nnunetv2, "__version__", _dist_version("nnunetv2")),
+        "dataset": fingerprint.get("dataset"),
+        "preset": preset.name,
+        "device": device,
+        "budget": {"time_budget_min": budget, "gpu_memory_gb": gpu_memory_gb, "memory_target_gb": mem_gb,
+                   "max_patch_voxels": max_vox},
+        "channel_names": fingerprint["channel_names"],
+        "orientation": "LPS",
+        "transpose_forward": [int(i) for i in tf],
+        "transpose_backward": [int(i) for i in tb],
+        "cranio_caudal_axis": cc,
+        "mirror_axes": mirror_axes(cc),
+        "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
+        "heads": heads,
+        "configurations": configs,
+        "training": {"epochs": preset.epochs, "iterations_per_epoch": preset.iterations_per_epoch,
+                     "initial_lr": preset.initial_lr, "num_folds": preset.num_folds, "time_budget_min": budget},
+        "spine": {"median_consecutive_distance_mm": distance,
+                  "consecutive_pairs": fingerprint.get("spine", {}).get("consecutive_pairs", {})},
+        "rationale": why,
+    }
+    recursive_fix_for_json_export(plans)
+    return plans
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{float(v):.3g}" for v in values) + "]"
+
+
+def summarize(plans: dict) -> str:
+    """Readable summary of what was chosen and why."""
+    lines = [f"spinelm plan (preset {plans['preset']}, device {plans['device']})"]
+    for name, cfg in plans["configurations"].items():
+        s = _config_summary(cfg)
+        lines.append(f"  {name:6s} spacing {_fmt(s['spacing'])} mm  patch {s['patch_size']}  batch {s['batch_size']}  "
+                     f"stages {s['n_stages']}  features {list(s['features_per_stage'])}")
+    lines.append(f"  axes: transpose {plans['transpose_forward']}, cranio-caudal axis {plans['cranio_caudal_axis']}, "
+                 f"mirroring on {plans['mirror_axes']}")
+    lines.append("  why:")
+    lines += [f"    - {r}" for r in plans["rationale"]]
+    return "\n".join(lines)
+
+
+def save_plans(plans: dict, path: str | os.PathLike) -> Path:
+    return write_json_atomic(path, plans)
+
+
+def load_plans(path: str | os.PathLike) -> dict:
+    plans = read_json(path)
+    if not isinstance(plans, dict) or plans.get("format") != "spinelm-plans":
+        raise ValueError(f"{path}: not a spinelm plans file (missing \"format\": \"spinelm-plans\")")
+    if plans.get("version", 0) > PLANS_VERSION:
+        raise ValueError(f"{path}: plans version {plans['version']} is newer than this spinelm supports "
+                         f"({PLANS_VERSION}); upgrade spinelm")
+    return plans
