@@ -469,6 +469,7 @@ def _fmt(values) -> str:
 def summarize(plans: dict) -> str:
     """Readable summary of what was chosen and why."""
     lines = [f"spinelm plan (preset {plans['preset']}, device {plans['device']})"]
+    lines.append("  configurations (axes in network order, after transpose):")
     for name, cfg in plans["configurations"].items():
         s = _config_summary(cfg)
         lines.append(f"  {name:6s} spacing {_fmt(s['spacing'])} mm  patch {s['patch_size']}  batch {s['batch_size']}  "

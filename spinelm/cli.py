@@ -1,0 +1,271 @@
+"""The ``spinelm`` command: one console script, one subcommand per stage.
+
+Heavy modules (torch, nnunetv2, SimpleITK) are imported inside the commands so ``--help`` is instant.
+Errors in the input end in one line naming the file and the problem, never a traceback
+(``--debug`` shows it).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from spinelm import __version__
+
+log = logging.getLogger("spinelm")
+
+EXIT_INPUT_ERROR = 2
+
+
+def _workers(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return n
+
+
+def _positive(value: str) -> float:
+    v = float(value)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_synth(args) -> int:
+    from spinelm.synthetic import PhantomConfig, synthesize_dataset
+
+    cfg = PhantomConfig(modality=args.modality, min_vertebrae=args.min_vertebrae, max_vertebrae=args.max_vertebrae)
+    t0 = time.time()
+    out = synthesize_dataset(args.out, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled,
+                             with_classes=not args.no_classes, progress=not args.no_progress)
+    print(f"wrote {args.n} labelled + {args.unlabelled} unlabelled phantom(s) to {out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from spinelm.validation import validate_dataset
+
+    report = validate_dataset(args.dataset, num_workers=args.workers or None, progress=not args.no_progress)
+    for line in report.lines():
+        print(line)
+    print(report.summary())
+    if report.ok:
+        print("OK: no errors" + (" (warnings above are worth a look)" if report.warnings else ""))
+        return 0
+    return 1
+
+
+def cmd_convert_verse(args) -> int:
+    from spinelm.io.verse import convert_verse
+
+    rep = convert_verse(args.src, args.dst, copy_images=not args.symlink, progress=not args.no_progress)
+    for scan, why in rep.skipped:
+        print(f"skipped {scan}: {why}", file=sys.stderr)
+    print(f"converted {len(rep.converted)} scan(s) into {args.dst}; {len(rep.skipped)} skipped")
+    return 0 if rep.converted else 1
+
+
+def _fingerprint(dataset: Path, workers: int | None, progress: bool) -> dict:
+    from spinelm.fingerprint import compute_fingerprint
+
+    t0 = time.time()
+    fp = compute_fingerprint(dataset, num_workers=workers, progress=progress)
+    log.info("fingerprint of %d case(s) in %.1f s", len(fp["cases"]), time.time() - t0)
+    return fp
+
+
+def cmd_fingerprint(args) -> int:
+    from spinelm.fingerprint import save_fingerprint
+
+    fp = _fingerprint(Path(args.dataset), args.workers, not args.no_progress)
+    out = Path(args.output) if args.output else Path(args.dataset) / "fingerprint.json"
+    save_fingerprint(fp, out)
+    sp = fp["spine"]
+    print(f"fingerprint of {len(fp['cases'])} case(s) -> {out}")
+    print(f"  channels {fp['channel_names']}; vertebrae seen: {', '.join(sp['label_counts'])}; "
+          f"median neighbour distance {sp['median_consecutive_distance_mm'] or float('nan'):.1f} mm")
+    return 0
+
+
+def _detect_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _detect_gpu_memory(device: str, given: float | None) -> float | None:
+    if given is not None or not device.startswith("cuda"):
+        return given
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA GPU is visible; use --device cpu")
+    return torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+
+
+def run_plan(dataset: Path, model_dir: Path, device: str | None, gpu_memory: float | None,
+             time_budget: float | None, preset: str | None, workers: int | None, progress: bool) -> dict:
+    """Fingerprint + plan a dataset into a self-contained model folder; returns the plans."""
+    from spinelm.dataset import discover_dataset
+    from spinelm.fingerprint import save_fingerprint
+    from spinelm.io.files import write_json_atomic
+    from spinelm.planning import plan, save_plans, summarize
+
+    device = _detect_device(device)
+    gpu_memory = _detect_gpu_memory(device, gpu_memory)
+    ds = discover_dataset(dataset)
+    fp = _fingerprint(dataset, workers, progress)
+    t0 = time.time()
+    plans = plan(fp, preset=preset, device=device, gpu_memory_gb=gpu_memory, time_budget_min=time_budget)
+    log.info("planned in %.1f s", time.time() - t0)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_fingerprint(fp, model_dir / "fingerprint.json")
+    write_json_atomic(model_dir / "dataset.json", {
+        "format": "spinelm-dataset", "version": 1, "root": str(Path(dataset).resolve()),
+        "channel_names": fp["channel_names"], "file_ending": ds.file_ending,
+        "num_training": len(ds.cases), "num_unlabelled": len(ds.unlabelled),
+        "labels_seen": fp["spine"]["label_counts"], "source_dataset_json": ds.dataset_json})
+    save_plans(plans, model_dir / "plans.json")
+    print(summarize(plans))
+    print(f"wrote {model_dir / 'plans.json'}, fingerprint.json and dataset.json")
+    return plans
+
+
+def cmd_plan(args) -> int:
+    run_plan(Path(args.dataset), Path(args.output), args.device, args.gpu_memory, args.time_budget, args.preset,
+             args.workers, not args.no_progress)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from spinelm.synthetic import PhantomConfig, synthesize_dataset
+    from spinelm.validation import validate_dataset
+
+    out = Path(args.out)
+    data = out / "dataset"
+    print(f"[1/3] synthesising {args.n} phantoms (seed {args.seed}) in {data}")
+    synthesize_dataset(data, args.n, seed=args.seed, config=PhantomConfig(modality=args.modality),
+                       n_unlabelled=args.unlabelled, progress=not args.no_progress)
+    print(f"[2/3] validating {data}")
+    report = validate_dataset(data, progress=not args.no_progress)
+    for line in report.lines():
+        print("  " + line)
+    print("  " + report.summary())
+    if not report.ok:
+        return 1
+    print(f"[3/3] fingerprint and plan for the CPU into {out / 'model'}")
+    run_plan(data, out / "model", "cpu", None, args.time_budget, None, None, not args.no_progress)
+    print("Training, prediction and evaluation are not implemented yet; the model folder holds the plan.")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spinelm",
+        description="Find and label vertebrae in spine MR and CT with a self-configuring nnU-Net pipeline.",
+        epilog="Run 'spinelm COMMAND --help' for the options of a command.")
+    p.add_argument("--version", action="version", version=f"spinelm {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log details of each step")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and batch jobs)")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("synth", parents=[common], help="write a synthetic phantom dataset",
+                       description="Write N synthetic spine phantoms (image, vertebra mask, centroids, per-vertebra "
+                                   "classes) as a dataset folder in the nnU-Net v2 raw layout. Deterministic per seed.")
+    s.add_argument("out", help="output dataset folder")
+    s.add_argument("--n", type=int, default=12, help="number of labelled cases (default 12)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--modality", choices=["MR", "CT", "mixed"], type=lambda x: {"mr": "MR", "ct": "CT"}.get(
+        x.lower(), x), default="MR", help="contrast of the phantoms (default MR: T1 or T2 per case)")
+    s.add_argument("--unlabelled", type=int, default=0, help="extra cases in imagesUnlabelled/ (default 0)")
+    s.add_argument("--min-vertebrae", type=int, default=5, help="shortest visible run (default 5)")
+    s.add_argument("--max-vertebrae", type=int, default=12, help="longest visible run (default 12)")
+    s.add_argument("--no-classes", action="store_true", help="do not write classesTr.csv")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("validate", parents=[common], help="check a dataset folder and report every problem",
+                       description="Check every file of a dataset folder (images, masks, centroids, classes) and "
+                                   "report all problems at once, one line each. Exit status 1 when there are errors.")
+    s.add_argument("dataset", help="dataset folder (imagesTr/, labelsTr/, centroidsTr/, ...)")
+    s.add_argument("--workers", type=_workers, default=0, help="parallel readers (default: up to 4)")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("convert-verse", parents=[common], help="convert the VerSe release layout to a dataset folder",
+                       description="Convert VerSe (rawdata/, derivatives/, *_ctd.json) into a spinelm dataset folder "
+                                   "with centroids in world LPS mm.")
+    s.add_argument("src", help="VerSe folder")
+    s.add_argument("dst", help="output dataset folder")
+    s.add_argument("--symlink", action="store_true", help="link the CT files instead of copying them")
+    s.set_defaults(func=cmd_convert_verse)
+
+    s = sub.add_parser("fingerprint", parents=[common], help="compute the dataset fingerprint",
+                       description="Spacings, shapes, foreground intensities (as nnU-Net) plus spine statistics: "
+                                   "labels per case, vertebra extents, distances between consecutive vertebrae.")
+    s.add_argument("dataset", help="dataset folder")
+    s.add_argument("-o", "--output", help="output JSON (default DATASET/fingerprint.json)")
+    s.add_argument("--workers", type=_workers, default=None, help="worker processes (default: up to 4; 0 = serial)")
+    s.set_defaults(func=cmd_fingerprint)
+
+    s = sub.add_parser("plan", parents=[common], help="fingerprint and plan a dataset into a model folder",
+                       description="Derive target spacing, patch size, batch size, network topology, heatmap sigma "
+                                   "and output heads for a dataset and a compute budget. Writes MODEL_DIR/plans.json, "
+                                   "fingerprint.json and dataset.json and prints what was chosen and why.")
+    s.add_argument("dataset", help="dataset folder")
+    s.add_argument("-o", "--output", required=True, help="model folder to create")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--gpu-memory", type=_positive, help="GPU memory in GB (default: detected)")
+    s.add_argument("--time-budget", type=_positive, metavar="MIN",
+                   help="training time budget in minutes; on CPU it caps the patch size (default: preset's)")
+    s.add_argument("--preset", help="planner preset name or JSON path (default: by device; see plans/)")
+    s.add_argument("--workers", type=_workers, default=None, help="fingerprint worker processes")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("demo", parents=[common], help="run the pipeline end to end on synthetic phantoms",
+                       description="Synthesise phantoms, validate, fingerprint and plan for the CPU.")
+    s.add_argument("--out", default="spinelm_demo", help="output folder (default ./spinelm_demo)")
+    s.add_argument("--n", type=int, default=12, help="number of phantoms (default 12)")
+    s.add_argument("--unlabelled", type=int, default=4, help="unlabelled phantoms (default 4)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--modality", default="MR", choices=["MR", "CT", "mixed"])
+    s.add_argument("--time-budget", type=_positive, default=15.0, metavar="MIN", help="CPU training budget (default 15)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_INPUT_ERROR
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(os.cpu_count() or 1, 4))))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("spinelm: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, OSError, KeyError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).strip("'\"") or exc.__class__.__name__
+        print(f"spinelm {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
