@@ -148,7 +148,7 @@ def _sequence(rng: np.random.Generator, cfg: PhantomConfig) -> list[int]:
         full.insert(full.index(L.label_of("T12")) + 1, L.label_of("T13"))
     if rng.random() < cfg.p_l6:
         full.insert(full.index(L.label_of("L5")) + 1, L.label_of("L6"))
-    n = int(rng.integers(cfg.min_vertebrae, min(cfg.max_vertebrae, len(full)) + 1))
+    n = int(rng.integers(min(cfg.min_vertebrae, len(full)), min(cfg.max_vertebrae, len(full)) + 1))
     start = int(rng.integers(0, len(full) - n + 1))
     return full[start:start + n]
 

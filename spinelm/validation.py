@@ -23,7 +23,7 @@ import numpy as np
 
 from spinelm import labels as L
 from spinelm.dataset import Case, Dataset, Problem, discover_dataset
-from spinelm.io.image import Geometry, ImageReadError, read_geometry, read_image
+from spinelm.io.image import Geometry, ImageReadError, nifti_integrity, read_geometry, read_image
 from spinelm.io.landmarks import read_landmarks
 
 #: A centroid further than this from every voxel of its own label is reported (warning). Not an
@@ -83,12 +83,17 @@ def _check_image_file(path: Path, case: str) -> tuple[Geometry | None, np.ndarra
     if not np.all(np.isfinite(d)) or abs(abs(np.linalg.det(d)) - 1) > 1e-2:
         probs.append(Problem("error", str(path), "direction matrix is not a rotation (degenerate header)",
                              "fix the orientation (sform/qform) of the file", case))
+    problem, n_bad = nifti_integrity(path)
+    if problem:
+        return geom, None, probs + [Problem("error", str(path), f"unreadable image ({problem})",
+                                            "re-copy or re-export the file", case)]
     try:
-        array = sitk.GetArrayFromImage(read_image(path))
+        array = sitk.GetArrayFromImage(read_image(path, verify=False))
     except (ImageReadError, FileNotFoundError) as exc:
         return geom, None, probs + [Problem("error", str(path), str(exc).split(": ", 1)[-1], "", case)]
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+    if array.dtype.kind == "f" and not n_bad:
         n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if n_bad:
         probs.append(Problem("error", str(path), f"{n_bad} voxel(s) are NaN or Inf; expected finite values",
                              "replace them (e.g. by the background value) before training", case))
     if min(geom.size) < 2:

@@ -194,12 +194,55 @@ def _check_axcodes(axcodes: str) -> None:
                          f"L/R, P/A and S/I each, e.g. 'PIR'")
 
 
-def read_image(path: str | os.PathLike, header_only: bool = False):
+_NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
+
+
+def nifti_integrity(path: str | os.PathLike) -> tuple[str | None, int]:
+    """Check a NIfTI-1 file's voxel data as stored: ``(problem or None, number of NaN/Inf voxels)``.
+
+    ITK's NIfTI reader fills a truncated ``.nii.gz`` with zeros and turns NaN into 0 without a
+    word, so both are checked here on the raw bytes. Other formats return ``(None, 0)``.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    path = Path(path)
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return None, 0
+    try:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (EOFError, OSError, zlib.error) as exc:
+        return f"corrupt or truncated file ({exc})", 0
+    if len(data) < 348:
+        return f"file too short for a NIfTI header ({len(data)} bytes)", 0
+    endian = "<" if struct.unpack("<i", data[:4])[0] == 348 else ">"
+    if struct.unpack(endian + "i", data[:4])[0] != 348:
+        return None, 0  # NIfTI-2 or not NIfTI: leave it to ITK
+    dims = struct.unpack(endian + "8h", data[40:56])
+    datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
+    vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
+    n_vox = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64)) if 0 < dims[0] <= 7 else 0
+    expected = vox_offset + n_vox * bitpix // 8
+    if len(data) < expected:
+        return f"truncated file: {len(data)} bytes of voxel data and header, {expected} expected", 0
+    if datatype in _NIFTI_FLOAT_TYPES:
+        raw = np.frombuffer(data, dtype=np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(endian),
+                            count=n_vox, offset=vox_offset)
+        return None, int(raw.size - np.count_nonzero(np.isfinite(raw)))
+    return None, 0
+
+
+def read_image(path: str | os.PathLike, header_only: bool = False, verify: bool = True):
     """Read an image with SimpleITK, failing with a message that names the file.
 
     Args:
         path: NIfTI, MHA/MHD or NRRD file.
         header_only: read the header (geometry) without the voxel data.
+        verify: check NIfTI files for truncation first (ITK would silently fill them with zeros).
 
     Returns:
         ``SimpleITK.Image``, or ``SimpleITK.ImageFileReader`` with the information read when
@@ -239,6 +282,11 @@ def read_image(path: str | os.PathLike, header_only: bool = False):
                              f"(RGB or vector image); store each channel as its own file")
     if header_only:
         return reader
+    if verify:
+        problem, _ = nifti_integrity(path)
+        if problem:
+            raise ImageReadError(f"{path}: unreadable image ({problem}); check the file is complete "
+                                 f"(re-copy or re-export it)")
     if image.GetDimension() == 4:
         image = image[:, :, :, 0]
     return image

@@ -1,0 +1,79 @@
+"""The phantom generator's ground truth is what tests and the demo rely on."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from spinelm import labels as L
+from spinelm.io import Geometry, read_landmarks
+from spinelm.synthetic import PhantomConfig, make_phantom, synthesize_dataset
+
+CFG = PhantomConfig(modality="mixed", max_voxels=800_000)
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_centroids_lie_in_their_own_vertebra(index):
+    ph = make_phantom(3, index, CFG)
+    mask = sitk.GetArrayFromImage(ph.mask)
+    g = ph.geometry
+    assert ph.landmarks, "every phantom shows at least one vertebra centre"
+    for lm in ph.landmarks:
+        idx = np.round(g.world_to_array_index(lm.position_mm)).astype(int)
+        lo, hi = np.maximum(idx - 1, 0), np.minimum(idx + 2, mask.shape)
+        near = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        assert (near == lm.label).any(), f"{lm.name} centroid not on its vertebra (index {index})"
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_visible_vertebrae_form_an_anatomical_run(index):
+    ph = make_phantom(3, index, CFG)
+    present = L.sort_cranio_caudal(set(np.unique(sitk.GetArrayFromImage(ph.mask)).tolist()) - {0})
+    for a, b in zip(present, present[1:]):
+        assert b in L.successors(a), f"{L.name_of(a)} followed by {L.name_of(b)}"
+
+
+def test_same_seed_same_phantom_other_seed_other_phantom():
+    a, b, c = make_phantom(5, 2, CFG), make_phantom(5, 2, CFG), make_phantom(6, 2, CFG)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(a.image), sitk.GetArrayFromImage(b.image))
+    assert a.landmarks == b.landmarks
+    assert a.geometry != c.geometry
+
+
+def test_phantoms_vary_orientation_spacing_contrast_and_field_of_view():
+    phs = [make_phantom(11, i, CFG) for i in range(12)]
+    assert len({p.geometry.axis_codes() for p in phs}) >= 4
+    assert any(max(p.geometry.spacing) / min(p.geometry.spacing) > 2 for p in phs)  # thick slices
+    assert any(not np.allclose(np.abs(np.asarray(p.geometry.direction)), np.round(np.abs(p.geometry.direction)))
+               for p in phs)  # oblique
+    assert {p.contrast for p in phs} >= {"CT", "T2"}
+    firsts = {p.info["sequence"][0] for p in phs}
+    assert len(firsts) >= 4  # runs start at different levels
+
+
+def test_ct_phantoms_are_in_hounsfield_units():
+    ph = make_phantom(1, 0, PhantomConfig(modality="CT", max_voxels=400_000))
+    img = sitk.GetArrayFromImage(ph.image)
+    mask = sitk.GetArrayFromImage(ph.mask)
+    assert img.min() < -900  # air
+    assert np.median(img[mask > 0]) > 150  # bone
+
+
+def test_transitional_vertebrae_appear_when_asked():
+    cfg = PhantomConfig(p_t13=1.0, p_l6=1.0, min_vertebrae=27, max_vertebrae=30, max_voxels=300_000)
+    ph = make_phantom(0, 0, cfg)
+    names = ph.info["sequence"]
+    assert names.index("T13") == names.index("T12") + 1 and names.index("L6") == names.index("L5") + 1
+
+
+def test_written_dataset_has_nnunet_layout_and_consistent_files(phantom_dataset):
+    ds = phantom_dataset
+    assert sorted(p.name for p in (ds / "imagesTr").iterdir())[0] == "phantom_000_0000.nii.gz"
+    assert (ds / "labelsTr" / "phantom_000.nii.gz").is_file()
+    assert (ds / "imagesUnlabelled" / "phantom_004_0000.nii.gz").is_file()
+    rows = (ds / "classesTr.csv").read_text().splitlines()
+    assert rows[0] == "case,label,class" and len(rows) > 4
+    img = sitk.ReadImage(str(ds / "imagesTr" / "phantom_001_0000.nii.gz"))
+    lms = read_landmarks(ds / "centroidsTr" / "phantom_001.json")
+    g = Geometry.from_sitk(img)
+    assert all(g.contains(lm.position_mm) for lm in lms)
