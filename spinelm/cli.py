@@ -40,7 +40,8 @@ def _positive(value: str) -> float:
 def cmd_synth(args) -> int:
     from spinelm.synthetic import PhantomConfig, synthesize_dataset
 
-    cfg = PhantomConfig(modality=args.modality, min_vertebrae=args.min_vertebrae, max_vertebrae=args.max_vertebrae)
+    cfg = PhantomConfig(modality=args.modality, min_vertebrae=args.min_vertebrae, max_vertebrae=args.max_vertebrae,
+                        slice_thickness_mm=args.slice_thickness)
     t0 = time.time()
     out = synthesize_dataset(args.out, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled,
                              with_classes=not args.no_classes, progress=not args.no_progress)
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unlabelled", type=int, default=0, help="extra cases in imagesUnlabelled/ (default 0)")
     s.add_argument("--min-vertebrae", type=int, default=5, help="shortest visible run (default 5)")
     s.add_argument("--max-vertebrae", type=int, default=12, help="longest visible run (default 12)")
+    s.add_argument("--slice-thickness", type=_positive, metavar="MM",
+                   help="give every case thick slices of this spacing (default: 2.5-4.5 mm in most cases)")
     s.add_argument("--no-classes", action="store_true", help="do not write classesTr.csv")
     s.set_defaults(func=cmd_synth)
 

@@ -17,6 +17,7 @@ its rationale in the docstring:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -451,7 +452,7 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
         "rationale": why,
     }
     recursive_fix_for_json_export(plans)
-    return plans
+    return json.loads(json.dumps(plans))  # exactly what plans.json holds (tuples become lists)
 
 
 def _dist_version(name: str) -> str:

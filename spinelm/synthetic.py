@@ -76,6 +76,8 @@ class PhantomConfig:
         p_oblique: probability of an oblique (rotated) grid on top of the random axis permutation.
         max_voxels: upper bound of the output grid size; spacing grows to respect it.
         p_class: probability that a vertebra carries class 1 (oedema) or class 2 (fracture), each.
+        slice_thickness_mm: if given, every case has thick slices of exactly this spacing (sagittal
+            for MR, axial for CT); otherwise 2.5-4.5 mm slices in most cases, isotropic in some.
     """
 
     modality: str = "MR"
@@ -86,6 +88,7 @@ class PhantomConfig:
     p_oblique: float = 0.3
     max_voxels: int = 2_500_000
     p_class: float = 0.08
+    slice_thickness_mm: float | None = None
 
     def __post_init__(self):
         if self.modality.upper() not in ("CT", "MR", "MIXED"):
@@ -237,8 +240,10 @@ def _output_geometry(rng: np.random.Generator, column: list[_Vertebra], contrast
     world_axis_of = [int(np.argmax(np.abs(d[:, a]))) for a in range(3)]
     r = rng.random()
     thick_world = 0 if (contrast != "CT" and r < 0.7) else (2 if r < 0.6 else None)
+    if cfg.slice_thickness_mm is not None:
+        thick_world = 0 if contrast != "CT" else 2
     if thick_world is not None:
-        spacing[world_axis_of.index(thick_world)] = rng.uniform(2.5, 4.5)
+        spacing[world_axis_of.index(thick_world)] = cfg.slice_thickness_mm or rng.uniform(2.5, 4.5)
     center = (lo + hi) / 2
     corners = np.array([[lo[0] if i & 1 else hi[0], lo[1] if i & 2 else hi[1], lo[2] if i & 4 else hi[2]]
                         for i in range(8)])

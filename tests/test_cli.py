@@ -1,0 +1,79 @@
+"""The spinelm command as a user runs it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import SimpleITK as sitk
+
+from spinelm.cli import main
+from spinelm.io import read_landmarks
+from spinelm.synthetic import PhantomConfig, make_phantom
+from tests.conftest import real_data
+
+
+@pytest.mark.parametrize("cmd", ["synth", "validate", "convert-verse", "fingerprint", "plan", "demo"])
+def test_every_command_explains_itself(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    assert "usage: spinelm " + cmd in capsys.readouterr().out
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "spinelm", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("spinelm ")
+
+
+def test_plan_writes_a_self_contained_model_folder(phantom_dataset, tmp_path, capsys):
+    model = tmp_path / "model"
+    rc = main(["plan", str(phantom_dataset), "-o", str(model), "--device", "cpu", "--time-budget", "10",
+               "--workers", "0", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "why:" in out and "fine" in out
+    plans = json.loads((model / "plans.json").read_text())
+    assert plans["format"] == "spinelm-plans" and plans["preset"] == "cpu"
+    assert plans["budget"]["time_budget_min"] == 10
+    assert json.loads((model / "fingerprint.json").read_text())["format"] == "spinelm-fingerprint"
+    assert json.loads((model / "dataset.json").read_text())["num_training"] == 4
+
+
+def test_bad_input_gives_one_line_not_a_traceback(tmp_path, capsys):
+    rc = main(["plan", str(tmp_path / "missing"), "-o", str(tmp_path / "m"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err and err.count("\n") == 1 and "missing" in err
+    assert main(["plan", str(tmp_path), "-o", str(tmp_path / "m"), "--preset", "nope", "--device", "cpu"]) == 2
+
+
+def test_convert_verse_layout(tmp_path, capsys):
+    src = tmp_path / "verse"
+    ph = make_phantom(2, 0, PhantomConfig(modality="CT", max_voxels=300_000))
+    raw, der = src / "01_training" / "rawdata" / "sub-verse900", src / "01_training" / "derivatives" / "sub-verse900"
+    raw.mkdir(parents=True)
+    der.mkdir(parents=True)
+    sitk.WriteImage(ph.image, str(raw / "sub-verse900_ct.nii.gz"))
+    mask = sitk.Cast(ph.mask, sitk.sitkFloat64)  # VerSe masks are sometimes float64
+    sitk.WriteImage(mask, str(der / "sub-verse900_seg-vert_msk.nii.gz"))
+    from spinelm.io import write_verse_json
+    write_verse_json(der / "sub-verse900_seg-subreg_ctd.json", ph.landmarks, ph.geometry, "PIR")
+    dst = tmp_path / "converted"
+    assert main(["convert-verse", str(src), str(dst), "--no-progress"]) == 0
+    assert sitk.ReadImage(str(dst / "labelsTr" / "sub-verse900.nii.gz")).GetPixelID() == sitk.sitkUInt8
+    back = read_landmarks(dst / "centroidsTr" / "sub-verse900.json")
+    assert [lm.label for lm in back] == [lm.label for lm in ph.landmarks]
+    for a, b in zip(back, ph.landmarks):
+        assert max(abs(x - y) for x, y in zip(a.position_mm, b.position_mm)) < 0.01
+    assert main(["validate", str(dst), "--no-progress"]) == 0
+
+
+def test_plan_on_real_lumbar_mr(tmp_path, capsys):
+    data = real_data("lumbar-mr")
+    assert main(["plan", str(data), "-o", str(tmp_path / "m"), "--device", "cpu", "--no-progress"]) == 0
+    plans = json.loads((tmp_path / "m" / "plans.json").read_text())
+    fine = plans["configurations"]["fine"]
+    assert fine["spacing"] == [2.0, 2.0, 2.0]
+    assert plans["heads"]["segmentation"]["labels"] == list(range(18, 25))
