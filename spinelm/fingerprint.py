@@ -22,7 +22,7 @@ import numpy as np
 from spinelm import __version__
 from spinelm import labels as L
 from spinelm.dataset import Case, Dataset, discover_dataset, load_case
-from spinelm.io.files import read_json, write_json_atomic
+from spinelm.io.files import read_versioned_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,4 @@ def save_fingerprint(fp: dict, path: str | os.PathLike) -> Path:
 
 
 def load_fingerprint(path: str | os.PathLike) -> dict:
-    fp = read_json(path)
-    if not isinstance(fp, dict) or fp.get("format") != "spinelm-fingerprint":
-        raise ValueError(f"{path}: not a spinelm fingerprint (missing \"format\": \"spinelm-fingerprint\")")
-    if fp.get("version", 0) > FINGERPRINT_VERSION:
-        raise ValueError(f"{path}: fingerprint version {fp['version']} is newer than this spinelm supports "
-                         f"({FINGERPRINT_VERSION}); upgrade spinelm")
-    return fp
+    return read_versioned_json(path, "spinelm-fingerprint", FINGERPRINT_VERSION)

@@ -30,7 +30,7 @@ import numpy as np
 
 from spinelm import __version__
 from spinelm import labels as L
-from spinelm.io.files import read_json, write_json_atomic
+from spinelm.io.files import read_json, read_versioned_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -487,10 +487,4 @@ def save_plans(plans: dict, path: str | os.PathLike) -> Path:
 
 
 def load_plans(path: str | os.PathLike) -> dict:
-    plans = read_json(path)
-    if not isinstance(plans, dict) or plans.get("format") != "spinelm-plans":
-        raise ValueError(f"{path}: not a spinelm plans file (missing \"format\": \"spinelm-plans\")")
-    if plans.get("version", 0) > PLANS_VERSION:
-        raise ValueError(f"{path}: plans version {plans['version']} is newer than this spinelm supports "
-                         f"({PLANS_VERSION}); upgrade spinelm")
-    return plans
+    return read_versioned_json(path, "spinelm-plans", PLANS_VERSION)

@@ -45,7 +45,7 @@ def test_fingerprint_round_trips_through_json(phantom_fp, tmp_path):
     save_fingerprint(phantom_fp, tmp_path / "fp.json")
     assert load_fingerprint(tmp_path / "fp.json") == json.loads(json.dumps(phantom_fp))
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a spinelm fingerprint"):
+    with pytest.raises(ValueError, match="not a spinelm-fingerprint file"):
         load_fingerprint(tmp_path / "bad.json")
 
 

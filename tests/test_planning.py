@@ -158,3 +158,15 @@ def test_extra_output_channels_count_in_the_memory_estimate():
     p_many = P.plan(many, device="cuda", gpu_memory_gb=4)["configurations"]["fine"]
     assert np.prod(p_many["patch_size"]) * p_many["batch_size"] <= np.prod(p_few["patch_size"]) * p_few["batch_size"]
     assert (p_many["patch_size"], p_many["batch_size"]) != (p_few["patch_size"], p_few["batch_size"])
+
+
+def test_plans_file_round_trip_and_version_check(tmp_path):
+    import json
+    fp = _fingerprint([[1.0, 1.0, 1.0]] * 4, [[200, 150, 150]] * 4)
+    plans = P.plan(fp, device="cpu")
+    P.save_plans(plans, tmp_path / "plans.json")
+    assert P.load_plans(tmp_path / "plans.json") == plans
+    newer = dict(plans, version=P.PLANS_VERSION + 1)
+    (tmp_path / "new.json").write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match="newer than this spinelm supports"):
+        P.load_plans(tmp_path / "new.json")

@@ -64,3 +64,14 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a UTF-8 text file (expected JSON)") from None
+
+
+def read_versioned_json(path: str | os.PathLike, fmt: str, max_version: int) -> dict:
+    """Read a spinelm JSON document, checking its ``format`` tag and that its version is supported."""
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} file (missing \"format\": \"{fmt}\")")
+    if doc.get("version", 0) > max_version:
+        raise ValueError(f"{path}: {fmt} version {doc['version']} is newer than this spinelm supports "
+                         f"({max_version}); upgrade spinelm")
+    return doc

@@ -150,40 +150,33 @@ def opposite_code(letter: str) -> str:
     return _OPPOSITE[letter.upper()]
 
 
+def _axis_map(geometry: Geometry, axcodes: str) -> list[tuple[int, bool]]:
+    """For each axis of the image reoriented to ``axcodes``: (original ITK axis, flipped?)."""
+    codes = geometry.axis_codes()
+    axcodes = axcodes.upper()
+    _check_axcodes(axcodes)
+    return [(codes.index(c), False) if c in codes else (codes.index(opposite_code(c)), True) for c in axcodes]
+
+
 def reoriented_to_original_index(geometry: Geometry, index: np.ndarray, axcodes: str) -> np.ndarray:
     """Map voxel indices of the image reoriented (permute/flip only) to ``axcodes`` back to ITK indices.
 
     This is the voxel space of VerSe centroid files: ``axcodes`` such as ``"PIR"`` names, for each
     axis of the reoriented image, the direction it points towards.
     """
-    codes = geometry.axis_codes()
-    axcodes = axcodes.upper()
-    _check_axcodes(axcodes)
     index = np.asarray(index, dtype=np.float64)
     out = np.empty_like(index)
-    for r, letter in enumerate(axcodes):
-        if letter in codes:
-            a = codes.index(letter)
-            out[..., a] = index[..., r]
-        else:
-            a = codes.index(opposite_code(letter))
-            out[..., a] = geometry.size[a] - 1 - index[..., r]
+    for r, (a, flipped) in enumerate(_axis_map(geometry, axcodes)):
+        out[..., a] = geometry.size[a] - 1 - index[..., r] if flipped else index[..., r]
     return out
 
 
 def original_to_reoriented_index(geometry: Geometry, index: np.ndarray, axcodes: str) -> np.ndarray:
     """Inverse of :func:`reoriented_to_original_index`."""
-    codes = geometry.axis_codes()
-    axcodes = axcodes.upper()
-    _check_axcodes(axcodes)
     index = np.asarray(index, dtype=np.float64)
     out = np.empty_like(index)
-    for r, letter in enumerate(axcodes):
-        if letter in codes:
-            out[..., r] = index[..., codes.index(letter)]
-        else:
-            a = codes.index(opposite_code(letter))
-            out[..., r] = geometry.size[a] - 1 - index[..., a]
+    for r, (a, flipped) in enumerate(_axis_map(geometry, axcodes)):
+        out[..., r] = geometry.size[a] - 1 - index[..., a] if flipped else index[..., a]
     return out
 
 
