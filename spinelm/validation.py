@@ -83,7 +83,9 @@ def _check_image_file(path: Path, case: str) -> tuple[Geometry | None, np.ndarra
     if not np.all(np.isfinite(d)) or abs(abs(np.linalg.det(d)) - 1) > 1e-2:
         probs.append(Problem("error", str(path), "direction matrix is not a rotation (degenerate header)",
                              "fix the orientation (sform/qform) of the file", case))
-    problem, n_bad = nifti_integrity(path)
+    problem, n_bad, header = nifti_integrity(path)
+    if header:
+        probs.append(Problem("error", str(path), header, "fix the header (pixdim) of the file", case))
     if problem:
         return geom, None, probs + [Problem("error", str(path), f"unreadable image ({problem})",
                                             "re-copy or re-export the file", case)]

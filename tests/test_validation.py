@@ -188,3 +188,44 @@ def test_real_lumbar_mr_copy_with_three_broken_cases_names_each(tmp_path, capsys
     assert any("VB3_02.nii.gz" in e and "99" in e for e in errors)
     assert any("VB3_03.nii.gz" in e and "geometry differs" in e for e in errors)
     assert not any("VB3_04" in e for e in errors)
+
+
+def test_zero_voxel_size_in_the_header(phantom_copy):
+    import gzip
+    import struct
+    p = phantom_copy / "imagesTr" / "phantom_002_0000.nii.gz"
+    data = bytearray(gzip.decompress(p.read_bytes()))
+    data[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
+    p.write_bytes(gzip.compress(bytes(data)))
+    _one_error(phantom_copy, "phantom_002_0000", "voxel size (pixdim)")
+
+
+def test_non_integer_mask_values(phantom_copy):
+    p = phantom_copy / "labelsTr" / "phantom_001.nii.gz"
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32)
+    arr[arr > 0] += 0.4
+    _write_like(p, arr, p)
+    _one_error(phantom_copy, "phantom_001.nii.gz", "non-integer values")
+
+
+def test_broken_or_duplicated_centroid_entries(phantom_copy):
+    (phantom_copy / "centroidsTr" / "phantom_000.json").write_text('{"vertebrae": [')
+    p = phantom_copy / "centroidsTr" / "phantom_001.json"
+    doc = json.loads(p.read_text())
+    doc["vertebrae"].append(dict(doc["vertebrae"][0]))
+    p.write_text(json.dumps(doc))
+    _one_error(phantom_copy, "phantom_000.json", "invalid JSON at line 1")
+    _one_error(phantom_copy, "phantom_001.json", "listed twice")
+
+
+def test_channels_on_different_grids(phantom_copy):
+    ds_json = json.loads((phantom_copy / "dataset.json").read_text())
+    ds_json["channel_names"] = {"0": "T2", "1": "T1"}
+    (phantom_copy / "dataset.json").write_text(json.dumps(ds_json))
+    for case in ("phantom_000", "phantom_001", "phantom_002", "phantom_003"):
+        img = sitk.ReadImage(str(phantom_copy / "imagesTr" / f"{case}_0000.nii.gz"))
+        if case == "phantom_003":
+            img.SetOrigin(tuple(np.asarray(img.GetOrigin()) + 3.0))
+        sitk.WriteImage(img, str(phantom_copy / "imagesTr" / f"{case}_0001.nii.gz"))
+    rep, errs = _errors(phantom_copy)
+    assert [e.case for e in errs if "channel geometry differs" in e.message] == ["phantom_003"], rep.lines()

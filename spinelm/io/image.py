@@ -190,11 +190,12 @@ def _check_axcodes(axcodes: str) -> None:
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
 
 
-def nifti_integrity(path: str | os.PathLike) -> tuple[str | None, int]:
-    """Check a NIfTI-1 file's voxel data as stored: ``(problem or None, number of NaN/Inf voxels)``.
+def nifti_integrity(path: str | os.PathLike) -> tuple[str | None, int, str | None]:
+    """Check a NIfTI-1 file as stored: ``(unreadable problem, number of NaN/Inf voxels, header problem)``.
 
-    ITK's NIfTI reader fills a truncated ``.nii.gz`` with zeros and turns NaN into 0 without a
-    word, so both are checked here on the raw bytes. Other formats return ``(None, 0)``.
+    ITK's NIfTI reader fills a truncated ``.nii.gz`` with zeros, turns NaN into 0 and reads a zero
+    voxel size as 1 mm, all without a word, so these are checked here on the raw bytes. Other
+    formats return ``(None, 0, None)``.
     """
     import gzip
     import struct
@@ -203,30 +204,36 @@ def nifti_integrity(path: str | os.PathLike) -> tuple[str | None, int]:
     path = Path(path)
     name = path.name.lower()
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        return None, 0
+        return None, 0, None
     try:
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rb") as fh:
             data = fh.read()
     except (EOFError, OSError, zlib.error) as exc:
-        return f"corrupt or truncated file ({exc})", 0
+        return f"corrupt or truncated file ({exc})", 0, None
     if len(data) < 348:
-        return f"file too short for a NIfTI header ({len(data)} bytes)", 0
+        return f"file too short for a NIfTI header ({len(data)} bytes)", 0, None
     endian = "<" if struct.unpack("<i", data[:4])[0] == 348 else ">"
     if struct.unpack(endian + "i", data[:4])[0] != 348:
-        return None, 0  # NIfTI-2 or not NIfTI: leave it to ITK
+        return None, 0, None  # NIfTI-2 or not NIfTI: leave it to ITK
     dims = struct.unpack(endian + "8h", data[40:56])
     datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
     vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
     n_vox = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64)) if 0 < dims[0] <= 7 else 0
     expected = vox_offset + n_vox * bitpix // 8
     if len(data) < expected:
-        return f"truncated file: {len(data)} bytes of voxel data and header, {expected} expected", 0
+        return f"truncated file: {len(data)} bytes of voxel data and header, {expected} expected", 0, None
+    pixdim = struct.unpack(endian + "8f", data[76:108])[1:min(max(dims[0], 1), 3) + 1]
+    header = None
+    if any(not np.isfinite(p) or p <= 0 for p in pixdim):
+        header = (f"voxel size (pixdim) {tuple(round(float(p), 4) for p in pixdim)} in the header is not "
+                  f"positive; readers would silently assume 1 mm")
+    n_bad = 0
     if datatype in _NIFTI_FLOAT_TYPES:
         raw = np.frombuffer(data, dtype=np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(endian),
                             count=n_vox, offset=vox_offset)
-        return None, int(raw.size - np.count_nonzero(np.isfinite(raw)))
-    return None, 0
+        n_bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+    return None, n_bad, header
 
 
 def read_image(path: str | os.PathLike, header_only: bool = False, verify: bool = True):
@@ -276,7 +283,7 @@ def read_image(path: str | os.PathLike, header_only: bool = False, verify: bool 
     if header_only:
         return reader
     if verify:
-        problem, _ = nifti_integrity(path)
+        problem, _, _ = nifti_integrity(path)
         if problem:
             raise ImageReadError(f"{path}: unreadable image ({problem}); check the file is complete "
                                  f"(re-copy or re-export it)")
