@@ -112,8 +112,7 @@ def _split_channel(name: str) -> tuple[str, int] | None:
     return m.group("case"), int(m.group("channel"))
 
 
-def _scan_images(folder: Path, problems: list[Problem], n_channels: int | None,
-                 ) -> tuple[dict[str, dict[int, Path]], Counter]:
+def _scan_images(folder: Path, problems: list[Problem]) -> tuple[dict[str, dict[int, Path]], Counter]:
     """Group image files of a folder by case and channel; note odd names and duplicates."""
     by_case: dict[str, dict[int, Path]] = defaultdict(dict)
     endings: Counter = Counter()
@@ -250,9 +249,9 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir}: folder not found; a dataset needs imagesTr/ with files "
                                 f"CASE_0000.nii.gz (nnU-Net v2 raw layout)")
-    by_case, endings = _scan_images(images_dir, problems, None)
+    by_case, endings = _scan_images(images_dir, problems)
     unl_dir = root / "imagesUnlabelled"
-    by_case_u, endings_u = _scan_images(unl_dir, problems, None)
+    by_case_u, endings_u = _scan_images(unl_dir, problems)
     channel_names = djson.get("channel_names") or djson.get("modality")
     if not channel_names:
         n_ch = max((max(ch) + 1 for ch in by_case.values() if ch), default=1)

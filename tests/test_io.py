@@ -1,7 +1,6 @@
 """World/voxel conversions, reorientation and the three centroid formats."""
 from __future__ import annotations
 
-import gzip
 import json
 
 import numpy as np

@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 from spinelm import labels as L
 from spinelm.io import Geometry, read_landmarks
-from spinelm.synthetic import PhantomConfig, make_phantom, synthesize_dataset
+from spinelm.synthetic import PhantomConfig, make_phantom
 
 CFG = PhantomConfig(modality="mixed", max_voxels=800_000)
 
