@@ -146,6 +146,29 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_preprocess(args) -> int:
+    from spinelm.planning import load_plans
+    from spinelm.preprocessing import cache_dir, preprocess_dataset
+
+    model = Path(args.model)
+    plans = load_plans(model / "plans.json")
+    configs = [args.configuration] if args.configuration else list(plans["configurations"])
+    failed = 0
+    for cfg in configs:
+        if cfg not in plans["configurations"]:
+            raise ValueError(f"{model / 'plans.json'}: no configuration {cfg!r}; available: "
+                             f"{', '.join(plans['configurations'])}")
+        status = preprocess_dataset(args.dataset, model, plans, cfg, args.workers, not args.no_progress)
+        bad = {c: s for c, s in status.items() if s.startswith("failed")}
+        for case, why in bad.items():
+            print(f"{case}: {why}", file=sys.stderr)
+        failed += len(bad)
+        counts = {k: sum(1 for s in status.values() if s == k) for k in ("done", "cached")}
+        print(f"{cfg}: {counts['done']} preprocessed, {counts['cached']} reused from the cache, {len(bad)} failed "
+              f"-> {cache_dir(model, cfg)}")
+    return 1 if failed else 0
+
+
 def cmd_demo(args) -> int:
     from spinelm.synthetic import PhantomConfig, synthesize_dataset
     from spinelm.validation import validate_dataset
@@ -235,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", help="planner preset name or JSON path (default: by device; see plans/)")
     s.add_argument("--workers", type=_workers, default=None, help="fingerprint worker processes")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("preprocess", parents=[common], help="preprocess a dataset into a model folder's cache",
+                       description="Resample, crop and normalise every annotated case with nnunetv2's preprocessor "
+                                   "as the plans say, carrying the centroids along. Unchanged cases are reused.")
+    s.add_argument("dataset", help="dataset folder")
+    s.add_argument("-m", "--model", required=True, help="model folder made by 'spinelm plan'")
+    s.add_argument("-c", "--configuration", help="configuration to preprocess (default: all in the plans)")
+    s.add_argument("--workers", type=_workers, default=None, help="worker processes (default: up to 4)")
+    s.set_defaults(func=cmd_preprocess)
 
     s = sub.add_parser("demo", parents=[common], help="run the pipeline end to end on synthetic phantoms",
                        description="Synthesise phantoms, validate, fingerprint and plan for the CPU.")

@@ -23,6 +23,7 @@ from spinelm import __version__
 from spinelm import labels as L
 from spinelm.dataset import Case, Dataset, discover_dataset, load_case
 from spinelm.io.files import read_versioned_json, write_json_atomic
+from spinelm.parallel import parallel_map
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +118,6 @@ def _infer_channel_names(ds: Dataset, per_case: list[dict]) -> dict[str, str]:
     return names
 
 
-def _map(fn, items, workers: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
-    if workers <= 1:
-        return [fn(*it) for it in tqdm(items, desc=desc, unit="case", disable=not progress)]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *it) for it in items]
-        return [f.result() for f in tqdm(futures, desc=desc, unit="case", disable=not progress)]
-
-
 def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int | None = None,
                         progress: bool = True) -> dict:
     """Fingerprint of a dataset folder (see module docstring for the fields).
@@ -144,7 +132,7 @@ def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int |
     workers = num_workers if num_workers is not None else min(os.cpu_count() or 1, 4, len(cases))
     per_sample = max(FOREGROUND_SAMPLES_TOTAL // len(cases), 1000)
     try:
-        per_case = _map(analyze_case, [(c, per_sample) for c in cases], workers, "Fingerprinting", progress)
+        per_case = parallel_map(analyze_case, [(c, per_sample) for c in cases], workers, "Fingerprinting", progress)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{exc} (run 'spinelm validate {ds.root}' to list every problem)") from None
     n_ch = len(per_case[0]["intensities"])

@@ -14,7 +14,7 @@ from spinelm.synthetic import PhantomConfig, make_phantom
 from tests.conftest import real_data
 
 
-@pytest.mark.parametrize("cmd", ["synth", "validate", "convert-verse", "fingerprint", "plan", "demo"])
+@pytest.mark.parametrize("cmd", ["synth", "validate", "convert-verse", "fingerprint", "plan", "preprocess", "demo"])
 def test_every_command_explains_itself(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])
@@ -39,6 +39,10 @@ def test_plan_writes_a_self_contained_model_folder(phantom_dataset, tmp_path, ca
     assert plans["budget"]["time_budget_min"] == 10
     assert json.loads((model / "fingerprint.json").read_text())["format"] == "spinelm-fingerprint"
     assert json.loads((model / "dataset.json").read_text())["num_training"] == 4
+    assert main(["preprocess", str(phantom_dataset), "-m", str(model), "--workers", "0", "--no-progress"]) == 0
+    assert "4 preprocessed, 0 reused" in capsys.readouterr().out
+    assert main(["preprocess", str(phantom_dataset), "-m", str(model), "--workers", "0", "--no-progress"]) == 0
+    assert "0 preprocessed, 4 reused" in capsys.readouterr().out
 
 
 def test_bad_input_gives_one_line_not_a_traceback(tmp_path, capsys):

@@ -1,0 +1,204 @@
+"""Preprocessing into a cache per model folder, with nnunetv2's own preprocessor.
+
+Each case is read in the canonical orientation (LPS axes; see :mod:`spinelm.io.image`), its mask
+values mapped to the segmentation head's channel indices, and handed to nnunetv2's
+``DefaultPreprocessor.run_case_npy`` (transpose, crop to non-zero, normalisation, resampling)
+through an nnU-Net view of spinelm's plans. Landmarks are carried into preprocessed voxel
+coordinates with the same transpose, crop and resampling map.
+
+Cache layout (``MODEL_DIR/preprocessed/<configuration>/``)::
+
+    CASE_data.npy   float32 (C, X0, X1, X2) in network axis order
+    CASE_seg.npy    int8/int16 (1, X0, X1, X2): channel index of the segmentation head; -1 outside
+                    the body (nnU-Net's non-zero mask); all 0/-1 when the case has no mask
+    CASE.json       geometry, crop box, landmarks in preprocessed voxels, has_mask, source signature
+
+A second run reuses every case whose source files and plan are unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from spinelm import labels as L
+from spinelm.dataset import Case, discover_dataset, load_case
+from spinelm.io.files import atomic_path, read_json, write_json_atomic
+from spinelm.parallel import parallel_map
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def nnunet_dataset_json(plans: dict) -> dict:
+    """nnU-Net ``dataset.json`` whose labels are the segmentation head's channel indices."""
+    seg_labels = plans["heads"].get("segmentation", {}).get("labels", [])
+    labels = {"background": 0, **{L.name_of(lab): i for i, lab in enumerate(seg_labels, start=1)}}
+    return {"channel_names": plans["channel_names"], "labels": labels, "numTraining": 0, "file_ending": ".nii.gz"}
+
+
+def nnunet_plans(plans: dict) -> dict:
+    """The nnU-Net plans view of spinelm plans (for ``PlansManager``)."""
+    return {
+        "dataset_name": "Dataset999_spinelm", "plans_name": "spinelm",
+        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+        "original_median_shape_after_transp": [1, 1, 1],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": plans["transpose_forward"], "transpose_backward": plans["transpose_backward"],
+        "configurations": plans["configurations"], "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"],
+    }
+
+
+def label_lookup(plans: dict) -> np.ndarray:
+    """Array mapping VerSe labels (0..MAX_LABEL) to segmentation channel indices (unknown -> 0)."""
+    lut = np.zeros(L.MAX_LABEL + 1, np.int16)
+    for i, lab in enumerate(plans["heads"].get("segmentation", {}).get("labels", []), start=1):
+        lut[lab] = i
+    return lut
+
+
+def world_to_preprocessed(points_mm: np.ndarray, geometry, transpose_forward, bbox, shape_after_crop,
+                          new_shape) -> np.ndarray:
+    """World LPS mm -> continuous voxel indices of the preprocessed array.
+
+    Canonical array index, then the axis transpose, the crop offset, and the resampling map of
+    nnU-Net's resize (voxel centres: ``x' = (x + 0.5) * new / old - 0.5``).
+    """
+    idx = geometry.world_to_array_index(np.asarray(points_mm, dtype=np.float64).reshape(-1, 3))
+    idx = idx[:, list(transpose_forward)] - np.asarray([b[0] for b in bbox], dtype=np.float64)
+    scale = np.asarray(new_shape, dtype=np.float64) / np.asarray(shape_after_crop, dtype=np.float64)
+    return (idx + 0.5) * scale - 0.5
+
+
+def source_signature(case: Case) -> str:
+    """Changes when any source file of the case changes (path, size, modification time)."""
+    parts = []
+    for p in list(case.images) + [case.mask, case.centroids]:
+        if p is not None:
+            st = Path(p).stat()
+            parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+
+def plan_signature(plans: dict, configuration: str) -> str:
+    """Changes when anything preprocessing depends on changes in the plans."""
+    keys = {"transpose_forward": plans["transpose_forward"], "heads": plans["heads"].get("segmentation"),
+            "intensity": plans["foreground_intensity_properties_per_channel"],
+            "config": {k: plans["configurations"][configuration][k] for k in
+                       ("spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
+                        "resampling_fn_data_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs")},
+            "version": CACHE_VERSION}
+    return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+
+def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Preprocess one case in memory: ``(data, seg, properties)``."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(nnunet_plans(plans))
+    cm = pm.get_configuration(configuration)
+    lc = load_case(case, canonical=True)
+    seg = None
+    if lc.mask is not None:
+        lut = label_lookup(plans)
+        seg = lut[np.clip(lc.mask, 0, L.MAX_LABEL)][None].astype(np.int16)
+    props = {"spacing": list(lc.geometry.array_spacing)}
+    pre = DefaultPreprocessor(verbose=False)
+    data, seg_out, props = pre.run_case_npy(lc.image, seg, props, pm, cm, nnunet_dataset_json(plans))
+    bbox = [[int(a), int(b)] for a, b in props["bbox_used_for_cropping"]]
+    shape_after_crop = [int(s) for s in props["shape_after_cropping_and_before_resampling"]]
+    new_shape = list(data.shape[1:])
+    pts = np.asarray([lm.position_mm for lm in lc.landmarks]).reshape(-1, 3)
+    vox = world_to_preprocessed(pts, lc.geometry, plans["transpose_forward"], bbox, shape_after_crop, new_shape)
+    properties = {
+        "case": case.case_id,
+        "has_mask": lc.mask is not None,
+        "landmarks_from_mask": lc.landmarks_from_mask,
+        "landmarks": [{"label": lm.label, "index": [round(float(v), 3) for v in p], "position_mm": list(lm.position_mm)}
+                      for lm, p in zip(lc.landmarks, vox)],
+        "canonical_geometry": lc.geometry.to_json(),
+        "bbox_used_for_cropping": bbox,
+        "shape_after_cropping": shape_after_crop,
+        "shape": new_shape,
+        "spacing": plans["configurations"][configuration]["spacing"],
+        "classes": [[int(lab), cls] for lab, cls in case.classes],
+    }
+    seg_out = seg_out.astype(np.int8 if len(label_lookup(plans)) < 127 else np.int16)
+    return data.astype(np.float32, copy=False), seg_out, properties
+
+
+def _preprocess_and_save(case: Case, plans: dict, configuration: str, out_dir: str, signature: str) -> str:
+    out = Path(out_dir)
+    try:
+        data, seg, props = preprocess_case(case, plans, configuration)
+    except (OSError, ValueError) as exc:
+        return f"failed: {exc}"
+    props["signature"] = signature
+    with atomic_path(out / f"{case.case_id}_data.npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, data)
+    with atomic_path(out / f"{case.case_id}_seg.npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, seg)
+    write_json_atomic(out / f"{case.case_id}.json", props)  # written last: marks the case complete
+    return "done"
+
+
+def cache_dir(model_dir: str | os.PathLike, configuration: str) -> Path:
+    return Path(model_dir) / "preprocessed" / configuration
+
+
+def preprocess_dataset(dataset_root: str | os.PathLike, model_dir: str | os.PathLike, plans: dict,
+                       configuration: str = "fine", num_workers: int | None = None,
+                       progress: bool = True) -> dict[str, str]:
+    """Preprocess every annotated case of a dataset into the model folder's cache.
+
+    Returns ``{case: "cached" | "done" | "failed: ..."}``; failures are also logged. Cases whose
+    sources and plan are unchanged are reused, so the call is idempotent and resumable.
+    """
+    ds = discover_dataset(dataset_root)
+    out = cache_dir(model_dir, configuration)
+    out.mkdir(parents=True, exist_ok=True)
+    psig = plan_signature(plans, configuration)
+    status: dict[str, str] = {}
+    todo = []
+    for case in ds.cases:
+        if not case.annotated:
+            continue
+        sig = hashlib.sha1((psig + source_signature(case)).encode()).hexdigest()
+        meta = out / f"{case.case_id}.json"
+        if meta.is_file():
+            try:
+                if read_json(meta).get("signature") == sig and (out / f"{case.case_id}_data.npy").is_file():
+                    status[case.case_id] = "cached"
+                    continue
+            except ValueError:
+                pass
+        todo.append((case, plans, configuration, str(out), sig))
+    workers = num_workers if num_workers is not None else min(os.cpu_count() or 1, 4)
+    results = parallel_map(_preprocess_and_save, todo, workers, f"Preprocessing ({configuration})", progress)
+    for (case, *_), res in zip(todo, results):
+        status[case.case_id] = res
+        if res.startswith("failed"):
+            log.error("%s: %s", case.case_id, res)
+    write_json_atomic(out / "cache.json", {"format": "spinelm-cache", "version": CACHE_VERSION,
+                                           "configuration": configuration, "plan_signature": psig,
+                                           "cases": sorted(c for c, s in status.items() if not s.startswith("failed"))})
+    return status
+
+
+def load_preprocessed(model_dir: str | os.PathLike, configuration: str, case_id: str,
+                      mmap: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A cached case: ``(data, seg, properties)``, arrays memory-mapped by default."""
+    d = cache_dir(model_dir, configuration)
+    mode = "r" if mmap else None
+    return (np.load(d / f"{case_id}_data.npy", mmap_mode=mode), np.load(d / f"{case_id}_seg.npy", mmap_mode=mode),
+            read_json(d / f"{case_id}.json"))
