@@ -1,0 +1,73 @@
+"""Losses: nnU-Net's Dice + CE for the segmentation head, a foreground-weighted L2 for heatmaps,
+both with nnU-Net's deep-supervision weighting. No SimpleITK here."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spinelm.network import split_heads
+
+#: Weight of heatmap voxels relative to background: the targets are mostly zero, and an unweighted
+#: L2 learns to predict zero everywhere first.
+HEATMAP_FOREGROUND_WEIGHT = 20.0
+#: Heatmap loss is scaled to be comparable to Dice + CE (~1 at the start of training).
+HEATMAP_LOSS_SCALE = 10.0
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's: 1, 1/2, 1/4, ... with the lowest resolution unused, normalised to sum 1."""
+    w = [1 / (2 ** i) for i in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def heatmap_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of ``(pred - target)^2 * (1 + w * target)``."""
+    return HEATMAP_LOSS_SCALE * torch.mean((pred.float() - target) ** 2 * (1 + HEATMAP_FOREGROUND_WEIGHT * target))
+
+
+class MultiTaskLoss(torch.nn.Module):
+    """Deep-supervised sum of the heads' losses.
+
+    The segmentation target uses ``ignore_label`` (= number of segmentation channels) for voxels
+    and whole cases without a mask, so centroid-only cases train the heatmap alone.
+    """
+
+    def __init__(self, heads: dict, n_outputs: int):
+        super().__init__()
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+        self.heads = heads
+        self.weights = deep_supervision_weights(n_outputs)
+        self.has_seg = "segmentation" in heads
+        self.ignore_label = int(heads["segmentation"]["channels"]) if self.has_seg else None
+        if self.has_seg:
+            self.seg_loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                                           weight_ce=1, weight_dice=1, ignore_label=self.ignore_label,
+                                           dice_class=MemoryEfficientSoftDiceLoss)
+
+    def forward(self, outputs: list[torch.Tensor], seg: torch.Tensor | None,
+                heatmap: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``outputs``: network outputs, full resolution first; ``seg`` (B, 1, ...) long; ``heatmap`` (B, C, ...)."""
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        parts = {"seg": 0.0, "heatmap": 0.0}
+        for w, out in zip(self.weights, outputs):
+            if w == 0:
+                continue
+            heads = split_heads(out, self.heads)
+            size = out.shape[2:]
+            hm_t = heatmap if heatmap.shape[2:] == size else F.interpolate(heatmap, size=size, mode="trilinear",
+                                                                          align_corners=False)
+            l_hm = heatmap_loss(heads["heatmap"], hm_t)
+            total = total + w * l_hm
+            parts["heatmap"] += w * float(l_hm.detach())
+            if self.has_seg and seg is not None:
+                seg_t = seg if seg.shape[2:] == size else F.interpolate(seg.float(), size=size, mode="nearest-exact").long()
+                if bool((seg_t != self.ignore_label).any()):
+                    l_seg = self.seg_loss(heads["segmentation"], seg_t)
+                    total = total + w * l_seg
+                    parts["seg"] += w * float(l_seg.detach())
+        return total, parts

@@ -1,0 +1,43 @@
+"""The network: nnU-Net's U-Net from the plan, one output tensor split into named heads.
+
+Heads are plan fields (``plans["heads"]``, in order): ``segmentation`` (background + one channel
+per vertebra label), ``heatmap`` (centroid heatmaps), and later others (classification, auxiliary
+structures) plug in by adding an entry with its channel count; no new network or trainer class.
+No SimpleITK here: this module runs on training machines.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def head_slices(heads: dict) -> dict[str, slice]:
+    """Channel range of every head in the network output, in plan order."""
+    out, start = {}, 0
+    for name, head in heads.items():
+        out[name] = slice(start, start + int(head["channels"]))
+        start += int(head["channels"])
+    return out
+
+
+def build_network(plans: dict, configuration: str = "fine", deep_supervision: bool = True) -> torch.nn.Module:
+    """The configuration's U-Net (PlainConvUNet or ResidualEncoderUNet) with all heads' channels."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    arch = plans["configurations"][configuration]["architecture"]
+    n_out = sum(int(h["channels"]) for h in plans["heads"].values())
+    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                  len(plans["channel_names"]), n_out, allow_init=True,
+                                  deep_supervision=deep_supervision)
+
+
+def split_heads(output: torch.Tensor, heads: dict) -> dict[str, torch.Tensor]:
+    """``{head: output[:, channels]}`` for one output tensor (B, C, X, Y, Z)."""
+    return {name: output[:, sl] for name, sl in head_slices(heads).items()}
+
+
+def deep_supervision_scales(plans: dict, configuration: str = "fine") -> list[list[float]]:
+    """Relative size of every deep-supervision output (nnU-Net's rule: cumulative pooling, last dropped)."""
+    import numpy as np
+
+    strides = plans["configurations"][configuration]["architecture"]["arch_kwargs"]["strides"]
+    return [list(s) for s in (1 / np.cumprod(np.vstack(strides), axis=0))[:-1]]
