@@ -169,6 +169,78 @@ def cmd_preprocess(args) -> int:
     return 1 if failed else 0
 
 
+def _folds(value: str, n_folds: int) -> list[int]:
+    if value == "all":
+        return list(range(n_folds))
+    return [int(v) for v in value.split(",")]
+
+
+def run_training(model: Path, args) -> int:
+    import json as _json
+
+    from spinelm.planning import load_plans
+    from spinelm.training import TrainSettings, train_fold
+
+    plans = load_plans(model / "plans.json")
+    device = _detect_device(args.device)
+    configs = [args.configuration] if args.configuration else ["fine"]
+    for cfg in configs:
+        for fold in _folds(args.fold, plans["training"]["num_folds"]):
+            settings = TrainSettings(fold=fold, configuration=cfg, epochs=args.epochs, iterations_per_epoch=args.iterations,
+                                     time_budget_min=args.time_budget, device=device, seed=args.seed,
+                                     validate_every=args.validate_every, num_workers=args.num_workers,
+                                     resume=args.resume, progress=not args.no_progress)
+            r = train_fold(model, settings)
+            fin = r["final"] or {}
+            print(f"fold {fold} ({cfg}): {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min; validation id rate "
+                  f"{fin.get('id_rate', float('nan')):.3f}, d_mean {fin.get('d_mean_mm', float('nan')):.2f} mm "
+                  f"({fin.get('n_identified', 0)}/{fin.get('n_gt', 0)} vertebrae) -> {r['folder']}")
+            if args.verbose:
+                print(_json.dumps(r, indent=1, default=str))
+    return 0
+
+
+def cmd_train(args) -> int:
+    return run_training(Path(args.model), args)
+
+
+def cmd_plan_and_train(args) -> int:
+    from spinelm.planning import load_plans
+    from spinelm.preprocessing import preprocess_dataset
+    from spinelm.validation import validate_dataset
+
+    report = validate_dataset(args.dataset, progress=not args.no_progress)
+    for line in report.lines():
+        print(line)
+    print(report.summary())
+    if not report.ok:
+        print("fix the errors above first (spinelm validate lists them)", file=sys.stderr)
+        return 1
+    model = Path(args.output)
+    run_plan(Path(args.dataset), model, args.device, args.gpu_memory, args.time_budget, args.preset, args.workers,
+             not args.no_progress)
+    plans = load_plans(model / "plans.json")
+    status = preprocess_dataset(args.dataset, model, plans, "fine", args.workers, not args.no_progress)
+    failed = [c for c, st in status.items() if st.startswith("failed")]
+    if failed:
+        print(f"preprocessing failed for {', '.join(failed)}; training without them", file=sys.stderr)
+    return run_training(model, args)
+
+
+def _add_train_options(s) -> None:
+    s.add_argument("--fold", default="0", help="fold number, comma list, or 'all' (default 0)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--epochs", type=int, help="maximum epochs (default: the plan's)")
+    s.add_argument("--iterations", type=int, help="iterations per epoch (default: the plan's)")
+    s.add_argument("--time-budget", type=_positive, metavar="MIN",
+                   help="stop training after this many minutes per fold (default: the plan's; none on GPU)")
+    s.add_argument("--resume", action="store_true", help="continue from the fold's checkpoint_latest.pt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--validate-every", type=int, default=5, metavar="N", help="validate every N epochs (default 5)")
+    s.add_argument("--num-workers", type=_workers, default=0, help="data-loading processes (default 0: in process)")
+    s.add_argument("-c", "--configuration", help="configuration to train (default fine)")
+
+
 def cmd_demo(args) -> int:
     from spinelm.synthetic import PhantomConfig, synthesize_dataset
     from spinelm.validation import validate_dataset
@@ -267,6 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--configuration", help="configuration to preprocess (default: all in the plans)")
     s.add_argument("--workers", type=_workers, default=None, help="worker processes (default: up to 4)")
     s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("train", parents=[common], help="train a planned, preprocessed model folder",
+                       description="Train one or more cross-validation folds of a model folder (after 'spinelm plan' "
+                                   "and 'spinelm preprocess'). Checkpoints, log and training curve go to "
+                                   "MODEL_DIR/fold_N/. Multi-GPU: torchrun --nproc_per_node=N -m spinelm train ...")
+    s.add_argument("model", help="model folder")
+    _add_train_options(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("plan-and-train", parents=[common], help="validate, plan, preprocess and train in one command",
+                       description="Validate DATASET, fingerprint and plan it into MODEL_DIR, preprocess, and train.")
+    s.add_argument("dataset", help="dataset folder")
+    s.add_argument("-o", "--output", required=True, help="model folder to create")
+    s.add_argument("--gpu-memory", type=_positive, help="GPU memory in GB (default: detected)")
+    s.add_argument("--preset", help="planner preset name or JSON path")
+    s.add_argument("--workers", type=_workers, default=None, help="fingerprint/preprocessing worker processes")
+    _add_train_options(s)
+    s.set_defaults(func=cmd_plan_and_train)
 
     s = sub.add_parser("demo", parents=[common], help="run the pipeline end to end on synthetic phantoms",
                        description="Synthesise phantoms, validate, fingerprint and plan for the CPU.")

@@ -1,0 +1,341 @@
+"""Training: a small trainer composed of parts (network, loss, sampler, optimiser), k-fold.
+
+``train_fold`` runs one fold of a planned and preprocessed model folder:
+
+- deterministic k-fold splits in ``MODEL_DIR/splits.json`` (identical scans kept in one fold),
+- SGD with Nesterov momentum and nnU-Net's poly learning-rate schedule,
+- a fixed number of epochs or a time budget (whichever ends first),
+- atomic checkpoints ``checkpoint_latest.pt`` (every epoch), ``checkpoint_best.pt`` (best
+  validation), ``checkpoint_final.pt``, each a ``state_dict`` with JSON metadata beside it,
+- exact resume: network, optimiser, AMP scaler, epoch, logs, elapsed time and every RNG state,
+- validation on the held-out fold: sliding-window prediction, heatmap peaks, identification rate
+  and mean localisation error (mm),
+- a log file, a progress bar and ``training_curve.png``,
+- AMP on CUDA, plain CPU, and DDP under ``torchrun`` (rank 0 validates and writes).
+
+No SimpleITK here: this module runs on training machines with preprocessed data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spinelm.data import PatchSampler
+from spinelm.evaluation import identification, summarise
+from spinelm.inference import best_per_label, decode_candidates, sliding_window
+from spinelm.io.files import atomic_path, read_json, write_json_atomic
+from spinelm.losses import MultiTaskLoss
+from spinelm.network import build_network
+
+log = logging.getLogger(__name__)
+
+SPLIT_SEED = 12345
+#: Fraction of the time budget kept free for the final validation and checkpoint.
+TIME_BUDGET_RESERVE = 0.1
+
+
+@dataclass
+class TrainSettings:
+    """What a training run may vary without a new plan."""
+
+    fold: int = 0
+    configuration: str = "fine"
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    time_budget_min: float | None = None
+    device: str = "cpu"
+    seed: int = 0
+    validate_every: int = 5
+    num_workers: int = 0
+    resume: bool = False
+    progress: bool = True
+    max_validation_cases: int | None = None
+
+
+@dataclass
+class TrainLog:
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    val_epoch: list[int] = field(default_factory=list)
+    val_id_rate: list[float] = field(default_factory=list)
+    val_d_mean_mm: list[float] = field(default_factory=list)
+
+
+def make_splits(case_ids: list[str], n_folds: int, groups: dict[str, str] | None = None,
+                seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
+    """Deterministic k-fold splits; cases sharing a group (e.g. identical scans) share a fold."""
+    groups = groups or {c: c for c in case_ids}
+    keys = sorted({groups[c] for c in case_ids})
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_folds = max(1, min(n_folds, len(keys)))
+    fold_of = {keys[i]: rank % n_folds for rank, i in enumerate(order)}
+    splits = []
+    for f in range(n_folds):
+        val = sorted(c for c in case_ids if fold_of[groups[c]] == f)
+        splits.append({"train": sorted(c for c in case_ids if c not in val), "val": val})
+    return splits
+
+
+def _content_groups(cache: Path, case_ids: list[str]) -> dict[str, str]:
+    """Group identical preprocessed images (byte-identical scans under two names)."""
+    groups = {}
+    for c in case_ids:
+        groups[c] = hashlib.sha1((cache / f"{c}_data.npy").read_bytes()).hexdigest()
+    return groups
+
+
+def load_or_create_splits(model_dir: Path, cache: Path, case_ids: list[str], n_folds: int) -> list[dict]:
+    path = model_dir / "splits.json"
+    if path.is_file():
+        splits = read_json(path)
+        known = {c for s in splits for c in s["val"]}
+        if known == set(case_ids):
+            return splits
+        log.warning("%s lists other cases than the cache; writing new splits", path)
+    splits = make_splits(case_ids, n_folds, _content_groups(cache, case_ids))
+    write_json_atomic(path, splits)
+    return splits
+
+
+def poly_lr(initial: float, epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
+    """nnU-Net's poly schedule."""
+    return initial * (1 - min(epoch, max_epochs - 1) / max_epochs) ** exponent
+
+
+def _ddp_info() -> tuple[bool, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world > 1 or torch.distributed.is_initialized(), rank, world
+
+
+def validate(network, cache: Path, case_ids: list[str], plans: dict, configuration: str, device) -> dict:
+    """Identification rate and mean localisation error (mm) on cached cases."""
+    cfg = plans["configurations"][configuration]
+    spacing = np.asarray(cfg["spacing"], dtype=np.float64)
+    distance = float(plans["spine"]["median_consecutive_distance_mm"])
+    results = []
+    for case in case_ids:
+        data = torch.from_numpy(np.load(cache / f"{case}_data.npy"))
+        props = read_json(cache / f"{case}.json")
+        pred = sliding_window(network, data, cfg["patch_size"], plans["heads"], device=device)
+        cands = decode_candidates(pred, plans["heads"], spacing, distance)
+        best = best_per_label(cands)
+        pred_mm = {lab: c.position * spacing for lab, c in best.items()}
+        gt_mm = {int(lm["label"]): np.asarray(lm["index"]) * spacing for lm in props["landmarks"]}
+        results.append(identification(pred_mm, gt_mm))
+    return summarise(results)
+
+
+def _save_checkpoint(path: Path, network, optimizer, scaler, meta: dict) -> None:
+    state = {"network": _unwrap(network).state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    write_json_atomic(path.with_suffix(".json"), meta)
+
+
+def _numpy_state() -> list:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _unwrap(network):
+    return network.module if hasattr(network, "module") else network
+
+
+def _plot(log_: TrainLog, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(log_.epoch, log_.train_loss, label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    if log_.val_epoch:
+        ax[1].plot(log_.val_epoch, log_.val_d_mean_mm, "o-", label="val d_mean (mm)")
+        ax2 = ax[1].twinx()
+        ax2.plot(log_.val_epoch, log_.val_id_rate, "s--", color="tab:green", label="val id rate")
+        ax2.set_ylim(0, 1.02)
+        ax[1].set_xlabel("epoch")
+        ax[1].legend(loc="upper left")
+        ax2.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
+    """Train one fold; returns the final validation summary and where the checkpoints are."""
+    from tqdm import tqdm
+
+    from spinelm.planning import load_plans
+
+    model_dir = Path(model_dir)
+    plans = load_plans(model_dir / "plans.json")
+    s = settings
+    cfg = plans["configurations"][s.configuration]
+    cache = model_dir / "preprocessed" / s.configuration
+    if not (cache / "cache.json").is_file():
+        raise FileNotFoundError(f"{cache}: no preprocessed data; run 'spinelm preprocess DATASET -m {model_dir}'")
+    case_ids = read_json(cache / "cache.json")["cases"]
+    splits = load_or_create_splits(model_dir, cache, case_ids, plans["training"]["num_folds"])
+    if not 0 <= s.fold < len(splits):
+        raise ValueError(f"fold {s.fold} does not exist; the splits have folds 0-{len(splits) - 1}")
+    split = splits[s.fold]
+    out = model_dir / f"fold_{s.fold}" if s.configuration == "fine" else model_dir / f"fold_{s.fold}_{s.configuration}"
+    out.mkdir(parents=True, exist_ok=True)
+    is_ddp, rank, world = _ddp_info()
+    device = torch.device(s.device if s.device != "cuda" or not is_ddp else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if is_ddp and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main_rank = rank == 0
+    handler = None
+    if main_rank:
+        handler = logging.FileHandler(out / "training_log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+    epochs = s.epochs or plans["training"]["epochs"]
+    iters = s.iterations_per_epoch or plans["training"]["iterations_per_epoch"]
+    budget_s = (s.time_budget_min if s.time_budget_min is not None else plans["training"].get("time_budget_min"))
+    budget_s = budget_s * 60 if budget_s else None
+    torch.manual_seed(s.seed + rank)
+    np.random.seed(s.seed + rank)  # batchgeneratorsv2 draws from the global NumPy generator
+    rng = np.random.default_rng([s.seed, rank])
+    network = build_network(plans, s.configuration).to(device)
+    loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
+    lr0 = plans["training"]["initial_lr"]
+    optimizer = torch.optim.SGD(network.parameters(), lr0, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    tlog, start_epoch, elapsed, best = TrainLog(), 0, 0.0, None
+    latest = out / "checkpoint_latest.pt"
+    if s.resume and latest.is_file():
+        state = torch.load(latest, map_location=device, weights_only=True)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        meta = read_json(latest.with_suffix(".json"))
+        start_epoch, elapsed, best = meta["epoch"] + 1, meta["elapsed_s"], meta.get("best")
+        tlog = TrainLog(**meta["log"])
+        rng.bit_generator.state = meta["rng_state"]
+        torch.set_rng_state(torch.tensor(meta["torch_rng_state"], dtype=torch.uint8))
+        kind, keys, pos, has_gauss, cached = meta["numpy_global_state"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if main_rank:
+            log.info("resumed from %s at epoch %d (%.0f s trained)", latest, start_epoch, elapsed)
+    elif s.resume:
+        log.warning("--resume given but %s does not exist; starting from scratch", latest)
+    if is_ddp:
+        network = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
+
+    sampler = PatchSampler(cache, split["train"], plans, s.configuration, augment=True)
+    batch_size = max(1, cfg["batch_size"] // world)
+    if s.num_workers > 0:
+        from spinelm.data import PatchStream
+        loader = iter(torch.utils.data.DataLoader(PatchStream(sampler, batch_size, s.seed * 100 + rank + start_epoch),
+                                                  batch_size=None, num_workers=s.num_workers, pin_memory=use_amp,
+                                                  persistent_workers=True))
+        next_batch = lambda: next(loader)  # noqa: E731
+    else:
+        next_batch = lambda: sampler.batch(rng, batch_size)  # noqa: E731
+    val_cases = split["val"][: s.max_validation_cases] if s.max_validation_cases else split["val"]
+    if main_rank:
+        log.info("fold %d: %d training, %d validation cases; %s; patch %s, batch %d, up to %d epochs x %d iterations"
+                 "%s", s.fold, len(split["train"]), len(val_cases), device, cfg["patch_size"], batch_size, epochs,
+                 iters, f", time budget {budget_s / 60:.1f} min" if budget_s else "")
+    summary = None
+    bar = tqdm(total=epochs, initial=start_epoch, desc=f"fold {s.fold}", unit="epoch",
+               disable=not (s.progress and main_rank))
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        lr = poly_lr(lr0, epoch, epochs)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        network.train()
+        losses = []
+        for _ in range(iters):
+            b = next_batch()
+            x = b["image"].to(device, non_blocking=True)
+            hm = b["heatmap"].to(device, non_blocking=True)
+            seg = b["seg"].to(device, non_blocking=True) if "seg" in b else None
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                outputs = network(x)
+                loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+                optimizer.step()
+            losses.append(float(loss.detach()))
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        tlog.epoch.append(epoch)
+        tlog.train_loss.append(float(np.mean(losses)))
+        tlog.lr.append(lr)
+        tlog.seconds.append(elapsed)
+        out_of_time = budget_s is not None and elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
+        last = epoch == epochs - 1 or out_of_time
+        if main_rank and ((epoch + 1) % s.validate_every == 0 or last):
+            summary = validate(_unwrap(network), cache, val_cases, plans, s.configuration, device)
+            tlog.val_epoch.append(epoch)
+            tlog.val_id_rate.append(summary["id_rate"])
+            tlog.val_d_mean_mm.append(summary["d_mean_mm"])
+            score = (summary["id_rate"], -summary["d_mean_mm"] if np.isfinite(summary["d_mean_mm"]) else -1e9)
+            if best is None or score > tuple(best["score"]):
+                best = {"epoch": epoch, "score": list(score), **summary}
+                _save_checkpoint(out / "checkpoint_best.pt", network, optimizer, scaler,
+                                 {"epoch": epoch, "validation": summary, "fold": s.fold, "plans": "../plans.json"})
+            log.info("epoch %d: loss %.4f, val id rate %.3f, d_mean %.2f mm (%d/%d identified)", epoch,
+                     tlog.train_loss[-1], summary["id_rate"], summary["d_mean_mm"], summary["n_identified"],
+                     summary["n_gt"])
+        elif main_rank:
+            log.info("epoch %d: loss %.4f, lr %.5f, %.1f s", epoch, tlog.train_loss[-1], lr, dt)
+        if main_rank:
+            meta = {"epoch": epoch, "elapsed_s": elapsed, "best": best, "log": asdict(tlog), "fold": s.fold,
+                    "settings": asdict(s), "rng_state": rng.bit_generator.state,
+                    "torch_rng_state": torch.get_rng_state().tolist(),
+                    "numpy_global_state": _numpy_state()}
+            _save_checkpoint(latest, network, optimizer, scaler, meta)
+            _plot(tlog, out / "training_curve.png")
+        bar.update(1)
+        bar.set_postfix(loss=f"{tlog.train_loss[-1]:.3f}",
+                        **({"id": f"{tlog.val_id_rate[-1]:.2f}", "err": f"{tlog.val_d_mean_mm[-1]:.1f}mm"}
+                           if tlog.val_epoch else {}))
+        if out_of_time:
+            log.info("time budget reached after epoch %d (%.1f min)", epoch, elapsed / 60)
+            break
+    bar.close()
+    if main_rank:
+        _save_checkpoint(out / "checkpoint_final.pt", network, optimizer, scaler,
+                         {"epoch": epoch, "validation": summary, "best": best, "elapsed_s": elapsed, "fold": s.fold})
+        write_json_atomic(out / "validation_summary.json", {"final": summary, "best": best, "epochs_run": epoch + 1,
+                                                            "elapsed_s": elapsed})
+    if handler is not None:
+        log.removeHandler(handler)
+        handler.close()
+    if is_ddp and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return {"final": summary, "best": best, "epochs_run": epoch + 1, "elapsed_s": elapsed, "folder": str(out)}

@@ -1,0 +1,133 @@
+"""Trainer: folds, checkpoints, exact resume, DDP at world size 1, the CLI; a slow learning test."""
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from spinelm.cli import main
+from spinelm.fingerprint import compute_fingerprint
+from spinelm.planning import plan, save_plans
+from spinelm.preprocessing import preprocess_dataset
+from spinelm.training import TrainSettings, make_splits, poly_lr, train_fold
+
+
+@pytest.fixture
+def model_dir(phantom_dataset, tmp_path):
+    fp = compute_fingerprint(phantom_dataset, num_workers=0, progress=False)
+    plans = plan(fp, device="cpu", time_budget_min=2)
+    model = tmp_path / "model"
+    model.mkdir()
+    save_plans(plans, model / "plans.json")
+    preprocess_dataset(phantom_dataset, model, plans, num_workers=0, progress=False)
+    return model
+
+
+def test_splits_are_deterministic_disjoint_and_keep_groups_together():
+    cases = [f"c{i}" for i in range(11)]
+    a, b = make_splits(cases, 5), make_splits(cases, 5)
+    assert a == b
+    assert sorted(c for s in a for c in s["val"]) == sorted(cases)
+    for s in a:
+        assert not set(s["train"]) & set(s["val"])
+    groups = {c: c for c in cases} | {"c3": "dup", "c7": "dup"}
+    for s in make_splits(cases, 5, groups):
+        assert ("c3" in s["val"]) == ("c7" in s["val"])
+
+
+def test_poly_schedule_decays_to_zero():
+    assert poly_lr(0.01, 0, 100) == 0.01
+    assert 0 < poly_lr(0.01, 99, 100) < 0.001
+
+
+def test_train_writes_checkpoints_and_resumes_exactly(model_dir):
+    s = TrainSettings(fold=0, epochs=2, iterations_per_epoch=2, validate_every=1, progress=False)
+    r = train_fold(model_dir, s)
+    fold = model_dir / "fold_0"
+    for name in ("checkpoint_latest", "checkpoint_best", "checkpoint_final"):
+        assert (fold / f"{name}.pt").is_file() and (fold / f"{name}.json").is_file()
+    assert (fold / "training_curve.png").stat().st_size > 1000
+    assert "epoch 1" in (fold / "training_log.txt").read_text()
+    assert r["epochs_run"] == 2 and 0 <= r["final"]["id_rate"] <= 1
+    assert json.loads((model_dir / "splits.json").read_text())[0]["val"]
+    state = torch.load(fold / "checkpoint_latest.pt", weights_only=True)
+    assert set(state) >= {"network", "optimizer"}
+
+    # resuming continues at epoch 2 with the saved weights and logs
+    r2 = train_fold(model_dir, TrainSettings(fold=0, epochs=3, iterations_per_epoch=2, validate_every=1,
+                                             progress=False, resume=True))
+    meta = json.loads((fold / "checkpoint_latest.json").read_text())
+    assert r2["epochs_run"] == 3 and meta["log"]["epoch"] == [0, 1, 2]
+    assert "resumed from" in (fold / "training_log.txt").read_text()
+
+
+def test_killed_run_resumed_matches_an_uninterrupted_one(model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import spinelm.training as T
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    settings = dict(fold=1, epochs=3, iterations_per_epoch=2, validate_every=5, progress=False)
+    train_fold(model_dir, TrainSettings(**settings))
+
+    calls = []
+    real_plot = T._plot
+
+    def killed_after_first_epoch(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the process dies right after the epoch-0 checkpoint
+        real_plot(*args)
+
+    monkeypatch.setattr(T, "_plot", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(other, TrainSettings(**settings))
+    assert json.loads((other / "fold_1" / "checkpoint_latest.json").read_text())["epoch"] == 0
+    train_fold(other, TrainSettings(**settings, resume=True))
+    a = torch.load(model_dir / "fold_1" / "checkpoint_final.pt", weights_only=True)["network"]
+    b = torch.load(other / "fold_1" / "checkpoint_final.pt", weights_only=True)["network"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resumed run must continue exactly"
+
+
+def test_ddp_world_size_one_with_gloo(model_dir, monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        r = train_fold(model_dir, TrainSettings(fold=0, epochs=1, iterations_per_epoch=2, progress=False))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert r["epochs_run"] == 1 and (model_dir / "fold_0" / "checkpoint_final.pt").is_file()
+
+
+def test_cli_train_and_bad_fold(model_dir, capsys):
+    assert main(["train", str(model_dir), "--fold", "0", "--epochs", "1", "--iterations", "1", "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert "fold 0 (fine): 1 epochs" in capsys.readouterr().out
+    assert main(["train", str(model_dir), "--fold", "9", "--epochs", "1", "--device", "cpu", "--no-progress"]) == 2
+    assert "fold 9 does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_model_learns_to_find_vertebrae_on_phantoms(tmp_path):
+    """About 10 minutes on 2 cores: validation error must fall well below its start."""
+    from spinelm.synthetic import PhantomConfig, synthesize_dataset
+    data = synthesize_dataset(tmp_path / "ph", 16, seed=3, config=PhantomConfig(modality="MR"), progress=False)
+    fp = compute_fingerprint(data, num_workers=2, progress=False)
+    plans = plan(fp, device="cpu", time_budget_min=8)
+    model = tmp_path / "m"
+    model.mkdir()
+    save_plans(plans, model / "plans.json")
+    preprocess_dataset(data, model, plans, num_workers=2, progress=False)
+    r = train_fold(model, TrainSettings(fold=0, time_budget_min=8, validate_every=3, progress=False))
+    log = json.loads((model / "fold_0" / "checkpoint_latest.json").read_text())["log"]
+    first, last = log["val_d_mean_mm"][0], log["val_d_mean_mm"][-1]
+    assert last < 0.5 * first, (first, last)
+    assert r["final"]["id_rate"] >= 0.5
