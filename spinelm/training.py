@@ -107,9 +107,18 @@ def load_or_create_splits(model_dir: Path, cache: Path, case_ids: list[str], n_f
     return splits
 
 
-def poly_lr(initial: float, epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
-    """nnU-Net's poly schedule."""
-    return initial * (1 - min(epoch, max_epochs - 1) / max_epochs) ** exponent
+def poly_lr(initial: float, progress: float, exponent: float = 0.9) -> float:
+    """nnU-Net's poly schedule at ``progress`` in [0, 1) of the training run."""
+    return initial * (1 - min(max(progress, 0.0), 0.999)) ** exponent
+
+
+def training_progress(epoch: int, max_epochs: int, elapsed_s: float, budget_s: float | None) -> float:
+    """How far training is: by epochs, or by the time budget when that ends it sooner, so that the
+    learning rate decays over the run that actually happens."""
+    frac = epoch / max_epochs
+    if budget_s:
+        frac = max(frac, elapsed_s / budget_s)
+    return frac
 
 
 def _ddp_info() -> tuple[bool, int, int]:
@@ -265,7 +274,7 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
     epoch = start_epoch - 1
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        lr = poly_lr(lr0, epoch, epochs)
+        lr = poly_lr(lr0, training_progress(epoch, epochs, elapsed, budget_s))
         for g in optimizer.param_groups:
             g["lr"] = lr
         network.train()

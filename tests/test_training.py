@@ -38,9 +38,12 @@ def test_splits_are_deterministic_disjoint_and_keep_groups_together():
         assert ("c3" in s["val"]) == ("c7" in s["val"])
 
 
-def test_poly_schedule_decays_to_zero():
-    assert poly_lr(0.01, 0, 100) == 0.01
-    assert 0 < poly_lr(0.01, 99, 100) < 0.001
+def test_poly_schedule_follows_epochs_or_the_time_budget():
+    from spinelm.training import training_progress
+    assert poly_lr(0.01, 0.0) == 0.01
+    assert 0 < poly_lr(0.01, 0.99) < 0.001
+    assert training_progress(10, 1000, 600, None) == 0.01
+    assert training_progress(10, 1000, 600, 1200) == 0.5  # half the budget spent: half-way down
 
 
 def test_train_writes_checkpoints_and_resumes_exactly(model_dir):

@@ -1,0 +1,113 @@
+"""Training iterations per second: spinelm against nnunetv2's own nnUNetTrainer, same plan and patch.
+
+Both train the network of the model folder's plan on the same batches (drawn and augmented by
+spinelm's sampler from the preprocessing cache): nnU-Net's ``nnUNetTrainer.train_step`` with its
+Dice+CE deep-supervision loss on the segmentation channels, spinelm's step with its multitask loss
+(segmentation + heatmap heads). Data loading is timed separately for spinelm. One run, ratio printed.
+
+Usage: python scripts/bench_training.py MODEL_DIR [--device cpu|cuda] [--steps 20] [--warmup 3]
+(MODEL_DIR planned and preprocessed: spinelm plan + spinelm preprocess)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--configuration", default="fine")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from spinelm.data import PatchSampler
+    from spinelm.losses import MultiTaskLoss
+    from spinelm.network import build_network, deep_supervision_scales
+    from spinelm.planning import load_plans, nnunet_environment
+    from spinelm.preprocessing import nnunet_dataset_json, nnunet_plans
+
+    model = Path(args.model)
+    plans = load_plans(model / "plans.json")
+    cfg = plans["configurations"][args.configuration]
+    cache = model / "preprocessed" / args.configuration
+    cases = json.loads((cache / "cache.json").read_text())["cases"]
+    device = torch.device(args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    sampler = PatchSampler(cache, cases, plans, args.configuration, augment=True)
+    rng = np.random.default_rng(0)
+    n = args.warmup + args.steps
+    t0 = time.perf_counter()
+    batches = [sampler.batch(rng, cfg["batch_size"]) for _ in range(n)]
+    t_data = (time.perf_counter() - t0) / n
+    scales = deep_supervision_scales(plans, args.configuration)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+
+    # nnU-Net v2's own trainer
+    fp = {"spacings": [], "shapes_after_crop": [], "foreground_intensity_properties_per_channel":
+          plans["foreground_intensity_properties_per_channel"], "median_relative_size_after_cropping": 1.0}
+    with nnunet_environment(nnunet_dataset_json(plans), fp):
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        trainer = nnUNetTrainer(nnunet_plans(plans), args.configuration, 0, nnunet_dataset_json(plans), device)
+        trainer.print_to_log_file = lambda *a, **k: None
+        trainer.initialize()
+        times = []
+        for i, b in enumerate(batches):
+            seg = b["seg"].float()
+            seg[seg >= plans["heads"]["segmentation"]["channels"]] = 0
+            target = [seg if s == [1, 1, 1] else F.interpolate(seg, scale_factor=s, mode="nearest-exact") for s in scales]
+            sync()
+            t = time.perf_counter()
+            trainer.train_step({"data": b["image"], "target": target})
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+        t_nnunet = float(np.median(times))
+
+    # spinelm's step
+    net = build_network(plans, args.configuration).to(device)
+    loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
+    opt = torch.optim.SGD(net.parameters(), 0.01, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    times = []
+    for i, b in enumerate(batches):
+        sync()
+        t = time.perf_counter()
+        x, hm, seg = b["image"].to(device), b["heatmap"].to(device), b["seg"].to(device)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            loss, _ = loss_fn(net(x), seg, hm)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+            opt.step()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    t_spine = float(np.median(times))
+    print(f"plan {model / 'plans.json'} ({args.configuration}): patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+          f"device {device}, {args.steps} timed steps")
+    print(f"nnunetv2 nnUNetTrainer.train_step: {t_nnunet:.3f} s/it ({1 / t_nnunet:.2f} it/s)")
+    print(f"spinelm train step:                {t_spine:.3f} s/it ({1 / t_spine:.2f} it/s)")
+    print(f"spinelm data (sample + augment):   {t_data:.3f} s/batch, in the training process")
+    print(f"ratio spinelm/nnunetv2 iterations per second (step only): {t_nnunet / t_spine:.2f}")
+    print(f"ratio with spinelm's in-process data loading:             {t_nnunet / (t_spine + t_data):.2f}")
+
+
+if __name__ == "__main__":
+    main()
