@@ -55,9 +55,14 @@ def main() -> None:
     # nnU-Net v2's own trainer
     fp = {"spacings": [], "shapes_after_crop": [], "foreground_intensity_properties_per_channel":
           plans["foreground_intensity_properties_per_channel"], "median_relative_size_after_cropping": 1.0}
-    with nnunet_environment(nnunet_dataset_json(plans), fp):
+    with nnunet_environment(nnunet_dataset_json(plans), fp) as name:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        trainer = nnUNetTrainer(nnunet_plans(plans), args.configuration, 0, nnunet_dataset_json(plans), device)
+        # initialize() only looks at the preprocessed folder to pick its dataset class; batches come from spinelm
+        folder = Path(os.environ["nnUNet_preprocessed"]) / name / cfg["data_identifier"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "unused.npz").touch()
+        trainer = nnUNetTrainer(dict(nnunet_plans(plans), continue_training=False), args.configuration, 0,
+                                nnunet_dataset_json(plans), device)
         trainer.print_to_log_file = lambda *a, **k: None
         trainer.initialize()
         times = []
