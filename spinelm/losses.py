@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 from spinelm.network import split_heads
 
-#: Weight of heatmap voxels relative to background: the targets are mostly zero, and an unweighted
-#: L2 learns to predict zero everywhere first.
-HEATMAP_FOREGROUND_WEIGHT = 20.0
-#: Heatmap loss is scaled to be comparable to Dice + CE (~1 at the start of training).
-HEATMAP_LOSS_SCALE = 10.0
+#: Heatmap voxels above this target value form the foreground of the balanced L2 (a ball of about
+#: 2 sigma around each centroid).
+HEATMAP_FOREGROUND_THRESHOLD = 0.1
+#: Heatmap loss scale, comparable to Dice + CE at the start of training.
+HEATMAP_LOSS_SCALE = 1.0
 
 
 def deep_supervision_weights(n: int) -> list[float]:
@@ -24,8 +24,19 @@ def deep_supervision_weights(n: int) -> list[float]:
 
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean of ``(pred - target)^2 * (1 + w * target)``."""
-    return HEATMAP_LOSS_SCALE * torch.mean((pred.float() - target) ** 2 * (1 + HEATMAP_FOREGROUND_WEIGHT * target))
+    """Balanced L2: mean squared error over the foreground plus mean squared error over the rest.
+
+    Centroid heatmaps cover about 0.1 % of a patch; a plain (or mildly weighted) L2 is minimised by
+    predicting zero everywhere, which is what small networks learn first and stay at under a CPU
+    budget (measured: peak output 0.02 after 400 steps). Averaging the two regions separately makes
+    the zero map cost about as much as an all-background error.
+    """
+    err = (pred.float() - target) ** 2
+    fg = target > HEATMAP_FOREGROUND_THRESHOLD
+    loss = err[~fg].mean() if bool((~fg).any()) else err.new_zeros(())
+    if bool(fg.any()):
+        loss = loss + err[fg].mean()
+    return HEATMAP_LOSS_SCALE * loss
 
 
 class MultiTaskLoss(torch.nn.Module):

@@ -80,6 +80,7 @@ class Preset:
     initial_lr: float
     time_budget_min: float | None
     num_folds: int
+    optimizer: str = "sgd"
     blocks_per_stage_encoder: tuple[int, ...] = (2,) * 14
     blocks_per_stage_decoder: tuple[int, ...] = (2,) * 13
 
@@ -446,7 +447,7 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
         "heads": heads,
         "configurations": configs,
         "training": {"epochs": preset.epochs, "iterations_per_epoch": preset.iterations_per_epoch,
-                     "initial_lr": preset.initial_lr, "num_folds": preset.num_folds, "time_budget_min": budget},
+                     "optimizer": preset.optimizer, "initial_lr": preset.initial_lr, "num_folds": preset.num_folds, "time_budget_min": budget},
         "spine": {"median_consecutive_distance_mm": distance,
                   "consecutive_pairs": fingerprint.get("spine", {}).get("consecutive_pairs", {})},
         "rationale": why,

@@ -121,6 +121,15 @@ def training_progress(epoch: int, max_epochs: int, elapsed_s: float, budget_s: f
     return frac
 
 
+def make_optimizer(network: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """``sgd``: nnU-Net's (Nesterov, momentum 0.99, weight decay 3e-5); ``adamw``: for short CPU budgets."""
+    if name == "sgd":
+        return torch.optim.SGD(network.parameters(), lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(network.parameters(), lr, weight_decay=1e-4)
+    raise ValueError(f"unknown optimizer {name!r} in the plans; expected 'sgd' or 'adamw'")
+
+
 def _ddp_info() -> tuple[bool, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -228,7 +237,7 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
     network = build_network(plans, s.configuration).to(device)
     loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
     lr0 = plans["training"]["initial_lr"]
-    optimizer = torch.optim.SGD(network.parameters(), lr0, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    optimizer = make_optimizer(network, plans["training"].get("optimizer", "sgd"), lr0)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     tlog, start_epoch, elapsed, best = TrainLog(), 0, 0.0, None

@@ -79,5 +79,6 @@ def test_plan_on_real_lumbar_mr(tmp_path, capsys):
     assert main(["plan", str(data), "-o", str(tmp_path / "m"), "--device", "cpu", "--no-progress"]) == 0
     plans = json.loads((tmp_path / "m" / "plans.json").read_text())
     fine = plans["configurations"]["fine"]
-    assert fine["spacing"] == [2.0, 2.0, 2.0]
+    assert fine["spacing"] == [3.0, 3.0, 3.0]
+    assert plans["training"]["optimizer"] == "adamw"
     assert plans["heads"]["segmentation"]["labels"] == list(range(18, 25))
