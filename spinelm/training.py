@@ -8,8 +8,8 @@
 - atomic checkpoints ``checkpoint_latest.pt`` (every epoch), ``checkpoint_best.pt`` (best
   validation), ``checkpoint_final.pt``, each a ``state_dict`` with JSON metadata beside it,
 - exact resume: network, optimiser, AMP scaler, epoch, logs, elapsed time and every RNG state,
-- validation on the held-out fold: sliding-window prediction, heatmap peaks, identification rate
-  and mean localisation error (mm),
+- validation on the held-out fold: sliding-window prediction, heatmap peaks labelled as a
+  consecutive run (:mod:`spinelm.ordering`), identification rate and mean localisation error (mm),
 - a log file, a progress bar and ``training_curve.png``,
 - AMP on CUDA, plain CPU, and DDP under ``torchrun`` (rank 0 validates and writes).
 
@@ -30,10 +30,11 @@ import torch
 
 from spinelm.data import PatchSampler
 from spinelm.evaluation import identification, summarise
-from spinelm.inference import best_per_label, decode_candidates, sliding_window
+from spinelm.inference import decode_candidates, sliding_window
 from spinelm.io.files import atomic_path, read_json, write_json_atomic
 from spinelm.losses import MultiTaskLoss
 from spinelm.network import build_network
+from spinelm.ordering import order_candidates
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,17 @@ def validate(network, cache: Path, case_ids: list[str], plans: dict, configurati
     cfg = plans["configurations"][configuration]
     spacing = np.asarray(cfg["spacing"], dtype=np.float64)
     distance = float(plans["spine"]["median_consecutive_distance_mm"])
+    known = plans["heads"].get("segmentation", {}).get("labels") or plans["heads"]["heatmap"].get("labels")
     results = []
     for case in case_ids:
         data = torch.from_numpy(np.load(cache / f"{case}_data.npy"))
         props = read_json(cache / f"{case}.json")
         pred = sliding_window(network, data, cfg["patch_size"], plans["heads"], device=device)
         cands = decode_candidates(pred, plans["heads"], spacing, distance)
-        best = best_per_label(cands)
-        pred_mm = {lab: c.position * spacing for lab, c in best.items()}
+        pos_mm = np.asarray([c.position * spacing for c in cands]).reshape(-1, 3)
+        ordered = order_candidates(pos_mm, [c.score for c in cands], [c.label_probs for c in cands],
+                                   plans["cranio_caudal_axis"], distance, allowed=known)
+        pred_mm = {lab: pos_mm[i] for i, lab in ordered}
         gt_mm = {int(lm["label"]): np.asarray(lm["index"]) * spacing for lm in props["landmarks"]}
         results.append(identification(pred_mm, gt_mm))
     return summarise(results)
