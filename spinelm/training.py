@@ -143,7 +143,7 @@ def validate(network, cache: Path, case_ids: list[str], plans: dict, configurati
     spacing = np.asarray(cfg["spacing"], dtype=np.float64)
     distance = float(plans["spine"]["median_consecutive_distance_mm"])
     known = plans["heads"].get("segmentation", {}).get("labels") or plans["heads"]["heatmap"].get("labels")
-    results = []
+    results, nearest, precise = [], [], []
     for case in case_ids:
         data = torch.from_numpy(np.load(cache / f"{case}_data.npy"))
         props = read_json(cache / f"{case}.json")
@@ -155,7 +155,17 @@ def validate(network, cache: Path, case_ids: list[str], plans: dict, configurati
         pred_mm = {lab: pos_mm[i] for i, lab in ordered}
         gt_mm = {int(lm["label"]): np.asarray(lm["index"]) * spacing for lm in props["landmarks"]}
         results.append(identification(pred_mm, gt_mm))
-    return summarise(results)
+        gts = np.asarray(list(gt_mm.values())).reshape(-1, 3)
+        for g in gts:  # label-free: is there a peak on this vertebra at all?
+            nearest.append(float(np.min(np.linalg.norm(pos_mm - g, axis=1))) if len(pos_mm) else np.inf)
+        for i, _ in ordered:  # and is each kept peak on some vertebra?
+            precise.append(bool(len(gts)) and float(np.min(np.linalg.norm(gts - pos_mm[i], axis=1))) <= 0.5 * distance)
+    out = summarise(results)
+    nearest = np.asarray(nearest)
+    out["peak_hit_rate"] = float(np.mean(nearest <= 0.5 * distance)) if len(nearest) else float("nan")
+    out["peak_error_median_mm"] = float(np.median(nearest)) if len(nearest) else float("nan")
+    out["peak_precision"] = float(np.mean(precise)) if precise else float("nan")
+    return out
 
 
 def _save_checkpoint(path: Path, network, optimizer, scaler, meta: dict) -> None:
@@ -330,9 +340,10 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
                 best = {"epoch": epoch, "score": list(score), **summary}
                 _save_checkpoint(out / "checkpoint_best.pt", network, optimizer, scaler,
                                  {"epoch": epoch, "validation": summary, "fold": s.fold, "plans": "../plans.json"})
-            log.info("epoch %d: loss %.4f, val id rate %.3f, d_mean %.2f mm (%d/%d identified)", epoch,
-                     tlog.train_loss[-1], summary["id_rate"], summary["d_mean_mm"], summary["n_identified"],
-                     summary["n_gt"])
+            log.info("epoch %d: loss %.4f, val id rate %.3f, d_mean %.2f mm (%d/%d identified); a peak on %.0f%% "
+                     "of vertebrae, median %.1f mm off, %.0f%% of peaks on a vertebra", epoch, tlog.train_loss[-1],
+                     summary["id_rate"], summary["d_mean_mm"], summary["n_identified"], summary["n_gt"],
+                     100 * summary["peak_hit_rate"], summary["peak_error_median_mm"], 100 * summary["peak_precision"])
         elif main_rank:
             log.info("epoch %d: loss %.4f, lr %.5f, %.1f s", epoch, tlog.train_loss[-1], lr, dt)
         if main_rank:
