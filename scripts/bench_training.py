@@ -1,6 +1,7 @@
 """Training iterations per second: spinelm against nnunetv2's own nnUNetTrainer, same plan and patch.
 
-Both train the network of the model folder's plan on the same batches (drawn and augmented by
+Both train the network of the model folder's plan on the same batches with the plan's optimiser
+(nnU-Net's trainer always uses its SGD) (drawn and augmented by
 spinelm's sampler from the preprocessing cache): nnU-Net's ``nnUNetTrainer.train_step`` with its
 Dice+CE deep-supervision loss on the segmentation channels, spinelm's step with its multitask loss
 (segmentation + heatmap heads). Data loading is timed separately for spinelm. One run, ratio printed.
@@ -35,6 +36,7 @@ def main() -> None:
     from spinelm.network import build_network, deep_supervision_scales
     from spinelm.planning import load_plans, nnunet_environment
     from spinelm.preprocessing import nnunet_dataset_json, nnunet_plans
+    from spinelm.training import make_optimizer, train_step
 
     model = Path(args.model)
     plans = load_plans(model / "plans.json")
@@ -81,26 +83,13 @@ def main() -> None:
     # spinelm's step
     net = build_network(plans, args.configuration).to(device)
     loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
-    opt = torch.optim.SGD(net.parameters(), 0.01, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    opt = make_optimizer(net, plans["training"].get("optimizer", "sgd"), plans["training"]["initial_lr"])
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     times = []
     for i, b in enumerate(batches):
         sync()
         t = time.perf_counter()
-        x, hm, seg = b["image"].to(device), b["heatmap"].to(device), b["seg"].to(device)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            loss, _ = loss_fn(net(x), seg, hm)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-            opt.step()
+        train_step(net, opt, scaler, loss_fn, b, device)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)

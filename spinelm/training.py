@@ -18,7 +18,6 @@ No SimpleITK here: this module runs on training machines with preprocessed data.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -129,6 +128,28 @@ def make_optimizer(network: torch.nn.Module, name: str, lr: float) -> torch.opti
     if name == "adamw":
         return torch.optim.AdamW(network.parameters(), lr, weight_decay=1e-4)
     raise ValueError(f"unknown optimizer {name!r} in the plans; expected 'sgd' or 'adamw'")
+
+
+def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, device: torch.device) -> float:
+    """One optimisation step on a batch (AMP when ``scaler`` is given); returns the loss."""
+    x = batch["image"].to(device, non_blocking=True)
+    hm = batch["heatmap"].to(device, non_blocking=True)
+    seg = batch["seg"].to(device, non_blocking=True) if "seg" in batch else None
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, enabled=scaler is not None):
+        outputs = network(x)
+        loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        optimizer.step()
+    return float(loss.detach())
 
 
 def _ddp_info() -> tuple[bool, int, int]:
@@ -303,25 +324,7 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
         network.train()
         losses = []
         for _ in range(iters):
-            b = next_batch()
-            x = b["image"].to(device, non_blocking=True)
-            hm = b["heatmap"].to(device, non_blocking=True)
-            seg = b["seg"].to(device, non_blocking=True) if "seg" in b else None
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                outputs = network(x)
-                loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-                optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(network, optimizer, scaler, loss_fn, next_batch(), device))
         dt = time.perf_counter() - t0
         elapsed += dt
         tlog.epoch.append(epoch)
