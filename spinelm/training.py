@@ -33,7 +33,7 @@ from spinelm.inference import decode_candidates, sliding_window
 from spinelm.io.files import atomic_path, read_json, write_json_atomic
 from spinelm.losses import MultiTaskLoss
 from spinelm.network import build_network
-from spinelm.ordering import order_candidates
+from spinelm.ordering import SpineModel, order_candidates
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ def validate(network, cache: Path, case_ids: list[str], plans: dict, configurati
     spacing = np.asarray(cfg["spacing"], dtype=np.float64)
     distance = float(plans["spine"]["median_consecutive_distance_mm"])
     known = plans["heads"].get("segmentation", {}).get("labels") or plans["heads"]["heatmap"].get("labels")
+    spine_model = SpineModel.from_stats(plans.get("spine"), default_distance_mm=distance)
     results, nearest, precise = [], [], []
     for case in case_ids:
         data = torch.from_numpy(np.load(cache / f"{case}_data.npy"))
@@ -172,7 +173,7 @@ def validate(network, cache: Path, case_ids: list[str], plans: dict, configurati
         cands = decode_candidates(pred, plans["heads"], spacing, distance)
         pos_mm = np.asarray([c.position * spacing for c in cands]).reshape(-1, 3)
         ordered = order_candidates(pos_mm, [c.score for c in cands], [c.label_probs for c in cands],
-                                   plans["cranio_caudal_axis"], distance, allowed=known)
+                                   plans["cranio_caudal_axis"], distance, allowed=known, model=spine_model)
         pred_mm = {lab: pos_mm[i] for i, lab in ordered}
         gt_mm = {int(lm["label"]): np.asarray(lm["index"]) * spacing for lm in props["landmarks"]}
         results.append(identification(pred_mm, gt_mm))
