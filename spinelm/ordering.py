@@ -19,7 +19,8 @@ The model, solved exactly by dynamic programming (Viterbi over candidates sorted
   ``log VARIANT_PRIOR`` and each one passed over ``log(1 - VARIANT_PRIOR)``; the observed distance
   between the two candidates is compared with the sum of the expected distances along the path
   (a Gaussian log-likelihood capped at ``MAX_DISTANCE_PENALTY``, whose spread combines the
-  fingerprint's spread, at least ``MIN_RELATIVE_STD``, with the localisation noise of the peaks);
+  fingerprint's spread, at least ``MIN_RELATIVE_STD``, with the localisation noise of the peaks),
+  and a step more than 60 degrees away from the cranio-caudal axis costs that maximum too;
 - the sequence may start and end anywhere (partial fields of view).
 
 The distance statistics come from the dataset fingerprint (``plans["spine"]["consecutive_pairs"]``)
@@ -51,6 +52,10 @@ LOCALISATION_RELATIVE_STD = 0.15
 #: Largest penalty of a distance mismatch (a robust likelihood): an implausible distance costs at
 #: most this, so one badly placed peak cannot throw the whole labelling away.
 MAX_DISTANCE_PENALTY = 4.5
+#: Consecutive vertebrae lie mostly along the cranio-caudal axis: a step whose cranio-caudal share
+#: (cosine to that axis) is below this (more than 60 degrees off) gets ``MAX_DISTANCE_PENALTY``.
+#: Two peaks side by side at one level are not two vertebrae.
+MIN_CRANIO_CAUDAL_COSINE = 0.5
 #: Probabilities that a candidate is a vertebra are clipped into this range before taking logs.
 KEEP_RANGE = (0.02, 0.98)
 
@@ -214,16 +219,17 @@ class SpineModel:
 
 
 def viterbi_labels(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float]], model: SpineModel,
-                   allowed: list[int] | None = None) -> list[int | None]:
+                   allowed: list[int] | None = None, cc_axis: int = 2) -> list[int | None]:
     """Labels for candidates already sorted head to foot; ``None`` for dropped candidates.
 
     Args:
-        positions_mm: (n, 3) positions in any frame with mm units (only distances are used).
+        positions_mm: (n, 3) positions in mm (distances and the direction of steps are used).
         scores: peak scores in [0, 1].
         label_probs: per candidate ``{label: probability}``.
         model: distance statistics and priors.
         allowed: labels the model was trained on; assignments stay within their span (variants in
             that span included). Default: C1..S1.
+        cc_axis: index of the cranio-caudal axis in ``positions_mm``.
     """
     n = len(label_probs)
     if n == 0:
@@ -246,6 +252,8 @@ def viterbi_labels(positions_mm: np.ndarray, scores, label_probs: list[dict[int,
         for a in range(i):
             d = float(np.linalg.norm(pos[i] - pos[a]))
             trans = np.max(prior - np.minimum(0.5 * ((d - mean) / std) ** 2, MAX_DISTANCE_PENALTY), axis=0)
+            if abs(pos[i, cc_axis] - pos[a, cc_axis]) < MIN_CRANIO_CAUDAL_COSINE * d:
+                trans = trans - MAX_DISTANCE_PENALTY
             cand = best[a][:, None] + trans + (cum_drop[i] - cum_drop[a + 1])  # (K prev, K next)
             j = np.argmax(cand, axis=0)
             val = cand[j, np.arange(k)] + emit[i]
@@ -288,5 +296,5 @@ def order_candidates(positions_mm: np.ndarray, scores, label_probs: list[dict[in
     kept = suppress_duplicates(positions_mm, scores, NMS_FRACTION * distance_mm)
     sign = -1.0 if superior_is_positive else 1.0
     kept = sorted(kept, key=lambda i: sign * positions_mm[i, cc_axis])
-    labs = viterbi_labels(positions_mm[kept], scores[kept], [label_probs[i] for i in kept], model, allowed)
+    labs = viterbi_labels(positions_mm[kept], scores[kept], [label_probs[i] for i in kept], model, allowed, cc_axis)
     return [(i, lab) for i, lab in zip(kept, labs) if lab is not None]

@@ -98,24 +98,48 @@ def plan_signature(plans: dict, configuration: str) -> str:
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
-def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Preprocess one case in memory: ``(data, seg, properties)``."""
+def preprocessed_to_world(index: np.ndarray, geometry, transpose_forward, bbox, shape_after_crop,
+                          new_shape) -> np.ndarray:
+    """Continuous voxel indices of the preprocessed array -> world LPS mm (inverse of
+    :func:`world_to_preprocessed`)."""
+    idx = np.asarray(index, dtype=np.float64).reshape(-1, 3)
+    scale = np.asarray(shape_after_crop, dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
+    idx = (idx + 0.5) * scale - 0.5 + np.asarray([b[0] for b in bbox], dtype=np.float64)
+    canonical = np.empty_like(idx)
+    canonical[:, list(transpose_forward)] = idx
+    return geometry.array_index_to_world(canonical)
+
+
+def run_preprocessor(image: np.ndarray, spacing, plans: dict, configuration: str,
+                     seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """nnunetv2's ``DefaultPreprocessor.run_case_npy`` on a canonical (C, z, y, x) array.
+
+    Returns ``(data, seg, info)`` with ``info = {"bbox", "shape_after_cropping", "shape"}``, the map
+    :func:`world_to_preprocessed` and :func:`preprocessed_to_world` need.
+    """
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     pm = PlansManager(nnunet_plans(plans))
     cm = pm.get_configuration(configuration)
+    props = {"spacing": [float(x) for x in spacing]}
+    data, seg_out, props = DefaultPreprocessor(verbose=False).run_case_npy(
+        np.asarray(image, dtype=np.float32), seg, props, pm, cm, nnunet_dataset_json(plans))
+    info = {"bbox": [[int(a), int(b)] for a, b in props["bbox_used_for_cropping"]],
+            "shape_after_cropping": [int(x) for x in props["shape_after_cropping_and_before_resampling"]],
+            "shape": [int(x) for x in data.shape[1:]]}
+    return data.astype(np.float32, copy=False), seg_out, info
+
+
+def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Preprocess one case in memory: ``(data, seg, properties)``."""
     lc = load_case(case, canonical=True)
     seg = None
     if lc.mask is not None:
         lut = label_lookup(plans)
         seg = lut[np.clip(lc.mask, 0, L.MAX_LABEL)][None].astype(np.int16)
-    props = {"spacing": list(lc.geometry.array_spacing)}
-    pre = DefaultPreprocessor(verbose=False)
-    data, seg_out, props = pre.run_case_npy(lc.image, seg, props, pm, cm, nnunet_dataset_json(plans))
-    bbox = [[int(a), int(b)] for a, b in props["bbox_used_for_cropping"]]
-    shape_after_crop = [int(s) for s in props["shape_after_cropping_and_before_resampling"]]
-    new_shape = list(data.shape[1:])
+    data, seg_out, info = run_preprocessor(lc.image, lc.geometry.array_spacing, plans, configuration, seg)
+    bbox, shape_after_crop, new_shape = info["bbox"], info["shape_after_cropping"], info["shape"]
     pts = np.asarray([lm.position_mm for lm in lc.landmarks]).reshape(-1, 3)
     vox = world_to_preprocessed(pts, lc.geometry, plans["transpose_forward"], bbox, shape_after_crop, new_shape)
     properties = {
@@ -132,7 +156,7 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
         "classes": [[int(lab), cls] for lab, cls in case.classes],
     }
     seg_out = seg_out.astype(np.int8 if len(label_lookup(plans)) < 127 else np.int16)
-    return data.astype(np.float32, copy=False), seg_out, properties
+    return data, seg_out, properties
 
 
 def _preprocess_and_save(case: Case, plans: dict, configuration: str, out_dir: str, signature: str) -> str:

@@ -142,3 +142,10 @@ def test_order_runs_head_to_foot_along_the_given_axis():
     probs = [{N["L3"]: 0.9}, {N["L1"]: 0.8}, {N["L2"]: 0.5, N["L1"]: 0.5}, {N["L2"]: 1.0}]
     out = order_candidates(pos, scores, probs, cc_axis=0, distance_mm=35.0)
     assert out == [(1, N["L1"]), (2, N["L2"]), (0, N["L3"])]
+
+
+def test_two_peaks_side_by_side_are_not_consecutive_vertebrae():
+    # L1 and a second peak 30 mm to its left at the same level (about one step away, but sideways)
+    pos = np.array([[0, 0, 0.0], [30.0, 0, -3.0], [0, 0, -35.0], [0, 0, -70.0]])
+    probs = [onehot(N["L1"], 0.6, N["L2"], 0.4), onehot(N["L2"], 0.6, N["L1"], 0.4), onehot(N["L2"]), onehot(N["L3"])]
+    assert viterbi_labels(pos, [0.6, 0.5, 0.6, 0.6], probs, model()) == [N["L1"], None, N["L2"], N["L3"]]
