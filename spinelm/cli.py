@@ -263,6 +263,44 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _parse_folds(value: str | None) -> list[int] | None:
+    if value in (None, "all"):
+        return None
+    try:
+        return [int(x) for x in value.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fold numbers like '0 1 2' or '0,1', got {value!r}") from None
+
+
+def cmd_predict(args) -> int:
+    from spinelm.predict import Predictor, predict_directory
+
+    device = _detect_device(args.device)
+    predictor = Predictor(Path(args.model), folds=_parse_folds(args.folds), checkpoint=args.checkpoint,
+                          device=device, mirror=args.tta, step_size=args.step_size)
+    arguments = {k: v for k, v in vars(args).items() if k != "func"}
+    print(f"model {args.model}: folds {predictor.folds}, checkpoint {args.checkpoint}, device {device}"
+          f"{', mirroring TTA' if args.tta else ''}")
+    report = predict_directory(args.input, args.output, predictor, recursive=args.recursive, pattern=args.pattern,
+                               continue_=args.continue_, num_parts=args.num_parts, part_id=args.part_id,
+                               qc=not args.no_qc, progress=not args.no_progress, arguments=arguments)
+    print(f"{report.done} labelled, {report.skipped} already done, {len(report.failed)} failed; "
+          f"summary: {report.summary_csv}")
+    for case, msg in report.failed:
+        print(f"  failed {case}: {msg}")
+    return 0 if report.ok else 1
+
+
+def cmd_evaluate(args) -> int:
+    from spinelm.evaluation import evaluate_folders, format_table, write_evaluation
+
+    report = evaluate_folders(args.pred, args.gt, radius_mm=args.radius, all_gt=args.all_gt)
+    jpath, cpath = write_evaluation(report, args.output or args.pred)
+    print(format_table(report))
+    print(f"written: {jpath}, {cpath}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -357,6 +395,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=_workers, default=None, help="fingerprint/preprocessing worker processes")
     _add_train_options(s)
     s.set_defaults(func=cmd_plan_and_train)
+
+    s = sub.add_parser("predict", parents=[common], help="label every scan of a folder with a trained model",
+                       description="Find and label the vertebrae of every image under INPUT (NIfTI, MHA, NRRD; "
+                                   "multi-channel cases as CASE_0000, CASE_0001, ...). Writes per case CASE_ctd.json "
+                                   "(LPS mm), CASE_verse_ctd.json, CASE.mrk.json (3D Slicer), CASE_seg.nii.gz "
+                                   "(instance mask on the input grid), CASE_qc.png, and summary.csv for the batch. A "
+                                   "bad file is reported and skipped; the exit status is 1 when any case failed.")
+    s.add_argument("-i", "--input", required=True, help="folder of scans, or one scan")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("-m", "--model", required=True, help="trained model folder")
+    s.add_argument("-f", "--folds", help="folds to ensemble, e.g. '0 1 2' (default: every trained fold)")
+    s.add_argument("--checkpoint", default="final", choices=["final", "best", "latest"],
+                   help="checkpoint of each fold (default final)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (never cranio-caudal)")
+    s.add_argument("--step-size", type=_positive, default=0.5, help="sliding-window step, fraction of the patch "
+                                                                     "(default 0.5)")
+    s.add_argument("--recursive", action="store_true", help="also scans in subfolders")
+    s.add_argument("--pattern", help="glob for the files to take, e.g. '*_T2*.nii.gz' (default: every image)")
+    s.add_argument("--continue", dest="continue_", action="store_true",
+                   help="skip cases whose outputs are complete (resume a killed batch)")
+    s.add_argument("--num-parts", type=int, default=1, help="split the batch into this many parts (default 1)")
+    s.add_argument("--part-id", type=int, default=0, help="which part this process runs, 0-based (e.g. "
+                                                           "$SLURM_ARRAY_TASK_ID)")
+    s.add_argument("--no-qc", action="store_true", help="skip the QC pictures")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("evaluate", parents=[common], help="compare predictions with ground truth",
+                       description="VerSe identification rate (prediction with the right label within 20 mm and "
+                                   "closest to that vertebra), d_mean (mm), missed and false-positive labels, and "
+                                   "Dice per vertebra when both masks exist. Writes evaluation.json/.csv.")
+    s.add_argument("pred", help="prediction folder (CASE_ctd.json files)")
+    s.add_argument("gt", help="ground truth: a dataset folder (centroidsTr/, labelsTr/) or a folder of centroid "
+                              "files named like the predictions")
+    s.add_argument("-o", "--output", help="where evaluation.json/.csv go (default: PRED)")
+    s.add_argument("--radius", type=_positive, default=20.0, help="identification radius in mm (default 20)")
+    s.add_argument("--all-gt", action="store_true", help="evaluate every ground-truth case; those without a "
+                                                         "prediction count as all missed (default: the cases the "
+                                                         "prediction batch attempted)")
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("demo", parents=[common], help="run the pipeline end to end on synthetic phantoms",
                        description="Synthesise phantoms, validate, fingerprint and plan for the CPU.")

@@ -1,5 +1,13 @@
-"""Localisation metrics (VerSe definitions); pure functions on ``{label: position_mm}`` maps."""
+"""``spinelm evaluate``: VerSe identification rate, localisation error and Dice (DESIGN section 7).
+
+The metrics are pure functions on ``{label: position_mm}`` maps and label arrays; the folder
+functions read predictions (``CASE_ctd.json``) and ground truth (a dataset folder or centroid
+files) and write ``evaluation.json`` and ``evaluation.csv``.
+"""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -39,3 +47,174 @@ def summarise(results: list[dict]) -> dict:
     return {"id_rate": ident / n if n else float("nan"), "d_mean_mm": float(np.mean(dists)) if dists else float("nan"),
             "n_gt": n, "n_identified": ident, "n_missed": sum(len(r["missed"]) for r in results),
             "n_false_positive": sum(len(r["false_positive"]) for r in results)}
+
+
+def dice_per_label(pred: np.ndarray, gt: np.ndarray) -> dict[int, float]:
+    """Dice of every label present in the ground-truth mask (0 where the prediction lacks it)."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"masks differ in shape: prediction {pred.shape}, ground truth {gt.shape}")
+    out = {}
+    for lab in np.unique(gt):
+        if lab == 0:
+            continue
+        g, p = gt == lab, pred == lab
+        out[int(lab)] = float(2 * np.count_nonzero(g & p) / (np.count_nonzero(g) + np.count_nonzero(p)))
+    return out
+
+
+# ------------------------------------------------------------------------------------- folders
+
+
+_PRED_SUFFIXES = ("_ctd.json", ".mrk.json", ".json")
+
+
+def _prediction_files(pred_dir: Path) -> dict[str, Path]:
+    """``{case: centroid file}`` for a prediction folder (``CASE_ctd.json`` first, then Slicer/JSON)."""
+    found: dict[str, Path] = {}
+    for suffix in _PRED_SUFFIXES:
+        for p in sorted(pred_dir.glob(f"*{suffix}")):
+            name = p.name
+            if name.endswith("_verse_ctd.json") or name in ("predict.json", "evaluation.json") \
+                    or name.startswith("predict_part"):
+                continue
+            found.setdefault(name[: -len(suffix)], p)
+    return found
+
+
+def _ground_truth(gt_dir: Path) -> dict[str, dict]:
+    """``{case: {"landmarks": {label: mm}, "mask": path or None}}`` from a dataset folder or a centroid folder."""
+    from spinelm.dataset import discover_dataset, read_case_landmarks
+    from spinelm.io.image import read_geometry
+    from spinelm.io.landmarks import as_dict, centroids_from_mask, read_landmarks
+
+    out: dict[str, dict] = {}
+    if any((gt_dir / d).is_dir() for d in ("imagesTr", "labelsTr", "centroidsTr")):
+        ds = discover_dataset(gt_dir)
+        for case in ds.cases:
+            if case.centroids is not None:
+                lms = read_case_landmarks(case, read_geometry(case.images[0]) if case.images else None)
+            elif case.mask is not None:
+                from spinelm.io.image import load_volume
+                arr, geom = load_volume(case.mask, dtype=None)
+                lms = centroids_from_mask(arr, geom)
+            else:
+                continue
+            out[case.case_id] = {"landmarks": as_dict(lms), "mask": case.mask}
+        return out
+    for case, p in _prediction_files(gt_dir).items():
+        out[case] = {"landmarks": as_dict(read_landmarks(p)), "mask": None}
+    return out
+
+
+def _attempted_cases(pred_dir: Path) -> set[str]:
+    """Cases a ``spinelm predict`` batch tried (its ``summary*.csv``), failed ones included."""
+    import csv
+
+    out: set[str] = set()
+    for p in pred_dir.glob("summary*.csv"):
+        with open(p, newline="", encoding="utf-8") as fh:
+            out |= {row["case"] for row in csv.DictReader(fh) if row.get("case")}
+    return out
+
+
+def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
+                     radius_mm: float = IDENTIFICATION_RADIUS_MM, all_gt: bool = False) -> dict:
+    """Evaluate a prediction folder against ground truth (DESIGN section 7).
+
+    ``gt_dir`` is a dataset folder (centroids from ``centroidsTr/`` or the masks of ``labelsTr/``) or a
+    folder of centroid files named like the predictions. The cases evaluated are those with a
+    prediction or a failed row in the batch's ``summary.csv`` (a failed case counts as all missed),
+    or every ground-truth case with ``all_gt`` (e.g. a held-out split predicted in full).
+    Predictions without ground truth are listed and ignored. Dice per vertebra is computed where
+    ``CASE_seg.nii.gz`` and a ground-truth mask both exist.
+    """
+    from spinelm import labels as L
+    from spinelm.io.landmarks import as_dict, read_landmarks
+
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"{pred_dir}: prediction folder not found")
+    if not gt_dir.is_dir():
+        raise FileNotFoundError(f"{gt_dir}: ground-truth folder not found")
+    preds = _prediction_files(pred_dir)
+    gts = _ground_truth(gt_dir)
+    if not gts:
+        raise ValueError(f"{gt_dir}: no ground-truth centroids or masks found")
+    wanted = set(gts) if all_gt else (set(preds) | _attempted_cases(pred_dir)) & set(gts)
+    if not wanted:
+        raise ValueError(f"{pred_dir}: no prediction matches a ground-truth case of {gt_dir} (case names differ?)")
+    cases, results, dices = [], [], []
+    for case in sorted(wanted):
+        gt = gts[case]["landmarks"]
+        pred = as_dict(read_landmarks(preds[case])) if case in preds else {}
+        r = identification(pred, gt, radius_mm)
+        row = {"case": case, "predicted": case in preds, **r}
+        seg = pred_dir / f"{case}_seg.nii.gz"
+        if gts[case]["mask"] is not None and seg.is_file():
+            from spinelm.io.image import load_volume
+            pm, _ = load_volume(seg, dtype=None)
+            gm, _ = load_volume(gts[case]["mask"], dtype=None)
+            row["dice"] = {L.name_of(k): v for k, v in dice_per_label(pm, gm).items()}
+            dices += list(row["dice"].values())
+        results.append(r)
+        cases.append(row)
+    overall = summarise(results)
+    overall["n_cases"] = len(wanted)
+    overall["n_ground_truth_cases_not_evaluated"] = len(gts) - len(wanted)
+    overall["n_cases_without_prediction"] = sum(not c["predicted"] for c in cases)
+    overall["dice_mean"] = float(np.mean(dices)) if dices else None
+    return {"format": "spinelm-evaluation", "version": 1, "prediction": str(pred_dir.resolve()),
+            "ground_truth": str(gt_dir.resolve()), "radius_mm": radius_mm, "overall": overall,
+            "cases": cases, "predictions_without_ground_truth": sorted(set(preds) - set(gts))}
+
+
+def write_evaluation(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``evaluation.json`` and ``evaluation.csv`` (one row per case, one for all) in ``out_dir``."""
+    import csv
+    import io
+
+    from spinelm import labels as L
+    from spinelm.io.files import write_json_atomic, write_text_atomic
+
+    out = Path(out_dir)
+    jpath = write_json_atomic(out / "evaluation.json", report)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case", "n_gt", "n_identified", "id_rate", "d_mean_mm", "missed", "false_positive", "dice_mean"])
+    for c in report["cases"]:
+        d = list(c["distances_mm"].values())
+        dice = list(c.get("dice", {}).values())
+        w.writerow([c["case"], c["n_gt"], len(c["identified"]),
+                    f"{len(c['identified']) / c['n_gt']:.4f}" if c["n_gt"] else "",
+                    f"{np.mean(d):.3f}" if d else "", " ".join(L.name_of(x) for x in c["missed"]),
+                    " ".join(L.name_of(x) for x in c["false_positive"]), f"{np.mean(dice):.4f}" if dice else ""])
+    o = report["overall"]
+    w.writerow(["ALL", o["n_gt"], o["n_identified"], f"{o['id_rate']:.4f}",
+                f"{o['d_mean_mm']:.3f}" if np.isfinite(o["d_mean_mm"]) else "", o["n_missed"],
+                o["n_false_positive"], f"{o['dice_mean']:.4f}" if o["dice_mean"] is not None else ""])
+    cpath = write_text_atomic(out / "evaluation.csv", buf.getvalue())
+    return jpath, cpath
+
+
+def format_table(report: dict) -> str:
+    """A compact text table: one line per case and the overall figures."""
+    from spinelm import labels as L
+
+    lines = [f"{'case':<24} {'gt':>3} {'id':>3} {'id rate':>8} {'d_mean':>8}  missed / false positive"]
+    for c in report["cases"]:
+        d = list(c["distances_mm"].values())
+        rate = len(c["identified"]) / c["n_gt"] if c["n_gt"] else float("nan")
+        note = "" if c["predicted"] else "  (no prediction)"
+        lines.append(f"{c['case'][:24]:<24} {c['n_gt']:>3} {len(c['identified']):>3} {rate:>8.2f} "
+                     f"{(f'{np.mean(d):.1f} mm') if d else '-':>8}  "
+                     f"{','.join(L.name_of(x) for x in c['missed']) or '-'} / "
+                     f"{','.join(L.name_of(x) for x in c['false_positive']) or '-'}{note}")
+    o = report["overall"]
+    dice = f", Dice {o['dice_mean']:.3f}" if o.get("dice_mean") is not None else ""
+    lines.append(f"overall: identification rate {o['id_rate']:.3f} ({o['n_identified']}/{o['n_gt']}), d_mean "
+                 f"{o['d_mean_mm']:.2f} mm, {o['n_missed']} missed, {o['n_false_positive']} false positive "
+                 f"label(s){dice}; {o['n_cases']} case(s), {o['n_cases_without_prediction']} without prediction"
+                 + (f"; {o['n_ground_truth_cases_not_evaluated']} ground-truth case(s) not predicted and not "
+                    f"evaluated (--all-gt counts them)" if o.get("n_ground_truth_cases_not_evaluated") else ""))
+    return "\n".join(lines)
