@@ -21,7 +21,11 @@ The model, solved exactly by dynamic programming (Viterbi over candidates sorted
   (a Gaussian log-likelihood capped at ``MAX_DISTANCE_PENALTY``, whose spread combines the
   fingerprint's spread, at least ``MIN_RELATIVE_STD``, with the localisation noise of the peaks),
   and a step more than 60 degrees away from the cranio-caudal axis costs that maximum too;
-- the sequence may start and end anywhere (partial fields of view).
+- the sequence may start and end anywhere (partial fields of view), with the log-probability of
+  its first and last label as seen in the training data (``labels_per_case`` of the fingerprint,
+  add-``FOV_PRIOR_PSEUDOCOUNT`` smoothed, so other fields of view stay possible): a lumbar protocol
+  whose annotations always end at L5 makes "the lowest vertebra found is L5" the default reading,
+  which the image evidence can still overrule.
 
 The distance statistics come from the dataset fingerprint (``plans["spine"]["consecutive_pairs"]``)
 and fall back, for pairs never seen in training, to a typical adult profile scaled to the pairs
@@ -52,6 +56,8 @@ LOCALISATION_RELATIVE_STD = 0.15
 #: Largest penalty of a distance mismatch (a robust likelihood): an implausible distance costs at
 #: most this, so one badly placed peak cannot throw the whole labelling away.
 MAX_DISTANCE_PENALTY = 4.5
+#: Pseudo-count of every label as first / last vertebra of a run (smoothing of the field-of-view prior).
+FOV_PRIOR_PSEUDOCOUNT = 0.5
 #: Consecutive vertebrae lie mostly along the cranio-caudal axis: a step whose cranio-caudal share
 #: (cosine to that axis) is below this (more than 60 degrees off) gets ``MAX_DISTANCE_PENALTY``.
 #: Two peaks side by side at one level are not two vertebrae.
@@ -126,10 +132,24 @@ class SpineModel:
     skip_std: dict[int, float] = field(default_factory=dict)
     gap_prior: float = GAP_PRIOR
     variant_prior: float = VARIANT_PRIOR
+    first_counts: dict[int, int] = field(default_factory=dict)
+    last_counts: dict[int, int] = field(default_factory=dict)
+
+    def fov_log_prior(self, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probabilities of each label being the first / last of a run (uniform without data)."""
+        out = []
+        for counts in (self.first_counts, self.last_counts):
+            c = np.array([counts.get(lab, 0) for lab in labels], dtype=np.float64) + FOV_PRIOR_PSEUDOCOUNT
+            out.append(np.log(c / c.sum()) + np.log(len(labels)))  # relative to uniform: 0 when flat
+        return out[0], out[1]
 
     @classmethod
     def from_stats(cls, spine: dict | None = None, default_distance_mm: float | None = None) -> "SpineModel":
-        """Build from fingerprint spine statistics (``consecutive_pairs``), else from the typical profile.
+        """Build from the plan's spine statistics, else from the typical profile.
+
+        ``spine`` is ``plans["spine"]`` (or a fingerprint's ``spine``): ``consecutive_pairs`` give the
+        distances, ``first_label_counts`` / ``last_label_counts`` (``{name: count}``) the
+        field-of-view prior.
 
         Pairs seen in the data use their measured mean and spread. The others use
         :data:`TYPICAL_DISTANCE_MM` scaled by the median ratio measured/typical over the seen pairs
@@ -164,7 +184,9 @@ class SpineModel:
             if L.vertebra(nxt).transitional:  # T12 -> L1 and L5 -> S1 without the variant
                 after = _next_in_sequence(nxt)
                 skip_m[lab], skip_s[lab] = stat(lab, after, typical[lab])
-        return cls(mean, std, skip_m, skip_s)
+        first = {L.label_of(k): int(v) for k, v in ((spine or {}).get("first_label_counts") or {}).items()}
+        last = {L.label_of(k): int(v) for k, v in ((spine or {}).get("last_label_counts") or {}).items()}
+        return cls(mean, std, skip_m, skip_s, first_counts=first, last_counts=last)
 
     def paths(self, a: int, b: int) -> list[tuple[float, float, float]]:
         """Every anatomical path from ``a`` down to ``b``: ``(mean mm, std mm, log prior)``.
@@ -242,7 +264,9 @@ def viterbi_labels(positions_mm: np.ndarray, scores, label_probs: list[dict[int,
     emit = np.log(s)[:, None] + np.log(probs)  # (n, K)
     drop = np.log(1 - s) + np.log(1.0 / max(k, 2))  # (n,)
     cum_drop = np.concatenate([[0.0], np.cumsum(drop)])  # drops of candidates [a, b) = cum[b] - cum[a]
-    start = np.array([np.log(model.variant_prior) if L.vertebra(lab).transitional else 0.0 for lab in labels])
+    first_prior, last_prior = model.fov_log_prior(labels)
+    start = first_prior + np.array([np.log(model.variant_prior) if L.vertebra(lab).transitional else 0.0
+                                    for lab in labels])
     mean, std, prior = model.transition_tables(labels)
 
     best = np.full((n, k), -np.inf)
@@ -261,7 +285,7 @@ def viterbi_labels(positions_mm: np.ndarray, scores, label_probs: list[dict[int,
             best[i, better] = val[better]
             back[i, better, 0] = a
             back[i, better, 1] = j[better]
-    final = best + (cum_drop[n] - cum_drop[1:])[:, None]
+    final = best + (cum_drop[n] - cum_drop[1:])[:, None] + last_prior[None, :]
     out: list[int | None] = [None] * n
     if np.max(final) <= cum_drop[n]:  # dropping everything is at least as likely
         return out

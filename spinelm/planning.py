@@ -256,6 +256,22 @@ def coarse_spacing(fine_spacing: Sequence[float], patch_extent_cc_mm: float, fov
     return [float(max(s, finest)) for s in fine_spacing]
 
 
+def run_end_counts(fingerprint: dict) -> dict:
+    """How often each vertebra is the first / last annotated one of a case (field-of-view statistics).
+
+    The ordering step uses them as a prior on where a run of vertebrae starts and ends: datasets
+    from a lumbar protocol end at L5 or the sacrum, whole-spine scans start at C1.
+    """
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for labs in fingerprint.get("spine", {}).get("labels_per_case", {}).values():
+        if labs:
+            ordered = L.sort_cranio_caudal(labs)
+            first[L.name_of(ordered[0])] = first.get(L.name_of(ordered[0]), 0) + 1
+            last[L.name_of(ordered[-1])] = last.get(L.name_of(ordered[-1]), 0) + 1
+    return {"first_label_counts": first, "last_label_counts": last}
+
+
 def cranio_caudal_axis_after_transpose(transpose_forward: Sequence[int], canonical_axis: int = 0) -> int:
     """Where the cranio-caudal axis (axis 0 of canonical arrays) ends up after nnU-Net's transpose."""
     return int(list(transpose_forward).index(canonical_axis))
@@ -449,7 +465,8 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
         "training": {"epochs": preset.epochs, "iterations_per_epoch": preset.iterations_per_epoch,
                      "optimizer": preset.optimizer, "initial_lr": preset.initial_lr, "num_folds": preset.num_folds, "time_budget_min": budget},
         "spine": {"median_consecutive_distance_mm": distance,
-                  "consecutive_pairs": fingerprint.get("spine", {}).get("consecutive_pairs", {})},
+                  "consecutive_pairs": fingerprint.get("spine", {}).get("consecutive_pairs", {}),
+                  **run_end_counts(fingerprint)},
         "rationale": why,
     }
     recursive_fix_for_json_export(plans)

@@ -89,8 +89,11 @@ class PhantomConfig:
     max_voxels: int = 2_500_000
     p_class: float = 0.08
     slice_thickness_mm: float | None = None
+    last_label: str | None = None
 
     def __post_init__(self):
+        if self.last_label is not None:
+            L.label_of(self.last_label)  # KeyError with the valid names
         if self.modality.upper() not in ("CT", "MR", "MIXED"):
             raise ValueError(f"modality must be 'CT', 'MR' or 'mixed', got {self.modality!r}")
         if not 1 <= self.min_vertebrae <= self.max_vertebrae:
@@ -152,6 +155,9 @@ def _sequence(rng: np.random.Generator, cfg: PhantomConfig) -> list[int]:
     if rng.random() < cfg.p_l6:
         full.insert(full.index(L.label_of("L5")) + 1, L.label_of("L6"))
     n = int(rng.integers(min(cfg.min_vertebrae, len(full)), min(cfg.max_vertebrae, len(full)) + 1))
+    if cfg.last_label is not None:
+        end = full.index(L.label_of(cfg.last_label)) + 1
+        return full[max(0, end - n):end]
     start = int(rng.integers(0, len(full) - n + 1))
     return full[start:start + n]
 

@@ -1,3 +1,6 @@
+import csv
+import json
+
 import numpy as np
 
 from spinelm.evaluation import identification, summarise
@@ -15,3 +18,49 @@ def test_identification_needs_label_distance_and_closest_gt():
     assert r["false_positive"] == [23] and r["missed"] == []
     s = summarise([r, identification({}, {24: np.zeros(3)})])
     assert s["id_rate"] == 1 / 4 and s["d_mean_mm"] == (5 + 25 + 20) / 3 and s["n_missed"] == 1
+
+
+def test_dice_per_label_by_hand():
+    from spinelm.evaluation import dice_per_label
+    gt = np.zeros((4, 4, 4), np.int16)
+    pred = np.zeros_like(gt)
+    gt[0, :2] = 20          # 8 voxels of L1
+    pred[0, :1] = 20        # 4 of them predicted
+    gt[2] = 21              # 16 voxels of L2, predicted as L3
+    pred[2] = 22
+    assert dice_per_label(pred, gt) == {20: 2 * 4 / (8 + 4), 21: 0.0}
+
+
+def _ctd(path, items):
+    from spinelm.io.landmarks import landmarks_from_arrays, write_spinelm_json
+    write_spinelm_json(path, landmarks_from_arrays([k for k, _ in items], np.asarray([v for _, v in items])))
+
+
+def test_evaluate_folders_and_cli_with_hand_computed_figures(tmp_path, capsys):
+    from spinelm.cli import main
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    # case a: L1 3 mm off (identified), L2 predicted as L3's position: 35 mm off (not identified)
+    _ctd(gt / "a.json", [(20, [0, 0, 0]), (21, [0, 0, -35]), (22, [0, 0, -70])])
+    _ctd(pred / "a_ctd.json", [(20, [0, 0, 3]), (21, [0, 0, -70]), (23, [0, 0, -105])])
+    # case b: two vertebrae, both identified (1 mm and 2 mm)
+    _ctd(gt / "b.json", [(24, [0, 0, 0]), (26, [0, 0, -40])])
+    _ctd(pred / "b_ctd.json", [(24, [1, 0, 0]), (26, [0, 2, -40])])
+    # case c: ground truth only; not attempted by the batch -> not evaluated unless --all-gt
+    _ctd(gt / "c.json", [(20, [0, 0, 0])])
+    rc = main(["evaluate", str(pred), str(gt), "--no-progress"])
+    assert rc == 0
+    rep = json.loads((pred / "evaluation.json").read_text())
+    o = rep["overall"]
+    assert o["n_gt"] == 5 and o["n_identified"] == 3 and o["id_rate"] == 3 / 5
+    assert np.isclose(o["d_mean_mm"], (3 + 35 + 1 + 2) / 4)
+    assert o["n_missed"] == 1 and o["n_false_positive"] == 1  # L3 missed in a; L4 predicted in a
+    assert o["n_ground_truth_cases_not_evaluated"] == 1
+    rows = list(csv.DictReader(open(pred / "evaluation.csv")))
+    assert [r["case"] for r in rows] == ["a", "b", "ALL"] and rows[0]["missed"] == "L3"
+    out = capsys.readouterr().out
+    assert "identification rate 0.600 (3/5)" in out
+    main(["evaluate", str(pred), str(gt), "--all-gt", "--no-progress"])
+    o = json.loads((pred / "evaluation.json").read_text())["overall"]
+    assert o["n_gt"] == 6 and o["n_identified"] == 3 and o["n_cases_without_prediction"] == 1

@@ -1,0 +1,220 @@
+"""``spinelm predict``: inputs, bad files in a batch, outputs, orientation invariance, --continue, sharding."""
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import gzip
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from spinelm.cli import main
+from spinelm.io.image import Geometry
+from spinelm.io.landmarks import read_landmarks
+from spinelm.predict import Predictor, ScanError, collect_inputs, predict_directory, read_scan
+
+
+@pytest.fixture(scope="module")
+def trained_model(phantom_dataset, tmp_path_factory):
+    """A model folder trained for a few steps (enough to run; not to be accurate)."""
+    from spinelm.fingerprint import compute_fingerprint
+    from spinelm.planning import plan, save_plans
+    from spinelm.preprocessing import preprocess_dataset
+    from spinelm.training import TrainSettings, train_fold
+
+    fp = compute_fingerprint(phantom_dataset, num_workers=0, progress=False)
+    plans = plan(fp, device="cpu", time_budget_min=2)
+    model = tmp_path_factory.mktemp("pred") / "model"
+    model.mkdir()
+    save_plans(plans, model / "plans.json")
+    preprocess_dataset(phantom_dataset, model, plans, num_workers=0, progress=False)
+    train_fold(model, TrainSettings(fold=0, epochs=1, iterations_per_epoch=2, validate_every=5, progress=False,
+                                    max_validation_cases=1))
+    return model
+
+
+def _fake_outputs(predictor):
+    """Network outputs computed from the image alone (smoothed intensity as heatmap): deterministic
+    and with peaks, so that geometry handling can be checked independently of training."""
+    from scipy.ndimage import gaussian_filter
+
+    n_seg = predictor.plans["heads"]["segmentation"]["channels"]
+
+    def run(data):
+        img = gaussian_filter(data[0].numpy(), 2.0)
+        hm = (img - img.min()) / (img.max() - img.min())
+        seg = torch.zeros((n_seg, *hm.shape))
+        seg[0] = 0.2
+        seg[1:] = torch.from_numpy(hm)[None] / (n_seg - 1)
+        return {"segmentation": seg, "heatmap": torch.from_numpy(hm)[None].float()}
+    return run
+
+
+def test_inputs_are_grouped_by_case_and_channel(tmp_path):
+    for name in ("a_0000.nii.gz", "b.nii.gz", "c_0000.mha", "c_0001.mha", "notes.txt", "sub/d.nrrd"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    one = collect_inputs(tmp_path, 1)
+    assert [(s.case_id, len(s.paths)) for s in one] == [("a", 1), ("b", 1), ("c", 2)]
+    assert one[2].error and "channels [0]" in one[2].error  # a 1-channel model given two channels
+    two = {s.case_id: s for s in collect_inputs(tmp_path, 2, recursive=True)}
+    assert two["c"].error is None and two["a"].error and "sub__d" in two
+    assert [s.case_id for s in collect_inputs(tmp_path, 1, pattern="a_*")] == ["a"]
+
+
+def _write(path, array, spacing=(1.0, 1.0, 1.0)):
+    img = sitk.GetImageFromArray(array)
+    if img.GetDimension() == 3:
+        img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind, text", [
+    ("truncated", "truncated"), ("2d", "3-D"), ("4d", "3-D"), ("nan", "NaN"), ("zero_spacing", "pixdim"),
+    ("tiny", "too small"), ("constant", "empty"), ("missing", "not found")])
+def test_bad_scans_get_one_clear_error_naming_the_file(tmp_path, kind, text):
+    rng = np.random.default_rng(0)
+    vol = rng.random((40, 40, 40)).astype(np.float32)
+    p = tmp_path / f"{kind}.nii.gz"
+    if kind == "truncated":
+        _write(p, vol)
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif kind == "2d":
+        _write(p, vol[0])
+    elif kind == "4d":
+        sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(vol)] * 2), str(p))
+    elif kind == "nan":
+        vol[3, 3, 3] = np.nan
+        _write(p, vol)
+    elif kind == "zero_spacing":
+        _write(p, vol)
+        raw = bytearray(gzip.decompress(p.read_bytes()))
+        raw[80:84] = struct.pack("<f", 0.0)
+        p.write_bytes(gzip.compress(bytes(raw)))
+    elif kind == "tiny":
+        _write(p, vol[:3])
+    elif kind == "constant":
+        _write(p, np.zeros_like(vol))
+    with pytest.raises(ScanError) as exc:
+        read_scan([p])
+    assert str(p) in str(exc.value) and text in str(exc.value)
+
+
+def test_batch_with_broken_files_labels_the_good_ones_and_lists_the_bad(trained_model, phantom_dataset, tmp_path,
+                                                                       capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = sorted((phantom_dataset / "imagesTr").glob("*_0000.nii.gz"))[:2]
+    for g in good:
+        (inp / g.name).write_bytes(g.read_bytes())
+    (inp / "trunc_0000.nii.gz").write_bytes(good[0].read_bytes()[:5000])
+    _write(inp / "flat_0000.nii.gz", np.ones((30, 30, 30), np.float32))
+    out = tmp_path / "out"
+    rc = main(["predict", "-i", str(inp), "-o", str(out), "-m", str(trained_model), "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "trunc_0000.nii.gz" in err and "flat_0000.nii.gz" in err
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert {rows[c]["status"] for c in ("trunc", "flat")} == {"failed"}
+    assert "truncated" in rows["trunc"]["error"] and "empty" in rows["flat"]["error"]
+    for g in good:
+        case = g.name[: -len("_0000.nii.gz")]
+        assert rows[case]["status"] == "done"
+        for suffix in ("_ctd.json", "_verse_ctd.json", ".mrk.json", "_seg.nii.gz", "_qc.png"):
+            assert (out / f"{case}{suffix}").is_file(), suffix
+        seg = sitk.ReadImage(str(out / f"{case}_seg.nii.gz"))
+        assert not Geometry.from_sitk(seg).same_as(Geometry.from_sitk(sitk.ReadImage(str(g))))
+        doc = json.loads((out / f"{case}_ctd.json").read_text())
+        assert doc["coordinate_system"] == "LPS" and doc["model"]["folds"] == [0]
+        assert int(rows[case]["n_vertebrae"]) == len(doc["vertebrae"])
+    assert not list(out.glob(".tmp-*"))  # nothing half-written left behind
+    run = json.loads((out / "predict.json").read_text())
+    assert run["arguments"]["model"] == str(trained_model)
+    # --continue: only the failed ones are tried again
+    before = (out / f"{good[0].name[:-12]}_ctd.json").stat().st_mtime_ns
+    rc = main(["predict", "-i", str(inp), "-o", str(out), "-m", str(trained_model), "--no-progress", "--continue"])
+    assert rc == 1 and (out / f"{good[0].name[:-12]}_ctd.json").stat().st_mtime_ns == before
+    assert "0 labelled, 2 already done, 2 failed" in capsys.readouterr().out
+
+
+def test_sharding_splits_the_batch_without_overlap(trained_model, phantom_dataset, tmp_path):
+    predictor = Predictor(trained_model)
+    parts = []
+    for k in range(2):
+        predict_directory(phantom_dataset / "imagesTr", tmp_path, predictor, num_parts=2, part_id=k, qc=False,
+                          progress=False)
+        parts.append({r["case"] for r in csv.DictReader(open(tmp_path / f"summary_part{k}of2.csv"))})
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+    assert len(parts[0] | parts[1]) == len(list((phantom_dataset / "imagesTr").glob("*.nii.gz")))
+    with pytest.raises(ValueError, match="part-id"):
+        predict_directory(phantom_dataset / "imagesTr", tmp_path, predictor, num_parts=2, part_id=2)
+
+
+def _reorient(image, perm, flips):
+    arr = sitk.GetArrayFromImage(image)  # (z, y, x)
+    g = Geometry.from_sitk(image)
+    # permute and flip the ITK axes (i, j, k) of the grid, keeping every voxel at its world position
+    size = np.asarray(g.size)
+    new_size = size[list(perm)]
+    d = np.asarray(g.direction).reshape(3, 3)
+    sp = np.asarray(g.spacing)
+    new_d, new_sp = d[:, list(perm)].copy(), sp[list(perm)]
+    origin = np.asarray(g.origin, dtype=np.float64)
+    for a, f in enumerate(flips):
+        if f:
+            origin = origin + new_d[:, a] * new_sp[a] * (new_size[a] - 1)
+            new_d[:, a] *= -1
+    itk_arr = arr.transpose(2, 1, 0).transpose(perm)  # (i, j, k) order, permuted
+    for a, f in enumerate(flips):
+        if f:
+            itk_arr = np.flip(itk_arr, a)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(itk_arr.transpose(2, 1, 0)))
+    out.SetSpacing(tuple(float(x) for x in new_sp))
+    out.SetOrigin(tuple(float(x) for x in origin))
+    out.SetDirection(tuple(float(x) for x in new_d.ravel()))
+    return out
+
+
+def test_same_scan_in_four_orientations_gives_the_same_labels_and_world_centroids(trained_model, phantom_dataset,
+                                                                                   tmp_path, monkeypatch):
+    src = sorted((phantom_dataset / "imagesTr").glob("*_0000.nii.gz"))[0]
+    image = sitk.ReadImage(str(src))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    variants = {"asis": ((0, 1, 2), (0, 0, 0)), "perm": ((2, 0, 1), (0, 0, 0)),
+                "flip": ((0, 1, 2), (1, 0, 1)), "both": ((1, 2, 0), (0, 1, 1))}
+    for name, (perm, flips) in variants.items():
+        img = _reorient(image, perm, flips)
+        # the same voxel sits at the same world position in every variant
+        probe = np.asarray(image.TransformIndexToPhysicalPoint((3, 5, 7)))
+        idx = img.TransformPhysicalPointToIndex(tuple(probe))
+        assert image[3, 5, 7] == img[idx]
+        sitk.WriteImage(img, str(inp / f"{name}_0000.nii.gz"))
+    predictor = Predictor(trained_model)
+    monkeypatch.setattr(predictor, "predict_network_outputs", _fake_outputs(predictor))
+    out = tmp_path / "out"
+    report = predict_directory(inp, out, predictor, qc=False, progress=False)
+    assert report.ok
+    results = {n: read_landmarks(out / f"{n}_ctd.json") for n in variants}
+    ref = results["asis"]
+    assert len(ref) >= 2, "the check needs several labelled centroids"
+    voxel = max(image.GetSpacing())
+    for name, lms in results.items():
+        assert [lm.label for lm in lms] == [lm.label for lm in ref], name
+        d = np.linalg.norm(np.asarray([lm.position_mm for lm in lms]) - np.asarray([lm.position_mm for lm in ref]), axis=1)
+        assert d.max() <= voxel, (name, d)
+        # the instance mask of every variant puts the same labels at the same world positions
+        seg = sitk.ReadImage(str(out / f"{name}_seg.nii.gz"))
+        for lm in ref:
+            assert seg[seg.TransformPhysicalPointToIndex(lm.position_mm)] == \
+                sitk.ReadImage(str(out / "asis_seg.nii.gz"))[
+                    sitk.ReadImage(str(out / "asis_seg.nii.gz")).TransformPhysicalPointToIndex(lm.position_mm)]
+
+
+def test_model_folder_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="plans.json"):
+        Predictor(tmp_path)
