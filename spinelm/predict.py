@@ -126,6 +126,8 @@ def read_scan(paths: list[Path]):
 
     arrays, geom, first = [], None, None
     for path in paths:
+        if not Path(path).is_file():
+            raise ScanError(f"{path}: file not found")
         try:
             problem, n_bad, header = nifti_integrity(path)
             if problem:
