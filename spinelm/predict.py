@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spinelm import labels as L
-from spinelm.io.files import read_json, write_json_atomic, write_text_atomic
+from spinelm.io.files import write_json_atomic, write_text_atomic
 from spinelm.io.image import IMAGE_ENDINGS, Geometry, ImageReadError, image_ending, nifti_integrity, read_image
 
 log = logging.getLogger(__name__)
@@ -427,4 +426,5 @@ def load_prediction(path: str | os.PathLike) -> dict[int, np.ndarray]:
     return as_dict(read_landmarks(path))
 
 
-__all__ = ["Predictor", "ScanError", "collect_inputs", "predict_directory", "read_scan", "read_json", "L"]
+__all__ = ["Predictor", "ScanError", "collect_inputs", "load_prediction", "predict_directory", "read_scan",
+           "write_case_outputs"]
