@@ -102,7 +102,8 @@ class Dataset:
         raise KeyError(f"no case {case_id!r} in {self.root}")
 
 
-def _split_channel(name: str) -> tuple[str, int] | None:
+def split_channel(name: str) -> tuple[str, int] | None:
+    """``CASE_0001.nii.gz -> ("CASE", 1)``; None for names without an image ending or channel suffix."""
     ending = image_ending(name)
     if ending is None:
         return None
@@ -121,7 +122,7 @@ def _scan_images(folder: Path, problems: list[Problem]) -> tuple[dict[str, dict[
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
-        parsed = _split_channel(path.name)
+        parsed = split_channel(path.name)
         if parsed is None:
             if image_ending(path.name) is None:
                 problems.append(Problem("warning", str(path), "not an image file (expected one of "

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spinelm.dataset import split_channel
 from spinelm.io.files import write_json_atomic, write_text_atomic
 from spinelm.io.image import IMAGE_ENDINGS, Geometry, ImageReadError, image_ending, nifti_integrity, read_image
 
@@ -45,7 +46,6 @@ MIN_EXTENT_MM = 15.0
 #: centroid are left out of the instance mask.
 INSTANCE_RADIUS_FRACTION = 0.9
 SUMMARY_FIELDS = ["case", "status", "n_vertebrae", "labels", "seconds", "error", "input"]
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 class ScanError(ValueError):
@@ -86,9 +86,9 @@ def collect_inputs(input_path: str | os.PathLike, n_channels: int = 1, recursive
         if ending is None:
             continue
         stem = p.name[: -len(ending)]
-        m = _CHANNEL_RE.match(stem)
-        case, ch = (m.group("case"), int(m.group("channel"))) if m else (stem, 0)
-        if not m and n_channels > 1:
+        parsed = split_channel(p.name)
+        case, ch = parsed if parsed else (stem, 0)
+        if not parsed and n_channels > 1:
             problems.setdefault(case, f"{p}: the model needs {n_channels} channels; name them {stem}_0000{ending}, "
                                       f"{stem}_0001{ending}, ...")
         rel = p.parent.relative_to(base)
