@@ -189,7 +189,7 @@ def run_training(model: Path, args) -> int:
             settings = TrainSettings(fold=fold, configuration=cfg, epochs=args.epochs, iterations_per_epoch=args.iterations,
                                      time_budget_min=args.time_budget, device=device, seed=args.seed,
                                      validate_every=args.validate_every, num_workers=args.num_workers,
-                                     resume=args.resume, progress=not args.no_progress)
+                                     resume=args.resume, progress=not args.no_progress, precision=args.precision)
             r = train_fold(model, settings)
             fin = r["final"] or {}
             print(f"fold {fold} ({cfg}): {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min; validation id rate "
@@ -239,6 +239,9 @@ def _add_train_options(s) -> None:
     s.add_argument("--validate-every", type=int, default=5, metavar="N", help="validate every N epochs (default 5)")
     s.add_argument("--num-workers", type=_workers, default=0, help="data-loading processes (default 0: in process)")
     s.add_argument("-c", "--configuration", help="configuration to train (default fine)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="arithmetic: auto = float16 AMP on CUDA, bfloat16 + channels-last on a CPU with bfloat16 "
+                        "instructions (about 2x faster), float32 otherwise (default auto)")
 
 
 def _parse_folds(value: str | None) -> list[int] | None:

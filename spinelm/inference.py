@@ -106,8 +106,13 @@ def _refine(hm: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def decode_candidates(pred: dict[str, torch.Tensor], heads: dict, spacing, distance_mm: float,
-                      threshold: float = PEAK_THRESHOLD) -> list[Candidate]:
+                      threshold: float = PEAK_THRESHOLD, drop_border: bool = True) -> list[Candidate]:
     """Heatmap peaks -> candidates with sub-voxel positions and label probabilities.
+
+    A peak on the outermost voxel layer of the array (``drop_border``) is a vertebra cut by the
+    field of view whose centre lies outside it: the heatmap still rises towards the edge. Such
+    vertebrae are not annotated (a centroid must lie inside the image), and keeping them shifts the
+    labels of a whole run by one, so they are dropped.
 
     With a single heatmap channel the label probabilities are the mean segmentation softmax in a
     small ball around the peak (background excluded, renormalised); with per-label heatmaps they
@@ -120,6 +125,9 @@ def decode_candidates(pred: dict[str, torch.Tensor], heads: dict, spacing, dista
     summed = hm.max(0).values if hm.shape[0] > 1 else hm[0]
     pooled = F.max_pool3d(summed[None, None], kernel, stride=1, padding=tuple(int(r) for r in radius))[0, 0]
     peaks = torch.nonzero((summed == pooled) & (summed > threshold)).numpy()
+    if drop_border and len(peaks):
+        inner = np.all((peaks > 0) & (peaks < np.asarray(summed.shape) - 1), axis=1)
+        peaks = peaks[inner]
     hm_np = summed.numpy()
     out = []
     seg_labels = heads.get("segmentation", {}).get("labels", [])

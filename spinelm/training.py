@@ -11,7 +11,10 @@
 - validation on the held-out fold: sliding-window prediction, heatmap peaks labelled as a
   consecutive run (:mod:`spinelm.ordering`), identification rate and mean localisation error (mm),
 - a log file, a progress bar and ``training_curve.png``,
-- AMP on CUDA, plain CPU, and DDP under ``torchrun`` (rank 0 validates and writes).
+- mixed precision: float16 AMP on CUDA; on a CPU with bfloat16 instructions (AVX512-BF16/AMX),
+  bfloat16 autocast and channels-last memory (together about 2x the steps per second of float32 on
+  2 cores; ``--precision fp32`` turns them off),
+- DDP under ``torchrun`` (rank 0 validates and writes).
 
 No SimpleITK here: this module runs on training machines with preprocessed data.
 """
@@ -58,6 +61,7 @@ class TrainSettings:
     resume: bool = False
     progress: bool = True
     max_validation_cases: int | None = None
+    precision: str = "auto"
 
 
 @dataclass
@@ -130,13 +134,48 @@ def make_optimizer(network: torch.nn.Module, name: str, lr: float) -> torch.opti
     raise ValueError(f"unknown optimizer {name!r} in the plans; expected 'sgd' or 'adamw'")
 
 
-def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, device: torch.device) -> float:
-    """One optimisation step on a batch (AMP when ``scaler`` is given); returns the loss."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (oneDNN with AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and \
+            torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, channels_last)`` for a ``--precision`` choice on ``device``.
+
+    ``auto``: float16 AMP on CUDA; bfloat16 autocast with channels-last on a CPU that has bfloat16
+    instructions; float32 otherwise. Channels-last is used on the CPU only (oneDNN's fast path).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    cpu = device.type == "cpu"
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else ("bf16" if cpu and cpu_supports_bf16() else "fp32")
+    if precision == "fp16" and cpu:
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return dtype, cpu and dtype is not None
+
+
+def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, device: torch.device,
+               autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> float:
+    """One optimisation step on a batch (float16 AMP with ``scaler``, or autocast to
+    ``autocast_dtype``); returns the loss."""
     x = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     hm = batch["heatmap"].to(device, non_blocking=True)
     seg = batch["seg"].to(device, non_blocking=True) if "seg" in batch else None
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, enabled=scaler is not None):
+    if scaler is not None and autocast_dtype is None:
+        autocast_dtype = torch.float16
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         outputs = network(x)
         loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm)
     if scaler is not None:
@@ -270,11 +309,14 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
     torch.manual_seed(s.seed + rank)
     np.random.seed(s.seed + rank)  # batchgeneratorsv2 draws from the global NumPy generator
     rng = np.random.default_rng([s.seed, rank])
+    autocast_dtype, channels_last = resolve_precision(s.precision, device)
     network = build_network(plans, s.configuration).to(device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last_3d)
     loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
     lr0 = plans["training"]["initial_lr"]
     optimizer = make_optimizer(network, plans["training"].get("optimizer", "sgd"), lr0)
-    use_amp = device.type == "cuda"
+    use_amp = device.type == "cuda" and autocast_dtype == torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     tlog, start_epoch, elapsed, best = TrainLog(), 0, 0.0, None
     latest = out / "checkpoint_latest.pt"
@@ -303,15 +345,17 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
     if s.num_workers > 0:
         from spinelm.data import PatchStream
         loader = iter(torch.utils.data.DataLoader(PatchStream(sampler, batch_size, s.seed * 100 + rank + start_epoch),
-                                                  batch_size=None, num_workers=s.num_workers, pin_memory=use_amp,
+                                                  batch_size=None, num_workers=s.num_workers, pin_memory=device.type == "cuda",
                                                   persistent_workers=True))
         next_batch = lambda: next(loader)  # noqa: E731
     else:
         next_batch = lambda: sampler.batch(rng, batch_size)  # noqa: E731
     val_cases = split["val"][: s.max_validation_cases] if s.max_validation_cases else split["val"]
     if main_rank:
-        log.info("fold %d: %d training, %d validation cases; %s; patch %s, batch %d, up to %d epochs x %d iterations"
-                 "%s", s.fold, len(split["train"]), len(val_cases), device, cfg["patch_size"], batch_size, epochs,
+        log.info("fold %d: %d training, %d validation cases; %s (%s%s); patch %s, batch %d, up to %d epochs x %d "
+                 "iterations%s", s.fold, len(split["train"]), len(val_cases), device,
+                 str(autocast_dtype).replace("torch.", "") if autocast_dtype else "float32",
+                 ", channels-last" if channels_last else "", cfg["patch_size"], batch_size, epochs,
                  iters, f", time budget {budget_s / 60:.1f} min" if budget_s else "")
     summary = None
     bar = tqdm(total=epochs, initial=start_epoch, desc=f"fold {s.fold}", unit="epoch",
@@ -325,7 +369,8 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
         network.train()
         losses = []
         for _ in range(iters):
-            losses.append(train_step(network, optimizer, scaler, loss_fn, next_batch(), device))
+            losses.append(train_step(network, optimizer, scaler, loss_fn, next_batch(), device, autocast_dtype,
+                                     channels_last))
         dt = time.perf_counter() - t0
         elapsed += dt
         tlog.epoch.append(epoch)

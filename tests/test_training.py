@@ -145,3 +145,40 @@ def test_model_learns_to_find_vertebrae_on_phantoms(tmp_path):
     assert after["peak_error_median_mm"] < before["peak_error_median_mm"]
     assert after["peak_hit_rate"] > before["peak_hit_rate"]
     assert after["id_rate"] >= before["id_rate"]
+
+
+def test_precision_choices_and_bf16_channels_last_step_computes_the_same_loss(model_dir):
+    import numpy as np
+
+    from spinelm.data import PatchSampler
+    from spinelm.losses import MultiTaskLoss
+    from spinelm.network import build_network
+    from spinelm.planning import load_plans
+    from spinelm.training import cpu_supports_bf16, make_optimizer, resolve_precision, train_step
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == (None, False)
+    assert resolve_precision("bf16", cpu) == (torch.bfloat16, True)
+    assert resolve_precision("auto", cpu) == ((torch.bfloat16, True) if cpu_supports_bf16() else (None, False))
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("half", cpu)
+
+    plans = load_plans(model_dir / "plans.json")
+    cfg = plans["configurations"]["fine"]
+    cases = json.loads((model_dir / "preprocessed" / "fine" / "cache.json").read_text())["cases"]
+    batch = PatchSampler(model_dir / "preprocessed" / "fine", cases, plans).batch(np.random.default_rng(0), 2)
+    loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
+    losses, weights = [], []
+    for dtype, channels_last in [(None, False), (torch.bfloat16, True)]:
+        torch.manual_seed(0)
+        net = build_network(plans)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last_3d)
+        before = [p.detach().clone() for p in net.parameters()]
+        losses.append(train_step(net, make_optimizer(net, "adamw", 1e-3), None, loss_fn, batch, cpu, dtype,
+                                 channels_last))
+        weights.append(sum(float((p.detach() - b).abs().sum()) for p, b in zip(net.parameters(), before)))
+    assert np.isfinite(losses[1]) and losses[1] == pytest.approx(losses[0], rel=0.03)
+    assert weights[1] > 0  # the bfloat16 step updated the float32 weights
