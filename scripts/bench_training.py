@@ -5,6 +5,9 @@ Both train the network of the model folder's plan on the same batches with the p
 spinelm's sampler from the preprocessing cache): nnU-Net's ``nnUNetTrainer.train_step`` with its
 Dice+CE deep-supervision loss on the segmentation channels, spinelm's step with its multitask loss
 (segmentation + heatmap heads). Data loading is timed separately for spinelm. One run, ratio printed.
+spinelm's step is timed twice: in float32 like nnU-Net's on the CPU (same arithmetic), and with
+the precision ``spinelm train`` picks by default (bfloat16 + channels-last on a CPU with bfloat16
+instructions, float16 AMP on CUDA).
 
 Usage: python scripts/bench_training.py MODEL_DIR [--device cpu|cuda] [--steps 20] [--warmup 3]
 (MODEL_DIR planned and preprocessed: spinelm plan + spinelm preprocess)
@@ -36,7 +39,7 @@ def main() -> None:
     from spinelm.network import build_network, deep_supervision_scales
     from spinelm.planning import load_plans, nnunet_environment
     from spinelm.preprocessing import nnunet_dataset_json, nnunet_plans
-    from spinelm.training import make_optimizer, train_step
+    from spinelm.training import make_optimizer, resolve_precision, train_step
 
     model = Path(args.model)
     plans = load_plans(model / "plans.json")
@@ -80,27 +83,42 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
         t_nnunet = float(np.median(times))
 
-    # spinelm's step
-    net = build_network(plans, args.configuration).to(device)
-    loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
-    opt = make_optimizer(net, plans["training"].get("optimizer", "sgd"), plans["training"]["initial_lr"])
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    times = []
-    for i, b in enumerate(batches):
-        sync()
-        t = time.perf_counter()
-        train_step(net, opt, scaler, loss_fn, b, device)
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    t_spine = float(np.median(times))
+    # spinelm's step, in float32 and in the default precision
+    def spinelm_step_time(precision: str) -> float:
+        torch.manual_seed(0)
+        dtype, channels_last = resolve_precision(precision, device)
+        net = build_network(plans, args.configuration).to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last_3d)
+        loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
+        opt = make_optimizer(net, plans["training"].get("optimizer", "sgd"), plans["training"]["initial_lr"])
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        times = []
+        for i, b in enumerate(batches):
+            sync()
+            t = time.perf_counter()
+            train_step(net, opt, scaler, loss_fn, b, device, dtype, channels_last)
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    t_fp32 = spinelm_step_time("fp32") if device.type == "cpu" else None
+    dtype, channels_last = resolve_precision("auto", device)
+    auto_name = (str(dtype).replace("torch.", "") if dtype else "float32") + (" + channels-last" if channels_last else "")
+    t_spine = spinelm_step_time("auto")
     print(f"plan {model / 'plans.json'} ({args.configuration}): patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
           f"device {device}, {args.steps} timed steps")
     print(f"nnunetv2 nnUNetTrainer.train_step: {t_nnunet:.3f} s/it ({1 / t_nnunet:.2f} it/s)")
-    print(f"spinelm train step:                {t_spine:.3f} s/it ({1 / t_spine:.2f} it/s)")
+    if t_fp32 is not None:
+        print(f"spinelm train step, float32:       {t_fp32:.3f} s/it ({1 / t_fp32:.2f} it/s)")
+    print(f"spinelm train step, default ({auto_name}): {t_spine:.3f} s/it ({1 / t_spine:.2f} it/s)")
     print(f"spinelm data (sample + augment):   {t_data:.3f} s/batch, in the training process")
-    print(f"ratio spinelm/nnunetv2 iterations per second (step only): {t_nnunet / t_spine:.2f}")
-    print(f"ratio with spinelm's in-process data loading:             {t_nnunet / (t_spine + t_data):.2f}")
+    if t_fp32 is not None:
+        print(f"ratio spinelm/nnunetv2 iterations per second, both float32 (step only): {t_nnunet / t_fp32:.2f}")
+    print(f"ratio spinelm (default precision)/nnunetv2 (step only):                 {t_nnunet / t_spine:.2f}")
+    print(f"ratio with spinelm's in-process data loading:                          "
+          f"{t_nnunet / (t_spine + t_data):.2f}")
 
 
 if __name__ == "__main__":
