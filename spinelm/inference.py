@@ -105,8 +105,24 @@ def _refine(hm: np.ndarray, p: np.ndarray) -> np.ndarray:
     return out
 
 
+def _blob_centre(hm: np.ndarray, p: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Centre of the heatmap's upper half around a peak: the mean position, within ``radius``
+    voxels, weighted by how far the heatmap exceeds half the peak value. The same as the peak for a
+    clean Gaussian; the middle for a ridge or a two-humped response (a wide sacrum, a vertebral
+    body blurred along thick slices), where the maximum itself sits anywhere on the top."""
+    lo, hi = np.maximum(p - radius, 0), np.minimum(p + radius + 1, hm.shape)
+    block = hm[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    w = np.clip(block - 0.5 * hm[tuple(p)], 0, None).astype(np.float64)
+    total = w.sum()
+    if total <= 0:
+        return p.astype(np.float64)
+    grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+    return np.array([(g * w).sum() / total for g in grids])
+
+
 def decode_candidates(pred: dict[str, torch.Tensor], heads: dict, spacing, distance_mm: float,
-                      threshold: float = PEAK_THRESHOLD, drop_border: bool = True) -> list[Candidate]:
+                      threshold: float = PEAK_THRESHOLD, drop_border: bool = True,
+                      refine: str = "blob") -> list[Candidate]:
     """Heatmap peaks -> candidates with sub-voxel positions and label probabilities.
 
     A peak on the outermost voxel layer of the array (``drop_border``) is a vertebra cut by the
@@ -133,7 +149,7 @@ def decode_candidates(pred: dict[str, torch.Tensor], heads: dict, spacing, dista
     seg_labels = heads.get("segmentation", {}).get("labels", [])
     per_label = heads["heatmap"].get("per_label", False)
     for p in peaks:
-        pos = _refine(hm_np, p)
+        pos = _refine(hm_np, p) if refine == "parabola" else _blob_centre(hm_np, p, radius)
         if per_label:
             vals = hm[:, p[0], p[1], p[2]].clamp(min=0).numpy()
             probs = {lab: float(v) for lab, v in zip(heads["heatmap"]["labels"], vals / max(vals.sum(), 1e-6))}
@@ -144,7 +160,12 @@ def decode_candidates(pred: dict[str, torch.Tensor], heads: dict, spacing, dista
             mean = block.mean(1).numpy()
             probs = {lab: float(v) for lab, v in zip(seg_labels, mean / max(mean.sum(), 1e-6))}
         out.append(Candidate(pos, float(hm_np[tuple(p)]), probs))
-    return out
+    # two maxima of one response (equal humps) end at the same centre: keep the stronger
+    kept: list[Candidate] = []
+    for c in sorted(out, key=lambda c: -c.score):
+        if not any(np.all(np.abs(c.position - k.position) <= radius) for k in kept):
+            kept.append(c)
+    return kept
 
 
 def best_per_label(candidates: list[Candidate]) -> dict[int, Candidate]:

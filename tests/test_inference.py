@@ -38,3 +38,14 @@ def test_a_vertebra_cut_by_the_field_of_view_is_not_a_candidate():
     assert [round(float(c.position[0])) for c in kept] == [12]
     everything = decode_candidates(pred, HEADS, (3.0, 3.0, 3.0), 36.0, drop_border=False)
     assert sorted(round(float(c.position[0])) for c in everything) == [12, 39]
+
+
+def test_a_two_humped_response_is_placed_in_its_middle():
+    # a wide sacrum or a body blurred along thick slices: two equal humps 4 voxels apart left-right
+    shape = (30, 30, 30)
+    pred = _pred(shape, [(15.0, 13.0, 15.0), (15.0, 17.0, 15.0)], lambda x: 1)
+    cands = decode_candidates(pred, HEADS, (3.0, 3.0, 3.0), 36.0)
+    assert len(cands) == 1
+    assert np.allclose(cands[0].position, (15.0, 15.0, 15.0), atol=0.2)
+    top = decode_candidates(pred, HEADS, (3.0, 3.0, 3.0), 36.0, refine="parabola")
+    assert abs(top[0].position[1] - 15.0) > 1.5  # the maximum itself sits on one hump
