@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unlabelled", type=int, default=0, help="unlabelled phantoms (default 0)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--modality", default="MR", choices=["MR", "CT", "mixed"])
-    s.add_argument("--time-budget", type=_positive, default=7.0, metavar="MIN", help="CPU training minutes (default 7)")
+    s.add_argument("--time-budget", type=_positive, default=8.0, metavar="MIN", help="CPU training minutes (default 8)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted demo's training")
     s.set_defaults(func=cmd_demo)
     return p

@@ -8,7 +8,8 @@ The model, solved exactly by dynamic programming (Viterbi over candidates sorted
 
 - every candidate is either *kept* with a label or *dropped* as a false positive; kept labels are
   strictly ordered cranio-caudally and every label is used at most once;
-- keeping candidate ``i`` as label ``l`` scores ``log q_i + log p_i(l)`` and dropping it
+- keeping candidate ``i`` as label ``l`` scores ``log q_i + log p_i(l)`` (``p`` mixed with a
+  uniform share ``LABEL_NOISE``, a robust likelihood) and dropping it
   ``log(1 - q_i) + log(1/K)`` (no label evidence among ``K`` labels), with label probability
   ``p`` and ``q_i = (1 + s_i) / 2`` the probability that a peak of score ``s_i`` is a vertebra: a
   peak that passed the detection threshold usually is one (on real MR validation folds about
@@ -62,6 +63,11 @@ FOV_PRIOR_PSEUDOCOUNT = 0.5
 #: (cosine to that axis) is below this (more than 60 degrees off) gets ``MAX_DISTANCE_PENALTY``.
 #: Two peaks side by side at one level are not two vertebrae.
 MIN_CRANIO_CAUDAL_COSINE = 0.5
+#: Share of the label evidence treated as uninformative: a candidate's label probabilities enter as
+#: ``(1 - LABEL_NOISE) * p + LABEL_NOISE / K``. A segmentation head early in training (or on an
+#: unfamiliar scan) can be confidently wrong, e.g. near zero for every thoracic label; without the
+#: mixture such a peak is cheaper to drop than to label, and correct detections disappear.
+LABEL_NOISE = 0.25
 #: Probabilities that a candidate is a vertebra are clipped into this range before taking logs.
 KEEP_RANGE = (0.02, 0.98)
 
@@ -261,6 +267,7 @@ def viterbi_labels(positions_mm: np.ndarray, scores, label_probs: list[dict[int,
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(n, 3)
     s = np.clip((1 + np.asarray(scores, dtype=np.float64)) / 2, *KEEP_RANGE)
     probs = np.array([[max(p.get(lab, 0.0), LOG_FLOOR) for lab in labels] for p in label_probs])
+    probs = (1 - LABEL_NOISE) * probs / probs.sum(1, keepdims=True) + LABEL_NOISE / k
     emit = np.log(s)[:, None] + np.log(probs)  # (n, K)
     drop = np.log(1 - s) + np.log(1.0 / max(k, 2))  # (n,)
     cum_drop = np.concatenate([[0.0], np.cumsum(drop)])  # drops of candidates [a, b) = cum[b] - cum[a]
