@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from spinelm.network import split_heads
 
@@ -23,6 +24,13 @@ from spinelm.network import split_heads
 PEAK_THRESHOLD = 0.15
 #: Candidates closer than this fraction of the neighbour distance are the same vertebra.
 PEAK_MIN_DISTANCE_FRACTION = 0.5
+#: Half-width, across the spine (perpendicular to the cranio-caudal axis) and as a fraction of the
+#: neighbour distance, of the window in which a peak's response is gathered for its centre.
+#: Neighbours lie along the spine, so across it the window can hold a whole vertebra with its
+#: processes or a sacrum with its alae (about 1.4 neighbour distances wide): a sacrum cut by the
+#: field of view responds with a plateau that wide, and a narrower window put its centre on
+#: whichever edge held the maximum (15-20 mm to one side on phantoms).
+BLOB_ACROSS_FRACTION = 2.0
 
 
 @dataclass
@@ -109,13 +117,17 @@ def _refine(hm: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def _blob_centre(hm: np.ndarray, p: np.ndarray, radius: np.ndarray) -> np.ndarray:
-    """Centre of the heatmap's upper half around a peak: the mean position, within ``radius``
-    voxels, weighted by how far the heatmap exceeds half the peak value. The same as the peak for a
-    clean Gaussian; the middle for a ridge or a two-humped response (a wide sacrum, a vertebral
-    body blurred along thick slices), where the maximum itself sits anywhere on the top."""
+    """Centre of the heatmap's upper half around a peak: the mean position of the connected region
+    above half the peak value that holds the peak (within ``radius`` voxels per axis), weighted by
+    how far the heatmap exceeds that half. The same as the peak for a clean Gaussian; the middle
+    for a ridge, a plateau or a two-humped response (a wide or cut sacrum, a vertebral body blurred
+    along thick slices), where the maximum itself sits anywhere on the top. Other responses in the
+    window (separate regions) do not pull the centre."""
     lo, hi = np.maximum(p - radius, 0), np.minimum(p + radius + 1, hm.shape)
     block = hm[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     w = np.clip(block - 0.5 * hm[tuple(p)], 0, None).astype(np.float64)
+    regions, _ = ndimage.label(w > 0)
+    w[regions != regions[tuple(p - lo)]] = 0
     total = w.sum()
     if total <= 0:
         return p.astype(np.float64)
@@ -125,13 +137,17 @@ def _blob_centre(hm: np.ndarray, p: np.ndarray, radius: np.ndarray) -> np.ndarra
 
 def decode_candidates(pred: dict[str, torch.Tensor], heads: dict, spacing, distance_mm: float,
                       threshold: float = PEAK_THRESHOLD, drop_border: bool = True,
-                      refine: str = "blob") -> list[Candidate]:
+                      refine: str = "blob", cc_axis: int | None = None) -> list[Candidate]:
     """Heatmap peaks -> candidates with sub-voxel positions and label probabilities.
 
     A peak on the outermost voxel layer of the array (``drop_border``) is a vertebra cut by the
     field of view whose centre lies outside it: the heatmap still rises towards the edge. Such
     vertebrae are not annotated (a centroid must lie inside the image), and keeping them shifts the
     labels of a whole run by one, so they are dropped.
+
+    ``cc_axis`` (the array's cranio-caudal axis) lets the ``"blob"`` centre gather a response
+    across the spine over :data:`BLOB_ACROSS_FRACTION` neighbour distances; without it the window
+    is ``PEAK_MIN_DISTANCE_FRACTION`` of that distance along every axis.
 
     With a single heatmap channel the label probabilities are the mean segmentation softmax in a
     small ball around the peak (background excluded, renormalised); with per-label heatmaps they
@@ -148,11 +164,15 @@ def decode_candidates(pred: dict[str, torch.Tensor], heads: dict, spacing, dista
         inner = np.all((peaks > 0) & (peaks < np.asarray(summed.shape) - 1), axis=1)
         peaks = peaks[inner]
     hm_np = summed.numpy()
+    window = radius.copy()
+    if cc_axis is not None:
+        window = np.maximum(np.round(BLOB_ACROSS_FRACTION * distance_mm / spacing).astype(int), 1)
+        window[cc_axis] = radius[cc_axis]
     out = []
     seg_labels = heads.get("segmentation", {}).get("labels", [])
     per_label = heads["heatmap"].get("per_label", False)
     for p in peaks:
-        pos = _refine(hm_np, p) if refine == "parabola" else _blob_centre(hm_np, p, radius)
+        pos = _refine(hm_np, p) if refine == "parabola" else _blob_centre(hm_np, p, window)
         if per_label:
             vals = hm[:, p[0], p[1], p[2]].clamp(min=0).numpy()
             probs = {lab: float(v) for lab, v in zip(heads["heatmap"]["labels"], vals / max(vals.sum(), 1e-6))}

@@ -251,7 +251,8 @@ class Predictor:
         data, _, info = run_preprocessor(image, geometry.array_spacing, self.plans, self.configuration)
         pred = self.predict_network_outputs(torch.from_numpy(data))
         spacing = np.asarray(cfg["spacing"], dtype=np.float64)
-        cands = decode_candidates(pred, self.plans["heads"], spacing, self.distance_mm)
+        cands = decode_candidates(pred, self.plans["heads"], spacing, self.distance_mm,
+                                  cc_axis=self.plans["cranio_caudal_axis"])
         vox = np.asarray([c.position for c in cands]).reshape(-1, 3)
         world = preprocessed_to_world(vox, geometry, self.plans["transpose_forward"], info["bbox"],
                                       info["shape_after_cropping"], info["shape"])

@@ -209,7 +209,7 @@ def validate(network, cache: Path, case_ids: list[str], plans: dict, configurati
         data = torch.from_numpy(np.load(cache / f"{case}_data.npy"))
         props = read_json(cache / f"{case}.json")
         pred = sliding_window(network, data, cfg["patch_size"], plans["heads"], device=device)
-        cands = decode_candidates(pred, plans["heads"], spacing, distance)
+        cands = decode_candidates(pred, plans["heads"], spacing, distance, cc_axis=plans["cranio_caudal_axis"])
         pos_mm = np.asarray([c.position * spacing for c in cands]).reshape(-1, 3)
         ordered = order_candidates(pos_mm, [c.score for c in cands], [c.label_probs for c in cands],
                                    plans["cranio_caudal_axis"], distance, allowed=known, model=spine_model)

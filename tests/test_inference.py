@@ -41,11 +41,30 @@ def test_a_vertebra_cut_by_the_field_of_view_is_not_a_candidate():
 
 
 def test_a_two_humped_response_is_placed_in_its_middle():
-    # a wide sacrum or a body blurred along thick slices: two equal humps 4 voxels apart left-right
+    # a wide sacrum or a body blurred along thick slices: two equal humps 3 voxels apart left-right,
+    # the saddle between them above half their height (one response)
     shape = (30, 30, 30)
-    pred = _pred(shape, [(15.0, 13.0, 15.0), (15.0, 17.0, 15.0)], lambda x: 1)
+    pred = _pred(shape, [(15.0, 13.5, 15.0), (15.0, 16.5, 15.0)], lambda x: 1)
     cands = decode_candidates(pred, HEADS, (3.0, 3.0, 3.0), 36.0)
     assert len(cands) == 1
     assert np.allclose(cands[0].position, (15.0, 15.0, 15.0), atol=0.2)
     top = decode_candidates(pred, HEADS, (3.0, 3.0, 3.0), 36.0, refine="parabola")
-    assert abs(top[0].position[1] - 15.0) > 1.5  # the maximum itself sits on one hump
+    assert abs(top[0].position[1] - 15.0) > 1.0  # the maximum itself sits on one hump
+
+
+def test_a_wide_plateau_across_the_spine_is_centred_and_other_responses_do_not_pull_it():
+    # a sacrum cut by the field of view: a flat response 30 voxels (90 mm) wide left-right, its
+    # maximum near one edge; a separate response lies beside it along z
+    shape = (30, 60, 40)
+    hm = torch.zeros((1, *shape))
+    hm[0, 9:12, 15:45, 18:23] = 0.6
+    hm[0, 10, 41, 20] = 0.62  # the maximum, 11 voxels right of the plateau's middle (29.5)
+    hm[0, 9:12, 20:30, 30:34] = 0.5  # another structure, not connected above half the peak
+    seg = torch.zeros((3, *shape))
+    seg[1] = 1.0
+    pred = {"heatmap": hm, "segmentation": seg}
+    across = decode_candidates(pred, HEADS, (3.0, 3.0, 3.0), 36.0, cc_axis=0)
+    best = max(across, key=lambda c: c.score)
+    assert abs(best.position[1] - 29.5) < 1.5 and abs(best.position[2] - 20.0) < 0.5
+    narrow = max(decode_candidates(pred, HEADS, (3.0, 3.0, 3.0), 36.0), key=lambda c: c.score)
+    assert narrow.position[1] > 35  # without the cranio-caudal axis the window stays near the maximum
