@@ -14,8 +14,8 @@ The model, solved exactly by dynamic programming (Viterbi over candidates sorted
   ``p`` and ``q_i = 0.5 + s_i`` (within ``KEEP_RANGE``) the probability that a peak of score
   ``s_i`` is a vertebra: a peak that passed the detection threshold usually is one (on real MR
   validation folds about 80 % of them were), and one of half the target's height almost always
-  is (over 90 % of the peaks scoring 0.45 or more on held-out phantoms, whatever the model's
-  training time), even when the segmentation head has not learned its label yet;
+  is (over 90 % of the peaks scoring 0.45 or more on held-out phantoms, for each of three 8-minute
+  demo models), even when the segmentation head has not learned its label yet;
 - between two consecutive kept candidates labelled ``a`` and ``b`` the transition scores the
   anatomical path from ``a`` to ``b``: each skipped regular vertebra costs ``log GAP_PRIOR`` (a
   missed detection or a missing vertebra), each transitional vertebra (T13, L6) on the path costs
