@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -72,19 +71,10 @@ def cmd_convert_verse(args) -> int:
     return 0 if rep.converted else 1
 
 
-def _fingerprint(dataset: Path, workers: int | None, progress: bool) -> dict:
-    from spinelm.fingerprint import compute_fingerprint
-
-    t0 = time.time()
-    fp = compute_fingerprint(dataset, num_workers=workers, progress=progress)
-    log.info("fingerprint of %d case(s) in %.1f s", len(fp["cases"]), time.time() - t0)
-    return fp
-
-
 def cmd_fingerprint(args) -> int:
-    from spinelm.fingerprint import save_fingerprint
+    from spinelm.fingerprint import compute_fingerprint, save_fingerprint
 
-    fp = _fingerprint(Path(args.dataset), args.workers, not args.no_progress)
+    fp = compute_fingerprint(Path(args.dataset), num_workers=args.workers, progress=not args.no_progress)
     out = Path(args.output) if args.output else Path(args.dataset) / "fingerprint.json"
     save_fingerprint(fp, out)
     sp = fp["spine"]
@@ -94,171 +84,90 @@ def cmd_fingerprint(args) -> int:
     return 0
 
 
-def _detect_device(device: str | None) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _detect_gpu_memory(device: str, given: float | None) -> float | None:
-    if given is not None or not device.startswith("cuda"):
-        return given
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda given but no CUDA GPU is visible; use --device cpu")
-    return torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-
-
-def run_plan(dataset: Path, model_dir: Path, device: str | None, gpu_memory: float | None,
-             time_budget: float | None, preset: str | None, workers: int | None, progress: bool) -> dict:
-    """Fingerprint + plan a dataset into a self-contained model folder; returns the plans."""
-    from spinelm.dataset import discover_dataset
-    from spinelm.fingerprint import save_fingerprint
-    from spinelm.io.files import write_json_atomic
-    from spinelm.planning import plan, save_plans, summarize
-
-    device = _detect_device(device)
-    gpu_memory = _detect_gpu_memory(device, gpu_memory)
-    ds = discover_dataset(dataset)
-    fp = _fingerprint(dataset, workers, progress)
-    t0 = time.time()
-    plans = plan(fp, preset=preset, device=device, gpu_memory_gb=gpu_memory, time_budget_min=time_budget)
-    log.info("planned in %.1f s", time.time() - t0)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_fingerprint(fp, model_dir / "fingerprint.json")
-    write_json_atomic(model_dir / "dataset.json", {
-        "format": "spinelm-dataset", "version": 1, "root": str(Path(dataset).resolve()),
-        "channel_names": fp["channel_names"], "file_ending": ds.file_ending,
-        "num_training": len(ds.cases), "num_unlabelled": len(ds.unlabelled),
-        "labels_seen": fp["spine"]["label_counts"], "source_dataset_json": ds.dataset_json})
-    save_plans(plans, model_dir / "plans.json")
-    print(summarize(plans))
-    print(f"wrote {model_dir / 'plans.json'}, fingerprint.json and dataset.json")
-    return plans
-
-
 def cmd_plan(args) -> int:
-    run_plan(Path(args.dataset), Path(args.output), args.device, args.gpu_memory, args.time_budget, args.preset,
-             args.workers, not args.no_progress)
+    from spinelm.pipeline import plan_dataset
+    from spinelm.planning import summarize
+
+    plans = plan_dataset(args.dataset, args.output, args.device, args.gpu_memory, args.time_budget, args.preset,
+                         args.workers, not args.no_progress)
+    print(summarize(plans))
+    print(f"wrote {Path(args.output) / 'plans.json'}, fingerprint.json and dataset.json")
     return 0
 
 
 def cmd_preprocess(args) -> int:
-    from spinelm.planning import load_plans
-    from spinelm.preprocessing import cache_dir, preprocess_dataset
+    from spinelm.pipeline import preprocess
+    from spinelm.preprocessing import cache_dir
 
-    model = Path(args.model)
-    plans = load_plans(model / "plans.json")
-    configs = [args.configuration] if args.configuration else list(plans["configurations"])
-    failed = 0
-    for cfg in configs:
-        if cfg not in plans["configurations"]:
-            raise ValueError(f"{model / 'plans.json'}: no configuration {cfg!r}; available: "
-                             f"{', '.join(plans['configurations'])}")
-        status = preprocess_dataset(args.dataset, model, plans, cfg, args.workers, not args.no_progress)
-        bad = {c: s for c, s in status.items() if s.startswith("failed")}
-        for case, why in bad.items():
-            print(f"{case}: {why}", file=sys.stderr)
-        failed += len(bad)
-        counts = {k: sum(1 for s in status.values() if s == k) for k in ("done", "cached")}
-        print(f"{cfg}: {counts['done']} preprocessed, {counts['cached']} reused from the cache, {len(bad)} failed "
-              f"-> {cache_dir(model, cfg)}")
-    return 1 if failed else 0
+    status = preprocess(args.dataset, args.model, args.workers, not args.no_progress)
+    bad = {c: s for c, s in status.items() if s.startswith("failed")}
+    for case, why in bad.items():
+        print(f"{case}: {why}", file=sys.stderr)
+    counts = {k: sum(1 for s in status.values() if s == k) for k in ("done", "cached")}
+    print(f"{counts['done']} preprocessed, {counts['cached']} reused from the cache, {len(bad)} failed "
+          f"-> {cache_dir(args.model)}")
+    return 1 if bad else 0
 
 
-def _folds(value: str, n_folds: int) -> list[int]:
-    if value == "all":
-        return list(range(n_folds))
-    return [int(v) for v in value.split(",")]
+def _train_settings(args) -> dict:
+    return {"epochs": args.epochs, "iterations_per_epoch": args.iterations, "time_budget_min": args.time_budget,
+            "device": args.device, "seed": args.seed, "validate_every": args.validate_every,
+            "num_workers": args.num_workers, "resume": args.resume, "progress": not args.no_progress,
+            "precision": args.precision}
 
 
-def run_training(model: Path, args) -> int:
-    import json as _json
+def _print_folds(results: list[dict], verbose: bool) -> None:
+    import json
 
-    from spinelm.planning import load_plans
-    from spinelm.training import TrainSettings, train_fold
-
-    plans = load_plans(model / "plans.json")
-    device = _detect_device(args.device)
-    configs = [args.configuration] if args.configuration else ["fine"]
-    for cfg in configs:
-        for fold in _folds(args.fold, plans["training"]["num_folds"]):
-            settings = TrainSettings(fold=fold, configuration=cfg, epochs=args.epochs, iterations_per_epoch=args.iterations,
-                                     time_budget_min=args.time_budget, device=device, seed=args.seed,
-                                     validate_every=args.validate_every, num_workers=args.num_workers,
-                                     resume=args.resume, progress=not args.no_progress, precision=args.precision)
-            r = train_fold(model, settings)
-            fin = r["final"] or {}
-            print(f"fold {fold} ({cfg}): {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min; validation id rate "
-                  f"{fin.get('id_rate', float('nan')):.3f}, d_mean {fin.get('d_mean_mm', float('nan')):.2f} mm "
-                  f"({fin.get('n_identified', 0)}/{fin.get('n_gt', 0)} vertebrae) -> {r['folder']}")
-            if args.verbose:
-                print(_json.dumps(r, indent=1, default=str))
-    return 0
+    for r in results:
+        fin = r["final"] or {}
+        print(f"{Path(r['folder']).name}: {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min; validation id "
+              f"rate {fin.get('id_rate', float('nan')):.3f}, d_mean {fin.get('d_mean_mm', float('nan')):.2f} mm "
+              f"({fin.get('n_identified', 0)}/{fin.get('n_gt', 0)} vertebrae) -> {r['folder']}")
+        if verbose:
+            print(json.dumps(r, indent=1, default=str))
 
 
 def cmd_train(args) -> int:
-    return run_training(Path(args.model), args)
+    from spinelm.pipeline import train
+
+    _print_folds(train(args.model, args.fold, **_train_settings(args)), args.verbose)
+    return 0
 
 
 def cmd_plan_and_train(args) -> int:
-    from spinelm.planning import load_plans
-    from spinelm.preprocessing import preprocess_dataset
-    from spinelm.validation import validate_dataset
+    from spinelm.pipeline import plan_and_train
+    from spinelm.planning import summarize
 
-    report = validate_dataset(args.dataset, progress=not args.no_progress)
-    for line in report.lines():
+    settings = _train_settings(args)
+    for key in ("device", "time_budget_min", "progress"):
+        settings.pop(key)
+    r = plan_and_train(args.dataset, args.output, args.device, args.gpu_memory, args.time_budget, args.preset,
+                       args.workers, args.fold, not args.no_progress, **settings)
+    for line in r.validation.lines():
         print(line)
-    print(report.summary())
-    if not report.ok:
+    print(r.validation.summary())
+    if not r.validation.ok:
         print("fix the errors above first (spinelm validate lists them)", file=sys.stderr)
         return 1
-    model = Path(args.output)
-    run_plan(Path(args.dataset), model, args.device, args.gpu_memory, args.time_budget, args.preset, args.workers,
-             not args.no_progress)
-    plans = load_plans(model / "plans.json")
-    status = preprocess_dataset(args.dataset, model, plans, "fine", args.workers, not args.no_progress)
-    failed = [c for c, st in status.items() if st.startswith("failed")]
-    if failed:
-        print(f"preprocessing failed for {', '.join(failed)}; training without them", file=sys.stderr)
-    return run_training(model, args)
-
-
-def _add_train_options(s) -> None:
-    s.add_argument("--fold", default="0", help="fold number, comma list, or 'all' (default 0)")
-    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--epochs", type=int, help="maximum epochs (default: the plan's)")
-    s.add_argument("--iterations", type=int, help="iterations per epoch (default: the plan's)")
-    s.add_argument("--time-budget", type=_positive, metavar="MIN",
-                   help="stop training after this many minutes per fold (default: the plan's; none on GPU)")
-    s.add_argument("--resume", action="store_true", help="continue from the fold's checkpoint_latest.pt")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--validate-every", type=int, default=5, metavar="N", help="validate every N epochs (default 5)")
-    s.add_argument("--num-workers", type=_workers, default=0, help="data-loading processes (default 0: in process)")
-    s.add_argument("-c", "--configuration", help="configuration to train (default fine)")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="arithmetic: auto = float16 AMP on CUDA, bfloat16 + channels-last on a CPU with bfloat16 "
-                        "instructions (about 2x faster), float32 otherwise (default auto)")
-
-
-def _parse_folds(value: str | None) -> list[int] | None:
-    if value in (None, "all"):
-        return None
-    try:
-        return [int(x) for x in value.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected fold numbers like '0 1 2' or '0,1', got {value!r}") from None
+    print(summarize(r.plans))
+    if r.failed_preprocessing:
+        print(f"preprocessing failed for {', '.join(r.failed_preprocessing)}; trained without them", file=sys.stderr)
+    _print_folds(r.folds, args.verbose)
+    return 0
 
 
 def cmd_predict(args) -> int:
-    from spinelm.predict import Predictor, predict_directory
+    from spinelm.inference import Predictor
+    from spinelm.pipeline import detect_device, parse_folds
+    from spinelm.plans import ModelFolder
+    from spinelm.predict import predict_directory
 
-    device = _detect_device(args.device)
-    predictor = Predictor(Path(args.model), folds=_parse_folds(args.folds), checkpoint=args.checkpoint,
-                          device=device, mirror=args.tta, step_size=args.step_size)
+    device = detect_device(args.device)
+    folds = None if args.folds in (None, "all") else parse_folds(args.folds, ModelFolder(args.model).plans
+                                                                 .training["num_folds"])
+    predictor = Predictor.from_model_folder(args.model, folds=folds, checkpoint=args.checkpoint, device=device,
+                                            mirror=args.tta, step_size=args.step_size)
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     print(f"model {args.model}: folds {predictor.folds}, checkpoint {args.checkpoint}, device {device}"
           f"{', mirroring TTA' if args.tta else ''}")
@@ -282,64 +191,40 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def demo_phantom_config(modality: str = "MR"):
-    """Phantoms of the demo: a lumbar protocol (runs of 6-9 vertebrae ending at the sacrum), random
-    axis orders and flips, no oblique grids, no transitional vertebrae."""
-    from spinelm.synthetic import PhantomConfig
-
-    return PhantomConfig(modality=modality, min_vertebrae=6, max_vertebrae=9, last_label="S1", p_t13=0.0,
-                         p_l6=0.0, p_oblique=0.0, p_class=0.0, max_voxels=1_500_000)
-
-
 def cmd_demo(args) -> int:
-    from spinelm.evaluation import evaluate_folders, format_table, write_evaluation
-    from spinelm.planning import load_plans
-    from spinelm.predict import Predictor, predict_directory
-    from spinelm.preprocessing import preprocess_dataset
-    from spinelm.synthetic import synthesize_dataset
-    from spinelm.training import TrainSettings, train_fold
-    from spinelm.validation import validate_dataset
+    from spinelm.evaluation import format_table
+    from spinelm.pipeline import demo
 
-    t0 = time.perf_counter()
-    progress = not args.no_progress
-    out = Path(args.out)
-    data, held, model, pred = out / "dataset", out / "heldout", out / "model", out / "predictions"
-    cfg = demo_phantom_config(args.modality)
-    print(f"[1/6] synthesising {args.n} training and {args.held_out} held-out phantoms ({args.modality}, lumbar field "
-          f"of view) in {out}")
-    synthesize_dataset(data, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled, progress=progress)
-    synthesize_dataset(held, args.held_out, seed=args.seed + 1000, config=cfg, progress=progress, prefix="heldout")
-    print(f"[2/6] validating {data}")
-    report = validate_dataset(data, progress=progress)
-    for line in report.lines():
-        print("  " + line)
-    print("  " + report.summary())
-    if not report.ok:
+    r = demo(args.out, args.n, args.held_out, args.seed, args.modality, args.time_budget, args.unlabelled,
+             args.resume, args.precision, not args.no_progress, say=print)
+    if r is None:
         return 1
-    print(f"[3/6] fingerprint and plan for the CPU into {model}")
-    run_plan(data, model, "cpu", None, args.time_budget, None, None, progress)
-    plans = load_plans(model / "plans.json")
-    print("[4/6] preprocessing")
-    preprocess_dataset(data, model, plans, "fine", None, progress)
-    print(f"[5/6] training fold 0 for {args.time_budget:g} min on the CPU (checkpoints in {model / 'fold_0'})")
-    r = train_fold(model, TrainSettings(fold=0, time_budget_min=args.time_budget, device="cpu", seed=args.seed,
-                                        validate_every=10_000, resume=args.resume, progress=progress))
-    print(f"  {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min")
-    print(f"[6/6] predicting the held-out phantoms into {pred} and evaluating")
-    rep = predict_directory(held / "imagesTr", pred, Predictor(model, device="cpu"), progress=progress,
-                            arguments={"demo": True})
-    ev = evaluate_folders(pred, held, all_gt=True)
-    write_evaluation(ev, pred)
-    print(format_table(ev))
-    o = ev["overall"]
-    print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min: held-out identification rate "
-          f"{o['id_rate']:.3f}, d_mean {o['d_mean_mm']:.2f} mm ({o['n_identified']}/{o['n_gt']} vertebrae)")
-    print(f"QC pictures: {pred}/*_qc.png; centroids: {pred}/*_ctd.json (open *.mrk.json in 3D Slicer); "
-          f"evaluation: {pred / 'evaluation.csv'}")
-    return 0 if rep.ok else 1
+    print(format_table(r.evaluation))
+    o = r.evaluation["overall"]
+    print(f"\ndemo finished in {r.minutes:.1f} min: held-out identification rate {o['id_rate']:.3f}, d_mean "
+          f"{o['d_mean_mm']:.2f} mm ({o['n_identified']}/{o['n_gt']} vertebrae)")
+    print(f"QC pictures: {r.predictions}/*_qc.png; centroids: {r.predictions}/*_ctd.json (open *.mrk.json in 3D "
+          f"Slicer); evaluation: {r.predictions / 'evaluation.csv'}")
+    return 0 if r.ok else 1
 
 
 # ---------------------------------------------------------------------------------------------- parser
+
+
+def _add_train_options(s) -> None:
+    s.add_argument("--fold", default="0", help="fold number, comma list, or 'all' (default 0)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--epochs", type=int, help="maximum epochs (default: the plan's)")
+    s.add_argument("--iterations", type=int, help="iterations per epoch (default: the plan's)")
+    s.add_argument("--time-budget", type=_positive, metavar="MIN",
+                   help="stop training after this many minutes per fold (default: the plan's; none on GPU)")
+    s.add_argument("--resume", action="store_true", help="continue from the fold's checkpoint_latest.pt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--validate-every", type=int, default=5, metavar="N", help="validate every N epochs (default 5)")
+    s.add_argument("--num-workers", type=_workers, default=0, help="data-loading processes (default 0: in process)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="arithmetic: auto = float16 AMP on CUDA, bfloat16 + channels-last on a CPU with bfloat16 "
+                        "instructions (about 2x faster), float32 otherwise (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,7 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "as the plans say, carrying the centroids along. Unchanged cases are reused.")
     s.add_argument("dataset", help="dataset folder")
     s.add_argument("-m", "--model", required=True, help="model folder made by 'spinelm plan'")
-    s.add_argument("-c", "--configuration", help="configuration to preprocess (default: all in the plans)")
     s.add_argument("--workers", type=_workers, default=None, help="worker processes (default: up to 4)")
     s.set_defaults(func=cmd_preprocess)
 
@@ -487,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", default="MR", choices=["MR", "CT", "mixed"])
     s.add_argument("--time-budget", type=_positive, default=8.0, metavar="MIN", help="CPU training minutes (default 8)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted demo's training")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="training arithmetic (default auto: bfloat16 on CPUs with bfloat16 instructions)")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -499,13 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT_ERROR
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(os.cpu_count() or 1, 4))))
+    from spinelm.nnunet import set_default_processes
+
+    set_default_processes()
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("spinelm: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, OSError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, OSError, MemoryError) as exc:
         if args.debug:
             raise
         msg = str(exc).strip("'\"") or exc.__class__.__name__

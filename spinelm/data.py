@@ -42,28 +42,31 @@ class PatchSampler:
     Args:
         cache: folder of one configuration's preprocessed cases.
         case_ids: cases to draw from.
-        plans: spinelm plans; configuration: which configuration's patch size and spacing.
+        plans: spinelm plans (:class:`spinelm.plans.Plans` or the dict).
         augment: apply the training augmentation (False for plain crops).
     """
 
-    def __init__(self, cache: str | Path, case_ids: list[str], plans: dict, configuration: str = "fine",
-                 augment: bool = True):
+    def __init__(self, cache: str | Path, case_ids: list[str], plans, augment: bool = True):
+        from spinelm.plans import as_plans
+
+        plans = as_plans(plans)
         self.cache = Path(cache)
         self.case_ids = list(case_ids)
         if not self.case_ids:
             raise ValueError("no training cases to sample from")
-        cfg = plans["configurations"][configuration]
-        self.patch_size = [int(p) for p in cfg["patch_size"]]
+        cfg = plans.configuration()
+        self.patch_size = list(cfg.patch_size)
         self.crop_size = initial_patch_size(self.patch_size) if augment else self.patch_size
-        self.spacing = np.asarray(cfg["spacing"], dtype=np.float64)
-        self.heads = plans["heads"]
-        hm = self.heads["heatmap"]
-        self.sigma_vox = float(hm["sigma_mm"]) / self.spacing
-        self.per_label = bool(hm.get("per_label"))
-        self.heatmap_labels = list(hm.get("labels", []))
-        self.ignore_label = int(self.heads["segmentation"]["channels"]) if "segmentation" in self.heads else None
-        self.transforms = training_transforms(self.patch_size, plans["mirror_axes"],
-                                              cfg.get("use_mask_for_norm")) if augment else None
+        self.spacing = np.asarray(cfg.spacing, dtype=np.float64)
+        heads = plans.heads
+        hm = heads["heatmap"]
+        self.sigma_vox = float(hm.sigma_mm) / self.spacing
+        self.per_label = hm.per_label
+        self.heatmap_labels = list(hm.labels)
+        self.ignore_label = heads["segmentation"].channels if "segmentation" in heads else None
+        self.transforms = training_transforms(self.patch_size, plans.mirror_axes,
+                                              plans.raw["configurations"]["fine"].get("use_mask_for_norm")) \
+            if augment else None
         self._props = {c: json.loads((self.cache / f"{c}.json").read_text()) for c in self.case_ids}
 
     def _load(self, case: str):

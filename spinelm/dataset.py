@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,10 @@ import numpy as np
 from spinelm import labels as L
 from spinelm.io.files import read_json
 from spinelm.io.image import IMAGE_ENDINGS, Geometry, image_ending, load_volume, read_geometry
+from spinelm.io.scan import channel_problem, group_channels, read_scan, split_channel  # noqa: F401 (re-exported)
 from spinelm.io.landmarks import Landmark, centroids_from_mask, read_landmarks
 
 CENTROID_SUFFIXES = (".mrk.json", "_ctd.json", ".json")
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @dataclass(frozen=True)
@@ -102,44 +101,26 @@ class Dataset:
         raise KeyError(f"no case {case_id!r} in {self.root}")
 
 
-def split_channel(name: str) -> tuple[str, int] | None:
-    """``CASE_0001.nii.gz -> ("CASE", 1)``; None for names without an image ending or channel suffix."""
-    ending = image_ending(name)
-    if ending is None:
-        return None
-    m = _CHANNEL_RE.match(name[: -len(ending)])
-    if not m:
-        return None
-    return m.group("case"), int(m.group("channel"))
-
-
 def _scan_images(folder: Path, problems: list[Problem]) -> tuple[dict[str, dict[int, Path]], Counter]:
-    """Group image files of a folder by case and channel; note odd names and duplicates."""
-    by_case: dict[str, dict[int, Path]] = defaultdict(dict)
+    """Group image files of a folder by case and channel (:func:`spinelm.io.scan.group_channels`);
+    note odd names and duplicates."""
     endings: Counter = Counter()
     if not folder.is_dir():
-        return by_case, endings
+        return {}, endings
+    files = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
-        parsed = split_channel(path.name)
-        if parsed is None:
-            if image_ending(path.name) is None:
-                problems.append(Problem("warning", str(path), "not an image file (expected one of "
-                                        f"{', '.join(IMAGE_ENDINGS)}); ignored", "move it out of the folder"))
-            else:
-                problems.append(Problem("error", str(path), "image name lacks the channel suffix: expected "
-                                        "CASE_0000" + (image_ending(path.name) or ""),
-                                        "rename to CASE_0000<ending> (one file per channel)"))
+        if image_ending(path.name) is None:
+            problems.append(Problem("warning", str(path), "not an image file (expected one of "
+                                    f"{', '.join(IMAGE_ENDINGS)}); ignored", "move it out of the folder"))
             continue
-        case, ch = parsed
-        endings[image_ending(path.name)] += 1
-        if ch in by_case[case]:
-            problems.append(Problem("error", str(path), f"duplicated case: channel {ch:04d} of case {case!r} "
-                                    f"also exists as {by_case[case][ch].name}",
-                                    "keep one file per case and channel", case))
-            continue
-        by_case[case][ch] = path
+        files.append(path)
+    by_case, probs = group_channels(files, require_suffix=True)
+    problems += [Problem("error", p.path, p.message, p.fix) for p in probs]
+    for chans in by_case.values():
+        for path in chans.values():
+            endings[image_ending(path.name)] += 1
     return by_case, endings
 
 
@@ -147,17 +128,12 @@ def _cases_from(by_case: dict[str, dict[int, Path]], n_channels: int, problems: 
                 folder: Path) -> dict[str, tuple[Path, ...]]:
     out = {}
     for case, chans in sorted(by_case.items()):
-        expected = list(range(n_channels))
-        if sorted(chans) != expected:
-            missing = [f"{c:04d}" for c in expected if c not in chans]
-            extra = [f"{c:04d}" for c in chans if c not in expected]
-            what = (f"missing channel(s) {', '.join(missing)}" if missing else "") + \
-                   ("; " if missing and extra else "") + (f"unexpected channel(s) {', '.join(extra)}" if extra else "")
-            problems.append(Problem("error", str(folder / f"{case}_*"), f"case {case!r}: expected channels "
-                                    f"{', '.join(f'{c:04d}' for c in expected)}, {what}",
+        what = channel_problem(case, chans, n_channels)
+        if what:
+            problems.append(Problem("error", str(folder / f"{case}_*"), what,
                                     "provide one file per channel listed in dataset.json channel_names", case))
             continue
-        out[case] = tuple(chans[c] for c in expected)
+        out[case] = tuple(chans[c] for c in range(n_channels))
     return out
 
 
@@ -329,6 +305,22 @@ def read_case_landmarks(case: Case, geometry: Geometry | None = None) -> list[La
     return read_landmarks(case.centroids, geometry)
 
 
+def ground_truth_landmarks(case: Case, mask: np.ndarray | None = None,
+                           geometry: Geometry | None = None) -> tuple[list[Landmark], bool]:
+    """A case's annotated centroids: from its centroid file, else the centres of its mask's labels
+    (``mask``/``geometry`` when already read, else read from ``case.mask``).
+
+    Returns ``(landmarks in world LPS mm, derived_from_mask)``; ``([], False)`` without either.
+    """
+    if case.centroids is not None:
+        return read_case_landmarks(case), False
+    if mask is None and case.mask is not None:
+        mask, geometry = load_volume(case.mask, dtype=None)
+    if mask is not None:
+        return centroids_from_mask(mask, geometry), True
+    return [], False
+
+
 def load_case(case: Case, canonical: bool = True) -> LoadedCase:
     """Read a case's channels, mask and centroids.
 
@@ -336,25 +328,16 @@ def load_case(case: Case, canonical: bool = True) -> LoadedCase:
         FileNotFoundError / ImageReadError / ValueError: naming the file (run ``spinelm validate`` first
         to see all problems at once).
     """
-    channels, geom = [], None
-    for path in case.images:
-        arr, g = load_volume(path, canonical=canonical)
-        if geom is not None and g.same_as(geom):
-            raise ValueError(f"{path}: geometry differs from channel 0 ({'; '.join(g.same_as(geom))})")
-        geom = geom or g
-        channels.append(arr)
+    if canonical:
+        image, geom, _ = read_scan(list(case.images))
+    else:
+        channels = [load_volume(p)[0] for p in case.images]
+        image, geom = np.stack(channels), load_volume(case.images[0])[1]
     mask = None
     if case.mask is not None:
         mask, gm = load_volume(case.mask, canonical=canonical, dtype=None)
-        if gm.same_as(geom):
-            raise ValueError(f"{case.mask}: mask geometry differs from its image ({'; '.join(gm.same_as(geom))})")
+        if not gm.same_as(geom):
+            raise ValueError(f"{case.mask}: mask geometry differs from its image ({'; '.join(gm.differences(geom))})")
         mask = np.rint(mask).astype(np.int16) if mask.dtype.kind == "f" else mask.astype(np.int16)
-    if case.centroids is not None:
-        lms = read_case_landmarks(case)
-        derived = False
-    elif mask is not None:
-        lms = centroids_from_mask(mask, geom)
-        derived = True
-    else:
-        lms, derived = [], False
-    return LoadedCase(case.case_id, np.stack(channels), mask, geom, lms, derived)
+    lms, derived = ground_truth_landmarks(case, mask, geom)
+    return LoadedCase(case.case_id, image, mask, geom, lms, derived)

@@ -1,4 +1,4 @@
-"""``spinelm evaluate``: VerSe identification rate, localisation error and Dice (DESIGN section 7).
+"""``spinelm evaluate``: VerSe identification rate, localisation error and Dice.
 
 The metrics are pure functions on ``{label: position_mm}`` maps and label arrays; the folder
 functions read predictions (``CASE_ctd.json``) and ground truth (a dataset folder or centroid
@@ -84,23 +84,14 @@ def _prediction_files(pred_dir: Path) -> dict[str, Path]:
 
 def _ground_truth(gt_dir: Path) -> dict[str, dict]:
     """``{case: {"landmarks": {label: mm}, "mask": path or None}}`` from a dataset folder or a centroid folder."""
-    from spinelm.dataset import discover_dataset, read_case_landmarks
-    from spinelm.io.image import read_geometry
-    from spinelm.io.landmarks import as_dict, centroids_from_mask, read_landmarks
+    from spinelm.dataset import discover_dataset, ground_truth_landmarks
+    from spinelm.io.landmarks import as_dict, read_landmarks
 
     out: dict[str, dict] = {}
     if any((gt_dir / d).is_dir() for d in ("imagesTr", "labelsTr", "centroidsTr")):
-        ds = discover_dataset(gt_dir)
-        for case in ds.cases:
-            if case.centroids is not None:
-                lms = read_case_landmarks(case, read_geometry(case.images[0]) if case.images else None)
-            elif case.mask is not None:
-                from spinelm.io.image import load_volume
-                arr, geom = load_volume(case.mask, dtype=None)
-                lms = centroids_from_mask(arr, geom)
-            else:
-                continue
-            out[case.case_id] = {"landmarks": as_dict(lms), "mask": case.mask}
+        for case in discover_dataset(gt_dir).cases:
+            if case.annotated:
+                out[case.case_id] = {"landmarks": as_dict(ground_truth_landmarks(case)[0]), "mask": case.mask}
         return out
     for case, p in _prediction_files(gt_dir).items():
         out[case] = {"landmarks": as_dict(read_landmarks(p)), "mask": None}
@@ -120,7 +111,7 @@ def _attempted_cases(pred_dir: Path) -> set[str]:
 
 def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                      radius_mm: float = IDENTIFICATION_RADIUS_MM, all_gt: bool = False) -> dict:
-    """Evaluate a prediction folder against ground truth (DESIGN section 7).
+    """Evaluate a prediction folder against ground truth.
 
     ``gt_dir`` is a dataset folder (centroids from ``centroidsTr/`` or the masks of ``labelsTr/``) or a
     folder of centroid files named like the predictions. The cases evaluated are those with a

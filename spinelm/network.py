@@ -19,14 +19,16 @@ def head_slices(heads: dict) -> dict[str, slice]:
     return out
 
 
-def build_network(plans: dict, configuration: str = "fine", deep_supervision: bool = True) -> torch.nn.Module:
-    """The configuration's U-Net (PlainConvUNet or ResidualEncoderUNet) with all heads' channels."""
+def build_network(plans, deep_supervision: bool = True) -> torch.nn.Module:
+    """The plan's U-Net (PlainConvUNet or ResidualEncoderUNet) with all heads' channels."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    arch = plans["configurations"][configuration]["architecture"]
-    n_out = sum(int(h["channels"]) for h in plans["heads"].values())
+    from spinelm.plans import as_plans
+
+    plans = as_plans(plans)
+    arch = plans.configuration().architecture
     return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                  len(plans["channel_names"]), n_out, allow_init=True,
+                                  plans.n_channels, plans.n_outputs, allow_init=True,
                                   deep_supervision=deep_supervision)
 
 
@@ -35,9 +37,11 @@ def split_heads(output: torch.Tensor, heads: dict) -> dict[str, torch.Tensor]:
     return {name: output[:, sl] for name, sl in head_slices(heads).items()}
 
 
-def deep_supervision_scales(plans: dict, configuration: str = "fine") -> list[list[float]]:
+def deep_supervision_scales(plans) -> list[list[float]]:
     """Relative size of every deep-supervision output (nnU-Net's rule: cumulative pooling, last dropped)."""
     import numpy as np
 
-    strides = plans["configurations"][configuration]["architecture"]["arch_kwargs"]["strides"]
+    from spinelm.plans import as_plans
+
+    strides = as_plans(plans).configuration().strides
     return [list(s) for s in (1 / np.cumprod(np.vstack(strides), axis=0))[:-1]]

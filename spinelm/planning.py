@@ -10,37 +10,31 @@ its rationale in the docstring:
 - :func:`choose_preset`, :func:`memory_target_gb`, :func:`patch_voxel_budget` (compute budget),
 - :func:`apply_spacing_floor` (presets that trade resolution for speed),
 - :func:`heatmap_sigma_mm`, :func:`choose_heads` (output heads),
-- :func:`needs_coarse_configuration`, :func:`coarse_spacing` (a configuration that sees many
-  vertebrae at once when the fine patch cannot),
 - :func:`cranio_caudal_axis_after_transpose`, :func:`mirror_axes`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from spinelm import __version__
 from spinelm import labels as L
-from spinelm.io.files import read_json, read_versioned_json, write_json_atomic
+from spinelm.io.files import read_json, write_json_atomic
+from spinelm.nnunet import dataset_json, nnunet_environment
+from spinelm.plans import PLANS_VERSION, Plans
 
 log = logging.getLogger(__name__)
 
-PLANS_VERSION = 1
 #: Vertebrae a configuration should see along the column to tell levels apart by counting and by
 #: shape (a single vertebra looks much like its neighbours).
 MIN_VERTEBRAE_IN_VIEW = 3.0
-#: What the coarse configuration aims for: enough to see a region boundary (e.g. the lumbosacral or
-#: thoracolumbar junction) together with the level in question.
-COARSE_VERTEBRAE_IN_VIEW = 6.0
 #: Fallback distance between consecutive vertebra centres (mm, adult thoracolumbar) when the
 #: fingerprint has no pair statistics (single-vertebra cases).
 DEFAULT_CONSECUTIVE_DISTANCE_MM = 30.0
@@ -231,31 +225,6 @@ def output_channels(heads: dict) -> int:
     return int(sum(h["channels"] for h in heads.values()))
 
 
-def needs_coarse_configuration(patch_extent_cc_mm: float, fov_cc_mm: float, distance_mm: float) -> bool:
-    """Whether to add a coarse configuration.
-
-    When the fine patch spans fewer than :data:`MIN_VERTEBRAE_IN_VIEW` vertebrae along the column
-    but the scans hold more than that, the fine network cannot count levels: a coarse network that
-    sees more of the spine supplies the identity, the fine one the precise position.
-    """
-    seen = patch_extent_cc_mm / distance_mm
-    available = fov_cc_mm / distance_mm
-    return seen < MIN_VERTEBRAE_IN_VIEW and available > seen * 1.5
-
-
-def coarse_spacing(fine_spacing: Sequence[float], patch_extent_cc_mm: float, fov_cc_mm: float,
-                   distance_mm: float, max_factor: float = 4.0) -> list[float]:
-    """Spacing of the coarse configuration: scale isotropically so the same patch shape spans
-    :data:`COARSE_VERTEBRAE_IN_VIEW` vertebrae (or the whole median field of view, if shorter).
-
-    Axes that are already coarser than the new in-plane spacing (thick slices) stay as they are.
-    """
-    want = min(COARSE_VERTEBRAE_IN_VIEW * distance_mm, fov_cc_mm)
-    factor = float(np.clip(want / max(patch_extent_cc_mm, 1e-6), 1.0, max_factor))
-    finest = min(fine_spacing) * factor
-    return [float(max(s, finest)) for s in fine_spacing]
-
-
 def run_end_counts(fingerprint: dict) -> dict:
     """How often each vertebra is the first / last annotated one of a case (field-of-view statistics).
 
@@ -287,36 +256,6 @@ def mirror_axes(cc_axis: int) -> list[int]:
 # nnU-Net planner, narrowly adapted
 
 
-@contextlib.contextmanager
-def nnunet_environment(dataset_json: dict, fingerprint: dict) -> Iterator[str]:
-    """A temporary nnU-Net raw/preprocessed pair holding only ``dataset.json`` and the fingerprint.
-
-    nnunetv2 resolves its folders from environment variables lazily, so setting them inside the
-    process is enough; the previous values are restored afterwards.
-    """
-    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA")
-    old = {k: os.environ.get(k) for k in keys}
-    with tempfile.TemporaryDirectory(prefix="spinelm_nnunet_") as tmp:
-        name = "Dataset999_spinelm"
-        raw, pre = Path(tmp) / "raw" / name, Path(tmp) / "preprocessed" / name
-        raw.mkdir(parents=True)
-        pre.mkdir(parents=True)
-        write_json_atomic(raw / "dataset.json", dataset_json)
-        write_json_atomic(pre / "dataset_fingerprint.json", fingerprint)
-        os.environ["nnUNet_raw"] = str(Path(tmp) / "raw")
-        os.environ["nnUNet_preprocessed"] = str(Path(tmp) / "preprocessed")
-        os.environ["nnUNet_results"] = str(Path(tmp) / "results")
-        os.environ.setdefault("nnUNet_n_proc_DA", str(max(os.cpu_count() or 1, 1)))
-        try:
-            yield name
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
 def _make_planner(dataset_name: str, preset: Preset, mem_gb: float, n_outputs: int,
                   max_patch_voxels: int | None):
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -344,17 +283,6 @@ def _make_planner(dataset_name: str, preset: Preset, mem_gb: float, n_outputs: i
     planner.UNet_blocks_per_stage_encoder = preset.blocks_per_stage_encoder
     planner.UNet_blocks_per_stage_decoder = preset.blocks_per_stage_decoder
     return planner
-
-
-def _nnunet_dataset_json(fingerprint: dict, heads: dict) -> dict:
-    labels = {"background": 0}
-    for lab in heads.get("segmentation", {}).get("labels", []):
-        labels[L.name_of(lab)] = int(lab)
-    # the "dataset" key points nnU-Net at the user's files in place (nothing is copied)
-    files = fingerprint.get("files") or {c: {"images": [], "label": ""} for c in fingerprint["cases"]}
-    return {"channel_names": fingerprint["channel_names"], "labels": labels,
-            "numTraining": len(fingerprint["cases"]), "file_ending": ".nii.gz",
-            "overwrite_image_reader_writer": "SimpleITKIO", "dataset": files}
 
 
 def _config_summary(cfg: dict) -> dict:
@@ -386,7 +314,9 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
     max_vox = patch_voxel_budget(budget, preset.min_batch_size, preset.cpu_seconds_per_mvoxel, preset.min_iterations)
     distance = consecutive_distance_mm(fingerprint)
     why: list[str] = []
-    with nnunet_environment(_nnunet_dataset_json(fingerprint, heads), fingerprint) as name:
+    files = fingerprint.get("files") or {c: {"images": [], "label": ""} for c in fingerprint["cases"]}
+    with nnunet_environment(dataset_json(fingerprint["channel_names"],
+                                         heads.get("segmentation", {}).get("labels", []), files), fingerprint) as name:
         planner = _make_planner(name, preset, mem_gb, n_out, max_vox)
         tf, tb = planner.determine_transpose()
         nn_spacing = planner.determine_fullres_target_spacing()
@@ -413,19 +343,10 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
             why.append(f"time budget {budget:g} min on {device}: patch capped at {max_vox} voxels so that at least "
                        f"{preset.min_iterations} training steps fit")
         configs = {"fine": fine}
-        if needs_coarse_configuration(patch_cc_mm, fov_cc_mm, distance):
-            c_spacing = np.asarray(coarse_spacing(spacing_t, patch_cc_mm, fov_cc_mm, distance))
-            c_shape = np.round(median_shape_t * spacing_t / c_spacing)
-            coarse = planner.get_plans_for_configuration(c_spacing, c_shape, "spinelm_coarse",
-                                                         float(np.prod(c_shape) * len(fingerprint["cases"])), cache)
-            coarse["batch_dice"] = False
-            c_cc_mm = coarse["patch_size"][cc] * c_spacing[cc]
-            configs["coarse"] = coarse
-            why.append(f"coarse configuration at {_fmt(c_spacing)} mm: patch spans {c_cc_mm:.0f} mm, about "
-                       f"{c_cc_mm / distance:.1f} vertebrae, to identify levels; the fine one refines positions")
-        else:
-            why.append("no coarse configuration: the fine patch already sees enough vertebrae "
-                       f"(>= {MIN_VERTEBRAE_IN_VIEW:g}) or the whole scan")
+        if patch_cc_mm / distance < MIN_VERTEBRAE_IN_VIEW < fov_cc_mm / distance:
+            why.append(f"warning: the patch sees fewer than {MIN_VERTEBRAE_IN_VIEW:g} vertebrae along the column; "
+                       "levels are told apart by the ordering step alone (a larger --time-budget or GPU memory "
+                       "gives a larger patch)")
         norm, mask_norm = planner.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
     for cfg in configs.values():
         cfg["normalization_schemes"], cfg["use_mask_for_norm"] = norm, mask_norm
@@ -487,6 +408,7 @@ def _fmt(values) -> str:
 
 def summarize(plans: dict) -> str:
     """Readable summary of what was chosen and why."""
+    plans = plans.raw if isinstance(plans, Plans) else plans
     lines = [f"spinelm plan (preset {plans['preset']}, device {plans['device']})"]
     lines.append("  configurations (axes in network order, after transpose):")
     for name, cfg in plans["configurations"].items():
@@ -500,9 +422,10 @@ def summarize(plans: dict) -> str:
     return "\n".join(lines)
 
 
-def save_plans(plans: dict, path: str | os.PathLike) -> Path:
-    return write_json_atomic(path, plans)
+def save_plans(plans: "dict | Plans", path: str | os.PathLike) -> Path:
+    return write_json_atomic(path, plans.raw if isinstance(plans, Plans) else plans)
 
 
-def load_plans(path: str | os.PathLike) -> dict:
-    return read_versioned_json(path, "spinelm-plans", PLANS_VERSION)
+def load_plans(path: str | os.PathLike) -> Plans:
+    """The checked, typed plans of ``plans.json`` (:class:`spinelm.plans.Plans`)."""
+    return Plans.load(path)

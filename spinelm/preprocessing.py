@@ -28,6 +28,8 @@ import numpy as np
 from spinelm import labels as L
 from spinelm.dataset import Case, discover_dataset, load_case
 from spinelm.io.files import atomic_path, read_json, write_json_atomic
+from spinelm.nnunet import run_preprocessor
+from spinelm.plans import ModelFolder, as_plans
 from spinelm.parallel import parallel_map
 
 log = logging.getLogger(__name__)
@@ -35,31 +37,11 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-def nnunet_dataset_json(plans: dict) -> dict:
-    """nnU-Net ``dataset.json`` whose labels are the segmentation head's channel indices."""
-    seg_labels = plans["heads"].get("segmentation", {}).get("labels", [])
-    labels = {"background": 0, **{L.name_of(lab): i for i, lab in enumerate(seg_labels, start=1)}}
-    return {"channel_names": plans["channel_names"], "labels": labels, "numTraining": 0, "file_ending": ".nii.gz"}
-
-
-def nnunet_plans(plans: dict) -> dict:
-    """The nnU-Net plans view of spinelm plans (for ``PlansManager``)."""
-    return {
-        "dataset_name": "Dataset999_spinelm", "plans_name": "spinelm",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [1, 1, 1],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": plans["transpose_forward"], "transpose_backward": plans["transpose_backward"],
-        "configurations": plans["configurations"], "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"],
-    }
-
-
 def label_lookup(plans: dict) -> np.ndarray:
     """Array mapping VerSe labels (0..MAX_LABEL) to segmentation channel indices (unknown -> 0)."""
+    heads = as_plans(plans).heads
     lut = np.zeros(L.MAX_LABEL + 1, np.int16)
-    for i, lab in enumerate(plans["heads"].get("segmentation", {}).get("labels", []), start=1):
+    for i, lab in enumerate(heads["segmentation"].labels if "segmentation" in heads else (), start=1):
         lut[lab] = i
     return lut
 
@@ -89,6 +71,7 @@ def source_signature(case: Case) -> str:
 
 def plan_signature(plans: dict, configuration: str) -> str:
     """Changes when anything preprocessing depends on changes in the plans."""
+    plans = as_plans(plans).raw
     keys = {"transpose_forward": plans["transpose_forward"], "heads": plans["heads"].get("segmentation"),
             "intensity": plans["foreground_intensity_properties_per_channel"],
             "config": {k: plans["configurations"][configuration][k] for k in
@@ -110,27 +93,6 @@ def preprocessed_to_world(index: np.ndarray, geometry, transpose_forward, bbox, 
     return geometry.array_index_to_world(canonical)
 
 
-def run_preprocessor(image: np.ndarray, spacing, plans: dict, configuration: str,
-                     seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """nnunetv2's ``DefaultPreprocessor.run_case_npy`` on a canonical (C, z, y, x) array.
-
-    Returns ``(data, seg, info)`` with ``info = {"bbox", "shape_after_cropping", "shape"}``, the map
-    :func:`world_to_preprocessed` and :func:`preprocessed_to_world` need.
-    """
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pm = PlansManager(nnunet_plans(plans))
-    cm = pm.get_configuration(configuration)
-    props = {"spacing": [float(x) for x in spacing]}
-    data, seg_out, props = DefaultPreprocessor(verbose=False).run_case_npy(
-        np.asarray(image, dtype=np.float32), seg, props, pm, cm, nnunet_dataset_json(plans))
-    info = {"bbox": [[int(a), int(b)] for a, b in props["bbox_used_for_cropping"]],
-            "shape_after_cropping": [int(x) for x in props["shape_after_cropping_and_before_resampling"]],
-            "shape": [int(x) for x in data.shape[1:]]}
-    return data.astype(np.float32, copy=False), seg_out, info
-
-
 def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """Preprocess one case in memory: ``(data, seg, properties)``."""
     lc = load_case(case, canonical=True)
@@ -141,7 +103,7 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
     data, seg_out, info = run_preprocessor(lc.image, lc.geometry.array_spacing, plans, configuration, seg)
     bbox, shape_after_crop, new_shape = info["bbox"], info["shape_after_cropping"], info["shape"]
     pts = np.asarray([lm.position_mm for lm in lc.landmarks]).reshape(-1, 3)
-    vox = world_to_preprocessed(pts, lc.geometry, plans["transpose_forward"], bbox, shape_after_crop, new_shape)
+    vox = world_to_preprocessed(pts, lc.geometry, as_plans(plans).transpose_forward, bbox, shape_after_crop, new_shape)
     properties = {
         "case": case.case_id,
         "has_mask": lc.mask is not None,
@@ -152,7 +114,7 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
         "bbox_used_for_cropping": bbox,
         "shape_after_cropping": shape_after_crop,
         "shape": new_shape,
-        "spacing": plans["configurations"][configuration]["spacing"],
+        "spacing": list(as_plans(plans).configuration(configuration).spacing),
         "classes": [[int(lab), cls] for lab, cls in case.classes],
     }
     seg_out = seg_out.astype(np.int8 if len(label_lookup(plans)) < 127 else np.int16)
@@ -176,8 +138,8 @@ def _preprocess_and_save(case: Case, plans: dict, configuration: str, out_dir: s
     return "done"
 
 
-def cache_dir(model_dir: str | os.PathLike, configuration: str) -> Path:
-    return Path(model_dir) / "preprocessed" / configuration
+def cache_dir(model_dir: str | os.PathLike, configuration: str = "fine") -> Path:
+    return ModelFolder(model_dir).cache_dir(configuration)
 
 
 def preprocess_dataset(dataset_root: str | os.PathLike, model_dir: str | os.PathLike, plans: dict,

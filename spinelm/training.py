@@ -32,11 +32,10 @@ import torch
 
 from spinelm.data import PatchSampler
 from spinelm.evaluation import identification, summarise
-from spinelm.inference import decode_candidates, sliding_window
 from spinelm.io.files import atomic_path, read_json, write_json_atomic
 from spinelm.losses import MultiTaskLoss
 from spinelm.network import build_network
-from spinelm.ordering import SpineModel, order_candidates
+from spinelm.plans import ModelFolder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,6 @@ class TrainSettings:
     """What a training run may vary without a new plan."""
 
     fold: int = 0
-    configuration: str = "fine"
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     time_budget_min: float | None = None
@@ -197,30 +195,34 @@ def _ddp_info() -> tuple[bool, int, int]:
     return world > 1 or torch.distributed.is_initialized(), rank, world
 
 
-def validate(network, cache: Path, case_ids: list[str], plans: dict, configuration: str, device) -> dict:
-    """Identification rate and mean localisation error (mm) on cached cases."""
-    cfg = plans["configurations"][configuration]
-    spacing = np.asarray(cfg["spacing"], dtype=np.float64)
-    distance = float(plans["spine"]["median_consecutive_distance_mm"])
-    known = plans["heads"].get("segmentation", {}).get("labels") or plans["heads"]["heatmap"].get("labels")
-    spine_model = SpineModel.from_stats(plans.get("spine"), default_distance_mm=distance)
+def validate(network, cache: Path, case_ids: list[str], plans, device) -> dict:
+    """Identification rate and mean localisation error (mm) on cached cases, with the one predictor.
+
+    Each case goes through :class:`spinelm.inference.Predictor` exactly as ``spinelm predict``
+    labels it (same sliding window, decoding and ordering, in world LPS mm) and is scored with
+    ``spinelm evaluate``'s metric against its annotated world centroids; on the same fold and
+    checkpoint the figures equal ``spinelm predict`` + ``spinelm evaluate``. Label-free figures
+    say whether the heatmap has learned where vertebrae are before the labels are right.
+    """
+    from spinelm.inference import Frame, Predictor
+    from spinelm.io.image import Geometry
+
+    predictor = Predictor.from_network(network, plans, device)
+    distance = predictor.plans.distance_mm
     results, nearest, precise = [], [], []
     for case in case_ids:
-        data = torch.from_numpy(np.load(cache / f"{case}_data.npy"))
         props = read_json(cache / f"{case}.json")
-        pred = sliding_window(network, data, cfg["patch_size"], plans["heads"], device=device)
-        cands = decode_candidates(pred, plans["heads"], spacing, distance, cc_axis=plans["cranio_caudal_axis"])
-        pos_mm = np.asarray([c.position * spacing for c in cands]).reshape(-1, 3)
-        ordered = order_candidates(pos_mm, [c.score for c in cands], [c.label_probs for c in cands],
-                                   plans["cranio_caudal_axis"], distance, allowed=known, model=spine_model)
-        pred_mm = {lab: pos_mm[i] for i, lab in ordered}
-        gt_mm = {int(lm["label"]): np.asarray(lm["index"]) * spacing for lm in props["landmarks"]}
-        results.append(identification(pred_mm, gt_mm))
+        frame = Frame.from_info(Geometry(**{k: tuple(v) for k, v in props["canonical_geometry"].items()}),
+                                predictor.plans.transpose_forward, props)
+        lab = predictor.predict_preprocessed(np.load(cache / f"{case}_data.npy"), frame, with_mask=False).labelled
+        gt_mm = {int(lm["label"]): np.asarray(lm["position_mm"], dtype=np.float64) for lm in props["landmarks"]}
+        results.append(identification({lb: lab.candidate_world_mm[i] for i, lb in zip(lab.kept, lab.labels)}, gt_mm))
         gts = np.asarray(list(gt_mm.values())).reshape(-1, 3)
+        cands = lab.candidate_world_mm
         for g in gts:  # label-free: is there a peak on this vertebra at all?
-            nearest.append(float(np.min(np.linalg.norm(pos_mm - g, axis=1))) if len(pos_mm) else np.inf)
-        for i, _ in ordered:  # and is each kept peak on some vertebra?
-            precise.append(bool(len(gts)) and float(np.min(np.linalg.norm(gts - pos_mm[i], axis=1))) <= 0.5 * distance)
+            nearest.append(float(np.min(np.linalg.norm(cands - g, axis=1))) if len(cands) else np.inf)
+        for i in lab.kept:  # and is each kept peak on some vertebra?
+            precise.append(bool(len(gts)) and float(np.min(np.linalg.norm(gts - cands[i], axis=1))) <= 0.5 * distance)
     out = summarise(results)
     nearest = np.asarray(nearest)
     out["peak_hit_rate"] = float(np.mean(nearest <= 0.5 * distance)) if len(nearest) else float("nan")
@@ -270,154 +272,185 @@ def _plot(log_: TrainLog, path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class _Run:
+    """What one fold's training loop carries from epoch to epoch (and across a resume)."""
+
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    rng: np.random.Generator
+    out: Path
+    fold: int
+    settings: TrainSettings
+    log: TrainLog = field(default_factory=TrainLog)
+    start_epoch: int = 0
+    elapsed: float = 0.0
+    best: dict | None = None
+
+    def save(self, name: str, meta: dict) -> None:
+        _save_checkpoint(self.out / f"checkpoint_{name}.pt", self.network, self.optimizer, self.scaler, meta)
+
+    def save_latest(self, epoch: int) -> None:
+        self.save("latest", {"epoch": epoch, "elapsed_s": self.elapsed, "best": self.best, "log": asdict(self.log),
+                             "fold": self.fold, "settings": asdict(self.settings),
+                             "rng_state": self.rng.bit_generator.state,
+                             "torch_rng_state": torch.get_rng_state().tolist(), "numpy_global_state": _numpy_state()})
+
+    def restore(self, device) -> None:
+        """Continue exactly where ``checkpoint_latest`` left: weights, optimiser, scaler, logs, every RNG."""
+        latest = self.out / "checkpoint_latest.pt"
+        if not latest.is_file():
+            log.warning("--resume given but %s does not exist; starting from scratch", latest)
+            return
+        state = torch.load(latest, map_location=device, weights_only=True)
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        meta = read_json(latest.with_suffix(".json"))
+        self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta.get("best")
+        self.log = TrainLog(**meta["log"])
+        self.rng.bit_generator.state = meta["rng_state"]
+        torch.set_rng_state(torch.tensor(meta["torch_rng_state"], dtype=torch.uint8))
+        kind, keys, pos, has_gauss, cached = meta["numpy_global_state"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        log.info("resumed from %s at epoch %d (%.0f s trained)", latest, self.start_epoch, self.elapsed)
+
+    def record_validation(self, epoch: int, summary: dict) -> None:
+        """Log a validation and keep the best checkpoint (identification first, then d_mean)."""
+        self.log.val_epoch.append(epoch)
+        self.log.val_id_rate.append(summary["id_rate"])
+        self.log.val_d_mean_mm.append(summary["d_mean_mm"])
+        score = (summary["id_rate"], -summary["d_mean_mm"] if np.isfinite(summary["d_mean_mm"]) else -1e9)
+        if self.best is None or score > tuple(self.best["score"]):
+            self.best = {"epoch": epoch, "score": list(score), **summary}
+            self.save("best", {"epoch": epoch, "validation": summary, "fold": self.fold, "plans": "../plans.json"})
+        log.info("epoch %d: loss %.4f, val id rate %.3f, d_mean %.2f mm (%d/%d identified); a peak on %.0f%% "
+                 "of vertebrae, median %.1f mm off, %.0f%% of peaks on a vertebra", epoch, self.log.train_loss[-1],
+                 summary["id_rate"], summary["d_mean_mm"], summary["n_identified"], summary["n_gt"],
+                 100 * summary["peak_hit_rate"], summary["peak_error_median_mm"], 100 * summary["peak_precision"])
+
+
+def _fold_logger(out: Path) -> logging.Handler:
+    handler = logging.FileHandler(out / "training_log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def _batches(sampler: PatchSampler, s: TrainSettings, batch_size: int, rng, device, rank: int, start_epoch: int):
+    """A function returning the next training batch (in process, or from ``num_workers`` processes)."""
+    if s.num_workers > 0:
+        from spinelm.data import PatchStream
+        loader = iter(torch.utils.data.DataLoader(PatchStream(sampler, batch_size, s.seed * 100 + rank + start_epoch),
+                                                  batch_size=None, num_workers=s.num_workers,
+                                                  pin_memory=device.type == "cuda", persistent_workers=True))
+        return lambda: next(loader)
+    return lambda: sampler.batch(rng, batch_size)
+
+
+def _fold_cases(model: ModelFolder, fold: int) -> tuple[Path, dict]:
+    cache = model.cache_dir()
+    if not (cache / "cache.json").is_file():
+        raise FileNotFoundError(f"{cache}: no preprocessed data; run 'spinelm preprocess DATASET -m {model.root}'")
+    case_ids = read_json(cache / "cache.json")["cases"]
+    splits = load_or_create_splits(model.root, cache, case_ids, model.plans.training["num_folds"])
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"fold {fold} does not exist; the splits have folds 0-{len(splits) - 1}")
+    return cache, splits[fold]
+
+
 def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
     """Train one fold; returns the final validation summary and where the checkpoints are."""
     from tqdm import tqdm
 
-    from spinelm.planning import load_plans
-
-    model_dir = Path(model_dir)
-    plans = load_plans(model_dir / "plans.json")
-    s = settings
-    cfg = plans["configurations"][s.configuration]
-    cache = model_dir / "preprocessed" / s.configuration
-    if not (cache / "cache.json").is_file():
-        raise FileNotFoundError(f"{cache}: no preprocessed data; run 'spinelm preprocess DATASET -m {model_dir}'")
-    case_ids = read_json(cache / "cache.json")["cases"]
-    splits = load_or_create_splits(model_dir, cache, case_ids, plans["training"]["num_folds"])
-    if not 0 <= s.fold < len(splits):
-        raise ValueError(f"fold {s.fold} does not exist; the splits have folds 0-{len(splits) - 1}")
-    split = splits[s.fold]
-    out = model_dir / f"fold_{s.fold}" if s.configuration == "fine" else model_dir / f"fold_{s.fold}_{s.configuration}"
+    s, model = settings, ModelFolder(model_dir)
+    plans = model.plans
+    cfg = plans.configuration()
+    cache, split = _fold_cases(model, s.fold)
+    out = model.fold_dir(s.fold)
     out.mkdir(parents=True, exist_ok=True)
     is_ddp, rank, world = _ddp_info()
     device = torch.device(s.device if s.device != "cuda" or not is_ddp else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if is_ddp and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_rank = rank == 0
-    handler = None
-    if main_rank:
-        handler = logging.FileHandler(out / "training_log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-    epochs = s.epochs or plans["training"]["epochs"]
-    iters = s.iterations_per_epoch or plans["training"]["iterations_per_epoch"]
-    budget_s = (s.time_budget_min if s.time_budget_min is not None else plans["training"].get("time_budget_min"))
+    handler = _fold_logger(out) if main_rank else None
+    epochs = s.epochs or plans.training["epochs"]
+    iters = s.iterations_per_epoch or plans.training["iterations_per_epoch"]
+    budget_s = s.time_budget_min if s.time_budget_min is not None else plans.training.get("time_budget_min")
     budget_s = budget_s * 60 if budget_s else None
     torch.manual_seed(s.seed + rank)
     np.random.seed(s.seed + rank)  # batchgeneratorsv2 draws from the global NumPy generator
-    rng = np.random.default_rng([s.seed, rank])
     autocast_dtype, channels_last = resolve_precision(s.precision, device)
-    network = build_network(plans, s.configuration).to(device)
+    network = build_network(plans).to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
-    loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
-    lr0 = plans["training"]["initial_lr"]
-    optimizer = make_optimizer(network, plans["training"].get("optimizer", "sgd"), lr0)
-    use_amp = device.type == "cuda" and autocast_dtype == torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    tlog, start_epoch, elapsed, best = TrainLog(), 0, 0.0, None
-    latest = out / "checkpoint_latest.pt"
-    if s.resume and latest.is_file():
-        state = torch.load(latest, map_location=device, weights_only=True)
-        network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        meta = read_json(latest.with_suffix(".json"))
-        start_epoch, elapsed, best = meta["epoch"] + 1, meta["elapsed_s"], meta.get("best")
-        tlog = TrainLog(**meta["log"])
-        rng.bit_generator.state = meta["rng_state"]
-        torch.set_rng_state(torch.tensor(meta["torch_rng_state"], dtype=torch.uint8))
-        kind, keys, pos, has_gauss, cached = meta["numpy_global_state"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        if main_rank:
-            log.info("resumed from %s at epoch %d (%.0f s trained)", latest, start_epoch, elapsed)
-    elif s.resume:
-        log.warning("--resume given but %s does not exist; starting from scratch", latest)
+    loss_fn = MultiTaskLoss(plans.head_dict, cfg.n_stages)
+    lr0 = plans.training["initial_lr"]
+    optimizer = make_optimizer(network, plans.training.get("optimizer", "sgd"), lr0)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and autocast_dtype == torch.float16 else None
+    run = _Run(network, optimizer, scaler, np.random.default_rng([s.seed, rank]), out, s.fold, s)
+    if s.resume:
+        run.restore(device)
     if is_ddp:
-        network = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
-
-    sampler = PatchSampler(cache, split["train"], plans, s.configuration, augment=True)
-    batch_size = max(1, cfg["batch_size"] // world)
-    if s.num_workers > 0:
-        from spinelm.data import PatchStream
-        loader = iter(torch.utils.data.DataLoader(PatchStream(sampler, batch_size, s.seed * 100 + rank + start_epoch),
-                                                  batch_size=None, num_workers=s.num_workers, pin_memory=device.type == "cuda",
-                                                  persistent_workers=True))
-        next_batch = lambda: next(loader)  # noqa: E731
-    else:
-        next_batch = lambda: sampler.batch(rng, batch_size)  # noqa: E731
+        run.network = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device] if device.type == "cuda" else None)
+    batch_size = max(1, cfg.batch_size // world)
+    next_batch = _batches(PatchSampler(cache, split["train"], plans, augment=True), s, batch_size, run.rng, device,
+                          rank, run.start_epoch)
     val_cases = split["val"][: s.max_validation_cases] if s.max_validation_cases else split["val"]
     if main_rank:
         log.info("fold %d: %d training, %d validation cases; %s (%s%s); patch %s, batch %d, up to %d epochs x %d "
                  "iterations%s", s.fold, len(split["train"]), len(val_cases), device,
                  str(autocast_dtype).replace("torch.", "") if autocast_dtype else "float32",
-                 ", channels-last" if channels_last else "", cfg["patch_size"], batch_size, epochs,
+                 ", channels-last" if channels_last else "", list(cfg.patch_size), batch_size, epochs,
                  iters, f", time budget {budget_s / 60:.1f} min" if budget_s else "")
     summary = None
-    bar = tqdm(total=epochs, initial=start_epoch, desc=f"fold {s.fold}", unit="epoch",
+    bar = tqdm(total=epochs, initial=run.start_epoch, desc=f"fold {s.fold}", unit="epoch",
                disable=not (s.progress and main_rank))
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, epochs):
+    epoch = run.start_epoch - 1
+    for epoch in range(run.start_epoch, epochs):
         t0 = time.perf_counter()
-        lr = poly_lr(lr0, training_progress(epoch, epochs, elapsed, budget_s))
+        lr = poly_lr(lr0, training_progress(epoch, epochs, run.elapsed, budget_s))
         for g in optimizer.param_groups:
             g["lr"] = lr
-        network.train()
-        losses = []
-        for _ in range(iters):
-            losses.append(train_step(network, optimizer, scaler, loss_fn, next_batch(), device, autocast_dtype,
-                                     channels_last))
+        run.network.train()
+        losses = [train_step(run.network, optimizer, scaler, loss_fn, next_batch(), device, autocast_dtype,
+                             channels_last) for _ in range(iters)]
         dt = time.perf_counter() - t0
-        elapsed += dt
-        tlog.epoch.append(epoch)
-        tlog.train_loss.append(float(np.mean(losses)))
-        tlog.lr.append(lr)
-        tlog.seconds.append(elapsed)
-        out_of_time = budget_s is not None and elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
-        last = epoch == epochs - 1 or out_of_time
-        if main_rank and ((epoch + 1) % s.validate_every == 0 or last):
-            summary = validate(_unwrap(network), cache, val_cases, plans, s.configuration, device)
-            tlog.val_epoch.append(epoch)
-            tlog.val_id_rate.append(summary["id_rate"])
-            tlog.val_d_mean_mm.append(summary["d_mean_mm"])
-            score = (summary["id_rate"], -summary["d_mean_mm"] if np.isfinite(summary["d_mean_mm"]) else -1e9)
-            if best is None or score > tuple(best["score"]):
-                best = {"epoch": epoch, "score": list(score), **summary}
-                _save_checkpoint(out / "checkpoint_best.pt", network, optimizer, scaler,
-                                 {"epoch": epoch, "validation": summary, "fold": s.fold, "plans": "../plans.json"})
-            log.info("epoch %d: loss %.4f, val id rate %.3f, d_mean %.2f mm (%d/%d identified); a peak on %.0f%% "
-                     "of vertebrae, median %.1f mm off, %.0f%% of peaks on a vertebra", epoch, tlog.train_loss[-1],
-                     summary["id_rate"], summary["d_mean_mm"], summary["n_identified"], summary["n_gt"],
-                     100 * summary["peak_hit_rate"], summary["peak_error_median_mm"], 100 * summary["peak_precision"])
+        run.elapsed += dt
+        run.log.epoch.append(epoch)
+        run.log.train_loss.append(float(np.mean(losses)))
+        run.log.lr.append(lr)
+        run.log.seconds.append(run.elapsed)
+        out_of_time = budget_s is not None and run.elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
+        if main_rank and ((epoch + 1) % s.validate_every == 0 or epoch == epochs - 1 or out_of_time):
+            summary = validate(_unwrap(run.network), cache, val_cases, plans, device)
+            run.record_validation(epoch, summary)
         elif main_rank:
-            log.info("epoch %d: loss %.4f, lr %.5f, %.1f s", epoch, tlog.train_loss[-1], lr, dt)
+            log.info("epoch %d: loss %.4f, lr %.5f, %.1f s", epoch, run.log.train_loss[-1], lr, dt)
         if main_rank:
-            meta = {"epoch": epoch, "elapsed_s": elapsed, "best": best, "log": asdict(tlog), "fold": s.fold,
-                    "settings": asdict(s), "rng_state": rng.bit_generator.state,
-                    "torch_rng_state": torch.get_rng_state().tolist(),
-                    "numpy_global_state": _numpy_state()}
-            _save_checkpoint(latest, network, optimizer, scaler, meta)
-            _plot(tlog, out / "training_curve.png")
+            run.save_latest(epoch)
+            _plot(run.log, out / "training_curve.png")
         bar.update(1)
-        bar.set_postfix(loss=f"{tlog.train_loss[-1]:.3f}",
-                        **({"id": f"{tlog.val_id_rate[-1]:.2f}", "err": f"{tlog.val_d_mean_mm[-1]:.1f}mm"}
-                           if tlog.val_epoch else {}))
+        bar.set_postfix(loss=f"{run.log.train_loss[-1]:.3f}",
+                        **({"id": f"{run.log.val_id_rate[-1]:.2f}", "err": f"{run.log.val_d_mean_mm[-1]:.1f}mm"}
+                           if run.log.val_epoch else {}))
         if out_of_time:
-            log.info("time budget reached after epoch %d (%.1f min)", epoch, elapsed / 60)
+            log.info("time budget reached after epoch %d (%.1f min)", epoch, run.elapsed / 60)
             break
     bar.close()
+    result = {"final": summary, "best": run.best, "epochs_run": epoch + 1, "elapsed_s": run.elapsed}
     if main_rank:
-        _save_checkpoint(out / "checkpoint_final.pt", network, optimizer, scaler,
-                         {"epoch": epoch, "validation": summary, "best": best, "elapsed_s": elapsed, "fold": s.fold})
-        write_json_atomic(out / "validation_summary.json", {"final": summary, "best": best, "epochs_run": epoch + 1,
-                                                            "elapsed_s": elapsed})
+        run.save("final", {"epoch": epoch, "validation": summary, "best": run.best, "elapsed_s": run.elapsed,
+                           "fold": s.fold})
+        write_json_atomic(out / "validation_summary.json", result)
     if handler is not None:
         log.removeHandler(handler)
         handler.close()
     if is_ddp and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return {"final": summary, "best": best, "epochs_run": epoch + 1, "elapsed_s": elapsed, "folder": str(out)}
+    return {**result, "folder": str(out)}

@@ -23,7 +23,8 @@ import numpy as np
 
 from spinelm import labels as L
 from spinelm.dataset import Case, Dataset, Problem, discover_dataset
-from spinelm.io.image import Geometry, ImageReadError, nifti_integrity, read_geometry, read_image
+from spinelm.io.image import Geometry
+from spinelm.io.scan import inspect_image
 from spinelm.io.landmarks import read_landmarks
 
 #: A centroid further than this from every voxel of its own label is reported (warning). Not an
@@ -67,49 +68,21 @@ class ValidationReport:
         return head
 
 
-def _check_image_file(path: Path, case: str) -> tuple[Geometry | None, np.ndarray | None, list[Problem]]:
-    """Header, then voxels: every way an image file can be unusable."""
-    import SimpleITK as sitk
-
-    probs: list[Problem] = []
-    try:
-        geom = read_geometry(path)
-    except (ImageReadError, FileNotFoundError) as exc:
-        return None, None, [Problem("error", str(path), str(exc).split(": ", 1)[-1], "", case)]
-    if any(not np.isfinite(s) or s <= 0 for s in geom.spacing):
-        probs.append(Problem("error", str(path), f"voxel spacing must be positive, found {geom.spacing}",
-                             "fix the header (pixdim) of the file", case))
-    d = np.asarray(geom.direction).reshape(3, 3)
-    if not np.all(np.isfinite(d)) or abs(abs(np.linalg.det(d)) - 1) > 1e-2:
-        probs.append(Problem("error", str(path), "direction matrix is not a rotation (degenerate header)",
-                             "fix the orientation (sform/qform) of the file", case))
-    problem, n_bad, header = nifti_integrity(path)
-    if header:
-        probs.append(Problem("error", str(path), header, "fix the header (pixdim) of the file", case))
-    if problem:
-        return geom, None, probs + [Problem("error", str(path), f"unreadable image ({problem})",
-                                            "re-copy or re-export the file", case)]
-    try:
-        array = sitk.GetArrayFromImage(read_image(path, verify=False))
-    except (ImageReadError, FileNotFoundError) as exc:
-        return geom, None, probs + [Problem("error", str(path), str(exc).split(": ", 1)[-1], "", case)]
-    if array.dtype.kind == "f" and not n_bad:
-        n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-    if n_bad:
-        probs.append(Problem("error", str(path), f"{n_bad} voxel(s) are NaN or Inf; expected finite values",
-                             "replace them (e.g. by the background value) before training", case))
-    if min(geom.size) < 2:
-        probs.append(Problem("error", str(path), f"expected a 3-D volume, found size {geom.size} "
-                             "(a single slice)", "use 3-D scans", case))
-    return geom, array, probs
+def _check_image_file(path: Path, case: str, is_mask: bool = False
+                     ) -> tuple[Geometry | None, np.ndarray | None, list[Problem]]:
+    """Every problem of one image file (the checks ``predict`` and training share, see
+    :func:`spinelm.io.scan.inspect_image`), as validation problems."""
+    found = inspect_image(path, is_mask=is_mask)
+    probs = [Problem("error", p.path, p.message, p.fix, case) for p in found.problems]
+    return found.geometry, (found.array() if found.image is not None else None), probs
 
 
 def _check_mask(case: Case, geom: Geometry) -> tuple[np.ndarray | None, Geometry | None, list[Problem]]:
     path = case.mask
-    mgeom, mask, probs = _check_image_file(path, case.case_id)
+    mgeom, mask, probs = _check_image_file(path, case.case_id, is_mask=True)
     if mask is None or mgeom is None:
         return None, None, probs
-    diffs = mgeom.same_as(geom)
+    diffs = mgeom.differences(geom)
     if diffs:
         probs.append(Problem("error", str(path), f"mask geometry differs from its image ({'; '.join(diffs)})",
                              "resample the mask onto the image grid or fix its header", case.case_id))
@@ -194,9 +167,9 @@ def _check_case(case: Case, labelled: bool) -> tuple[list[Problem], str | None]:
             geom0 = geom
             if array is not None:
                 digest = hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
-        elif geom0 is not None and geom.same_as(geom0):
+        elif geom0 is not None and not geom.same_as(geom0):
             probs.append(Problem("error", str(path), f"channel geometry differs from channel 0 "
-                                 f"({'; '.join(geom.same_as(geom0))})", "register and resample the channels "
+                                 f"({'; '.join(geom.differences(geom0))})", "register and resample the channels "
                                  "onto one grid", case.case_id))
     if not labelled or geom0 is None:
         return probs, digest
@@ -204,7 +177,7 @@ def _check_case(case: Case, labelled: bool) -> tuple[list[Problem], str | None]:
     if case.mask is not None:
         mask, mgeom, p = _check_mask(case, geom0)
         probs += p
-        if mgeom is not None and mgeom.same_as(geom0):
+        if mgeom is not None and not mgeom.same_as(geom0):
             mask = None  # geometry mismatch already reported; distances would be meaningless
     if case.centroids is not None:
         probs += _check_centroids(case, geom0, mask)

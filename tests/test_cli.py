@@ -45,12 +45,15 @@ def test_plan_writes_a_self_contained_model_folder(phantom_dataset, tmp_path, ca
     assert "0 preprocessed, 4 reused" in capsys.readouterr().out
 
 
-def test_bad_input_gives_one_line_not_a_traceback(tmp_path, capsys):
+def test_bad_input_gives_one_line_not_a_traceback(phantom_dataset, tmp_path, capsys):
     rc = main(["plan", str(tmp_path / "missing"), "-o", str(tmp_path / "m"), "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "Traceback" not in err and err.count("\n") == 1 and "missing" in err
-    assert main(["plan", str(tmp_path), "-o", str(tmp_path / "m"), "--preset", "nope", "--device", "cpu"]) == 2
+    assert main(["plan", str(phantom_dataset), "-o", str(tmp_path / "m"), "--preset", "nope", "--device", "cpu",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'" in err and "Available: cpu, gpu" in err and err.count("\n") == 1
 
 
 def test_convert_verse_layout(tmp_path, capsys):

@@ -182,3 +182,223 @@ def test_centroids_from_mask_are_world_centres_of_mass():
     mask[2:4, 5:7, 1:3] = 20  # (z, y, x)
     (lm,) = centroids_from_mask(mask, g)
     np.testing.assert_allclose(lm.position_mm, g.array_index_to_world([2.5, 5.5, 1.5]))
+
+
+# --- bad and unusual NIfTI files: plain-words errors, NIfTI-2 and gzip named .nii ---------------------------
+
+import gzip  # noqa: E402
+import struct  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+
+from spinelm.io import read_geometry  # noqa: E402
+from spinelm.io.image import _NIFTI_LAYOUT, nifti_integrity  # noqa: E402
+
+_ITK_LEAKS = (".cxx", ".hxx", ".h:", "SimpleITK-build", "Exception thrown", "itk::", "sitk::")
+
+
+def _nifti1_bytes(dims, datatype=16, bitpix=32, pixdim=(1.0, 1.0, 1.0), srow=None, sform_code=1, qform_code=0,
+                  quatern=(0.0,) * 6, data=None):
+    """A single-file NIfTI-1 image packed by hand (little-endian, voxel data at byte 352)."""
+    head = bytearray(348)
+    struct.pack_into("<i", head, 0, 348)
+    struct.pack_into("<8h", head, 40, len(dims), *dims, *[1] * (7 - len(dims)))
+    struct.pack_into("<2h", head, 70, datatype, bitpix)
+    struct.pack_into("<8f", head, 76, 1.0, *pixdim, *[1.0] * (7 - len(pixdim)))
+    struct.pack_into("<2f", head, 108, 352.0, 1.0)  # vox_offset, scl_slope
+    struct.pack_into("<2h", head, 252, qform_code, sform_code)
+    struct.pack_into("<6f", head, 256, *quatern)
+    if srow is None:
+        srow = np.hstack([np.diag((list(pixdim) + [1.0, 1.0])[:3]), np.zeros((3, 1))])
+    struct.pack_into("<12f", head, 280, *np.asarray(srow, float).ravel())
+    head[344:348] = b"n+1\0"
+    if data is None:
+        data = bytes(int(np.prod([max(d, 1) for d in dims])) * bitpix // 8)
+    return bytes(head) + bytes(4) + data
+
+
+def _assert_plain(message, path, *phrases):
+    assert str(path) in message
+    for phrase in phrases:
+        assert phrase in message, message
+    for leak in _ITK_LEAKS:
+        assert leak not in message, message
+
+
+def test_nifti_header_offsets_match_nibabel():
+    for version, header_class in ((1, nib.Nifti1Header), (2, nib.Nifti2Header)):
+        layout, fields = _NIFTI_LAYOUT[version], header_class.template_dtype.fields
+        assert layout["size"] == header_class.template_dtype.itemsize
+        for key, field in (("dim", "dim"), ("datatype", "datatype"), ("pixdim", "pixdim"),
+                           ("vox_offset", "vox_offset"), ("codes", "qform_code"), ("quatern", "quatern_b"),
+                           ("srow", "srow_x")):
+            assert layout[key][0] == fields[field][1], (version, key)
+        assert fields["bitpix"][1] == layout["datatype"][0] + 2
+        assert fields["sform_code"][1] == layout["codes"][0] + struct.calcsize("<" + layout["codes"][1]) // 2
+        assert fields["srow_z"][1] + fields["srow_z"][0].itemsize == layout["srow"][0] + struct.calcsize(
+            "<" + layout["srow"][1])
+
+
+_BAD_HEADERS = {
+    "2-D": (lambda: _nifti1_bytes((8, 9), pixdim=(1.0, 1.0)),
+            ("expected a 3-D image", "2-D image of size (8, 9)")),
+    "negative size": (lambda: _nifti1_bytes((8, -9, 10)),
+                      ("unreadable image", "dimension sizes (8, -9, 10) in the header must be positive")),
+    "zero size": (lambda: _nifti1_bytes((8, 9, 0)),
+                  ("unreadable image", "dimension sizes (8, 9, 0) in the header must be positive")),
+    "NaN in srow": (lambda: _nifti1_bytes((8, 9, 10), srow=[[np.nan, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]),
+                    ("unreadable image", "the orientation (sform/qform affine) in the header holds NaN or Inf")),
+    "Inf in qform": (lambda: _nifti1_bytes((8, 9, 10), sform_code=0, qform_code=1,
+                                           quatern=(0, 0, 0, np.inf, 0, 0)),
+                     ("unreadable image", "the orientation (sform/qform affine) in the header holds NaN or Inf")),
+    "complex64": (lambda: _nifti1_bytes((8, 9, 10), datatype=32, bitpix=64),
+                  ("complex-valued voxels (complex64); expected real intensities",)),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_HEADERS))
+@pytest.mark.parametrize("reader", [read_image, read_geometry])
+def test_bad_nifti_headers_are_refused_in_plain_words(tmp_path, case, reader):
+    make, phrases = _BAD_HEADERS[case]
+    path = tmp_path / "bad.nii"
+    path.write_bytes(make())
+    with pytest.raises(ImageReadError) as exc:
+        reader(path)
+    _assert_plain(str(exc.value), path, *phrases)
+
+
+def test_complex_images_are_refused_whatever_the_format(tmp_path):
+    arr = (np.arange(720).reshape(8, 9, 10) * (1 + 1j)).astype(np.complex64)
+    nii = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), nii)
+    nrrd = tmp_path / "complex.nrrd"  # read by ITK (MHA has no complex type: it stores two channels)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(nrrd))
+    for path in (nii, nrrd):
+        for reader in (read_image, read_geometry):
+            with pytest.raises(ImageReadError) as exc:
+                reader(path)
+            _assert_plain(str(exc.value), path, "complex-valued voxels (complex64); expected real intensities")
+
+
+def test_vector_images_stay_refused(tmp_path):
+    path = tmp_path / "rgb.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 9, 10], sitk.sitkVectorFloat32, 3), str(path))
+    for reader in (read_image, read_geometry):
+        with pytest.raises(ImageReadError, match="found 3 components"):
+            reader(path)
+
+
+def test_unreadable_files_never_leak_itk_internals(tmp_path):
+    good = tmp_path / "good.nii.gz"
+    sitk.WriteImage(_image_with_spot(np.eye(3), spot_index=(1, 2, 3), size=(8, 9, 10)), str(good))
+    mha = tmp_path / "good.mha"
+    sitk.WriteImage(_image_with_spot(np.eye(3), spot_index=(1, 2, 3), size=(8, 9, 10)), str(mha))
+    files = {
+        "junk.nii": (b"\x07" * 600, "not a NIfTI file"),
+        "junk.nii.gz": (gzip.compress(b"\x07" * 600), "not a NIfTI file"),
+        "short.nii.gz": (good.read_bytes()[:30], "corrupt or truncated"),
+        "empty.nii": (b"", "the file is empty"),
+        "short.nii": (_nifti1_bytes((8, 9, 10))[:200], "file too short for a NIfTI header (200 bytes)"),
+        "cut.nii": (_nifti1_bytes((8, 9, 10))[:1000], "truncated file"),
+        "junk.mha": (b"hello\n", "not in a recognised image format"),
+        "cut.mha": (mha.read_bytes()[:-500], "could not be read"),
+        "junk.nrrd": (b"NRRD0004\ntype: banana\n\n", 'invalid NRRD header: couldn\'t parse type "banana"'),
+    }
+    for name, (content, phrase) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        readers = (read_image,) if name.startswith("cut") else (read_image, read_geometry)
+        for reader in readers:
+            with pytest.raises(ImageReadError) as exc:
+                reader(path)
+            _assert_plain(str(exc.value), path, "unreadable image", phrase)
+
+
+def _oblique_affine():
+    affine = np.eye(4)
+    affine[:3, :3] = _rot([1, 2, 0.5], 23) @ np.diag([0.8, 1.3, 3.0])
+    affine[:3, 3] = (-12.0, 40.5, 100.25)
+    return affine
+
+
+@pytest.mark.parametrize("variant", ["nifti2.nii", "nifti2.nii.gz", "gzip-named.nii", "nifti2-gzip-named.nii"])
+def test_nifti2_and_gzip_named_nii_read_like_the_regular_file(tmp_path, variant):
+    arr = np.arange(8 * 9 * 10, dtype=np.int16).reshape(8, 9, 10)  # nibabel order (i, j, k)
+    regular = tmp_path / "regular.nii.gz"
+    nib.save(nib.Nifti1Image(arr, _oblique_affine()), regular)
+    klass = nib.Nifti2Image if variant.startswith("nifti2") else nib.Nifti1Image
+    path = tmp_path / variant
+    if "gzip-named" in variant:
+        nib.save(klass(arr, _oblique_affine()), tmp_path / "tmp.nii")
+        path.write_bytes(gzip.compress((tmp_path / "tmp.nii").read_bytes()))
+        assert path.read_bytes()[:2] == b"\x1f\x8b"
+    else:
+        nib.save(klass(arr, _oblique_affine()), path)
+    if variant.startswith("nifti2"):
+        data = gzip.decompress(path.read_bytes()) if path.read_bytes()[:2] == b"\x1f\x8b" else path.read_bytes()
+        assert struct.unpack("<i", data[:4])[0] == 540
+
+    expected = sitk.ReadImage(str(regular))
+    got = read_image(path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), arr.transpose(2, 1, 0))
+    want = Geometry.from_sitk(expected)
+    for geom in (Geometry.from_sitk(got), read_geometry(path)):
+        assert geom.size == want.size
+        np.testing.assert_allclose(geom.spacing, want.spacing, atol=1e-5)
+        np.testing.assert_allclose(geom.origin, want.origin, atol=1e-4)
+        np.testing.assert_allclose(geom.direction, want.direction, atol=1e-5)
+    canon, g = load_volume(path, canonical=True)
+    canon_want, g_want = load_volume(regular, canonical=True)
+    np.testing.assert_array_equal(canon, canon_want)
+    assert g.axis_codes() == g_want.axis_codes() == "LPS"
+    assert nifti_integrity(path) == (None, 0, None)
+
+
+def _nifti2_bytes(arr, path):
+    nib.save(nib.Nifti2Image(arr, np.diag([0.8, 1.3, 3.0, 1.0])), path)
+    return bytearray(path.read_bytes())
+
+
+def test_nifti_integrity_checks_nifti2_and_gzip_named_nii(tmp_path):
+    arr = np.zeros((8, 9, 10), np.float32)
+    arr[1, 2, 3], arr[4, 5, 6] = np.nan, -np.inf
+    path = tmp_path / "n2.nii"
+    data = _nifti2_bytes(arr, path)
+    assert nifti_integrity(path) == (None, 2, None)
+    # the same bytes gzip-compressed under a plain .nii name
+    zipped = tmp_path / "zipped.nii"
+    zipped.write_bytes(gzip.compress(bytes(data)))
+    assert nifti_integrity(zipped) == (None, 2, None)
+    zipped.write_bytes(gzip.compress(bytes(data))[:-40])
+    problem, _, _ = nifti_integrity(zipped)
+    assert problem and "corrupt or truncated" in problem
+    # truncated NIfTI-2
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(bytes(data[:-100]))
+    problem, _, _ = nifti_integrity(cut)
+    assert problem and problem.startswith("truncated file")
+    with pytest.raises(ImageReadError) as exc:
+        read_image(cut)
+    _assert_plain(str(exc.value), cut, "unreadable image", "truncated file")
+    # zero voxel size in the NIfTI-2 header (pixdim float64 at byte 104)
+    struct.pack_into("<d", data, 104 + 8 * 2, 0.0)
+    flat = tmp_path / "pixdim.nii"
+    flat.write_bytes(bytes(data))
+    problem, n_bad, header = nifti_integrity(flat)
+    assert problem is None and n_bad == 2
+    assert header and "voxel size (pixdim) (0.8, 0.0, 3.0)" in header
+
+
+def test_nifti_integrity_counts_only_truly_non_finite_float64(tmp_path):
+    arr = np.zeros((8, 9, 10), np.float64)
+    arr[0, 0, 0], arr[1, 1, 1] = 1e300, -1e300  # finite, though beyond float32's range
+    path = tmp_path / "big.nii"
+    path.write_bytes(_nifti1_bytes((8, 9, 10), datatype=64, bitpix=64, data=arr.tobytes(order="F")))
+    assert nifti_integrity(path) == (None, 0, None)
+    arr[2, 2, 2] = np.nan
+    path.write_bytes(_nifti1_bytes((8, 9, 10), datatype=64, bitpix=64, data=arr.tobytes(order="F")))
+    assert nifti_integrity(path) == (None, 1, None)
+    n2 = tmp_path / "big2.nii"
+    nib.save(nib.Nifti2Image(arr, np.eye(4)), n2)
+    assert nifti_integrity(n2) == (None, 1, None)

@@ -70,24 +70,6 @@ def test_heads_single_heatmap_with_masks_per_label_heatmaps_without():
     assert P.output_channels(with_masks) == 7
 
 
-@pytest.mark.parametrize("patch_mm, fov_mm, expect", [
-    (80, 400, True),   # 2 vertebrae of 11 visible: cannot count
-    (80, 100, False),  # the scan itself holds barely more
-    (150, 600, False),  # 4 vertebrae in view
-])
-def test_coarse_configuration_only_when_the_patch_sees_too_few_vertebrae(patch_mm, fov_mm, expect):
-    assert P.needs_coarse_configuration(patch_mm, fov_mm, 38.0) is expect
-
-
-def test_coarse_spacing_reaches_the_wanted_context():
-    sp = P.coarse_spacing([1.0, 1.0, 1.0], patch_extent_cc_mm=80.0, fov_cc_mm=600.0, distance_mm=38.0)
-    assert sp == pytest.approx([6 * 38.0 / 80.0] * 3)  # six vertebrae in view
-    sp = P.coarse_spacing([1.0, 1.0, 1.0], patch_extent_cc_mm=40.0, fov_cc_mm=600.0, distance_mm=38.0)
-    assert sp == pytest.approx([4.0] * 3)  # capped at 4x
-    sp = P.coarse_spacing([3.0, 0.8, 0.8], 100.0, 600.0, 30.0)
-    assert sp == pytest.approx([3.0, 1.44, 1.44])  # 180/100 = 1.8x; thick axis untouched
-
-
 def test_cranio_caudal_axis_follows_transpose_and_is_never_mirrored():
     assert P.cranio_caudal_axis_after_transpose([2, 0, 1]) == 1
     assert P.mirror_axes(1) == [0, 2]
@@ -129,16 +111,15 @@ def test_gpu_plan_matches_nnunet_defaults_for_whole_spine_ct():
     assert "coarse" not in plans["configurations"]
 
 
-def test_high_resolution_scans_get_a_coarse_configuration_that_sees_many_vertebrae():
+def test_a_patch_that_sees_too_few_vertebrae_is_flagged_in_the_rationale():
     # 0.4 mm isotropic, 600 mm long, a 6 GB card: the fine patch spans about two vertebrae
     fp = _fingerprint([[0.4, 0.4, 0.4]] * 10, [[1500, 500, 500]] * 10, distance=38.0, channel="CT")
     plans = P.plan(fp, device="cuda", gpu_memory_gb=6)
     cc = plans["cranio_caudal_axis"]
     fine = plans["configurations"]["fine"]
     assert fine["patch_size"][cc] * fine["spacing"][cc] < 3 * 38.0
-    coarse = plans["configurations"]["coarse"]
-    assert coarse["patch_size"][cc] * coarse["spacing"][cc] > 3 * 38.0
-    assert any("coarse configuration at" in r for r in plans["rationale"])
+    assert list(plans["configurations"]) == ["fine"]
+    assert any("fewer than 3 vertebrae" in r for r in plans["rationale"])
 
 
 def test_smaller_gpu_gives_smaller_patch_and_time_budget_shrinks_cpu_patch():
@@ -165,7 +146,13 @@ def test_plans_file_round_trip_and_version_check(tmp_path):
     fp = _fingerprint([[1.0, 1.0, 1.0]] * 4, [[200, 150, 150]] * 4)
     plans = P.plan(fp, device="cpu")
     P.save_plans(plans, tmp_path / "plans.json")
-    assert P.load_plans(tmp_path / "plans.json") == plans
+    loaded = P.load_plans(tmp_path / "plans.json")
+    assert loaded.raw == plans
+    assert loaded.configuration().patch_size == tuple(plans["configurations"]["fine"]["patch_size"])
+    broken = {k: v for k, v in plans.items() if k != "spine"}
+    (tmp_path / "old.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="old.json: plans lack the field.s. spine"):
+        P.load_plans(tmp_path / "old.json")
     newer = dict(plans, version=P.PLANS_VERSION + 1)
     (tmp_path / "new.json").write_text(json.dumps(newer))
     with pytest.raises(ValueError, match="newer than this spinelm supports"):

@@ -41,7 +41,7 @@ def _fake_outputs(predictor):
     and with peaks, so that geometry handling can be checked independently of training."""
     from scipy.ndimage import gaussian_filter
 
-    n_seg = predictor.plans["heads"]["segmentation"]["channels"]
+    n_seg = predictor.plans.heads["segmentation"].channels
 
     def run(data):
         img = gaussian_filter(data[0].numpy(), 2.0)
@@ -59,7 +59,7 @@ def test_inputs_are_grouped_by_case_and_channel(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     one = collect_inputs(tmp_path, 1)
     assert [(s.case_id, len(s.paths)) for s in one] == [("a", 1), ("b", 1), ("c", 2)]
-    assert one[2].error and "channels [0]" in one[2].error  # a 1-channel model given two channels
+    assert one[2].error and "unexpected channel(s) 0001" in one[2].error  # a 1-channel model given two channels
     two = {s.case_id: s for s in collect_inputs(tmp_path, 2, recursive=True)}
     assert two["c"].error is None and two["a"].error and "sub__d" in two
     assert [s.case_id for s in collect_inputs(tmp_path, 1, pattern="a_*")] == ["a"]
@@ -127,7 +127,7 @@ def test_batch_with_broken_files_labels_the_good_ones_and_lists_the_bad(trained_
         for suffix in ("_ctd.json", "_verse_ctd.json", ".mrk.json", "_seg.nii.gz", "_qc.png"):
             assert (out / f"{case}{suffix}").is_file(), suffix
         seg = sitk.ReadImage(str(out / f"{case}_seg.nii.gz"))
-        assert not Geometry.from_sitk(seg).same_as(Geometry.from_sitk(sitk.ReadImage(str(g))))
+        assert Geometry.from_sitk(seg).same_as(Geometry.from_sitk(sitk.ReadImage(str(g))))
         doc = json.loads((out / f"{case}_ctd.json").read_text())
         assert doc["coordinate_system"] == "LPS" and doc["model"]["folds"] == [0]
         assert int(rows[case]["n_vertebrae"]) == len(doc["vertebrae"])
@@ -142,7 +142,7 @@ def test_batch_with_broken_files_labels_the_good_ones_and_lists_the_bad(trained_
 
 
 def test_sharding_splits_the_batch_without_overlap(trained_model, phantom_dataset, tmp_path):
-    predictor = Predictor(trained_model)
+    predictor = Predictor.from_model_folder(trained_model)
     parts = []
     for k in range(2):
         predict_directory(phantom_dataset / "imagesTr", tmp_path, predictor, num_parts=2, part_id=k, qc=False,
@@ -194,8 +194,8 @@ def test_same_scan_in_four_orientations_gives_the_same_labels_and_world_centroid
         idx = img.TransformPhysicalPointToIndex(tuple(probe))
         assert image[3, 5, 7] == img[idx]
         sitk.WriteImage(img, str(inp / f"{name}_0000.nii.gz"))
-    predictor = Predictor(trained_model)
-    monkeypatch.setattr(predictor, "predict_network_outputs", _fake_outputs(predictor))
+    predictor = Predictor.from_model_folder(trained_model)
+    monkeypatch.setattr(predictor, "network_outputs", _fake_outputs(predictor))
     out = tmp_path / "out"
     report = predict_directory(inp, out, predictor, qc=False, progress=False)
     assert report.ok
@@ -217,4 +217,4 @@ def test_same_scan_in_four_orientations_gives_the_same_labels_and_world_centroid
 
 def test_model_folder_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="plans.json"):
-        Predictor(tmp_path)
+        Predictor.from_model_folder(tmp_path)

@@ -122,7 +122,11 @@ class Geometry:
         itk_axis = next(a for a, c in enumerate(codes) if c in "SI")
         return 2 - itk_axis
 
-    def same_as(self, other: "Geometry", rtol: float = 1e-3, atol_mm: float = 1e-2) -> list[str]:
+    def same_as(self, other: "Geometry", rtol: float = 1e-3, atol_mm: float = 1e-2) -> bool:
+        """Whether the two grids coincide (within the tolerances of :meth:`differences`)."""
+        return not self.differences(other, rtol, atol_mm)
+
+    def differences(self, other: "Geometry", rtol: float = 1e-3, atol_mm: float = 1e-2) -> list[str]:
         """Differences to ``other`` as readable strings (empty when the grids coincide)."""
         diffs = []
         if self.size != other.size:
@@ -188,56 +192,355 @@ def _check_axcodes(axcodes: str) -> None:
 
 
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
+_NIFTI_COMPLEX_TYPES = {32: "complex64", 1792: "complex128", 2048: "complex256"}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+# Where the fields spinelm checks lie in the two NIfTI headers (byte offset, struct code); checked
+# against nibabel's Nifti1Header / Nifti2Header dtypes in tests/test_io.py.
+_NIFTI_LAYOUT = {
+    1: {"size": 348, "dim": (40, "8h"), "datatype": (70, "2h"), "pixdim": (76, "8f"), "vox_offset": (108, "f"),
+        "codes": (252, "2h"), "quatern": (256, "6f"), "srow": (280, "12f")},
+    2: {"size": 540, "dim": (16, "8q"), "datatype": (12, "2h"), "pixdim": (104, "8d"), "vox_offset": (168, "q"),
+        "codes": (344, "2i"), "quatern": (352, "6d"), "srow": (400, "12d")},
+}
+
+
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """The fields of a NIfTI-1 or NIfTI-2 header that spinelm checks, as stored."""
+
+    version: int  # 1 or 2
+    endian: str  # struct byte-order character
+    compressed: bool  # gzip data, whatever the file is called
+    dim: tuple[int, ...]  # dim[0] (number of axes) .. dim[7]
+    datatype: int
+    bitpix: int
+    pixdim: tuple[float, ...]
+    vox_offset: int
+    qform_code: int
+    sform_code: int
+    quatern: tuple[float, ...]  # quatern_b, c, d, qoffset_x, y, z
+    srow: tuple[float, ...]  # srow_x, srow_y, srow_z (4 values each)
+
+    @property
+    def header_size(self) -> int:
+        return _NIFTI_LAYOUT[self.version]["size"]
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """Sizes of the axes the header declares (``dim[1:dim[0]+1]``)."""
+        return tuple(self.dim[1:self.dim[0] + 1]) if 1 <= self.dim[0] <= 7 else ()
+
+    @property
+    def n_voxels(self) -> int:
+        return int(np.prod([max(d, 1) for d in self.size], dtype=np.int64)) if self.size else 0
+
+
+def _is_nifti_name(path: str | os.PathLike) -> bool:
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _open_nifti(path: Path):
+    """Open a NIfTI file for reading its decompressed bytes, gzip or not (judged by content, not name)."""
+    import gzip
+
+    with open(path, "rb") as fh:
+        compressed = fh.read(2) == _GZIP_MAGIC
+    return (gzip.open(path, "rb") if compressed else open(path, "rb")), compressed
+
+
+def _parse_nifti_header(head: bytes, compressed: bool) -> _NiftiHeader | None:
+    """Parse the first bytes of a decompressed NIfTI file; None when ``sizeof_hdr`` is neither 348 nor 540."""
+    import struct
+
+    if len(head) < 4:
+        return None
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", head[:4])[0]
+        version = {348: 1, 540: 2}.get(sizeof_hdr)
+        if version is not None:
+            break
+    else:
+        return None
+    layout = _NIFTI_LAYOUT[version]
+    if len(head) < layout["size"]:
+        return None
+
+    def field(name):
+        offset, code = layout[name]
+        return struct.unpack_from(endian + code, head, offset)
+
+    datatype, bitpix = field("datatype")
+    qform_code, sform_code = field("codes")
+    return _NiftiHeader(version, endian, compressed, tuple(int(d) for d in field("dim")), int(datatype),
+                        int(bitpix), tuple(float(p) for p in field("pixdim")), int(field("vox_offset")[0]),
+                        int(qform_code), int(sform_code), tuple(float(q) for q in field("quatern")),
+                        tuple(float(s) for s in field("srow")))
+
+
+def _read_nifti_header(path: Path) -> tuple[_NiftiHeader | None, str | None]:
+    """``(header, None)``; ``(None, plain problem)`` when the header cannot be read; ``(None, None)``
+    when the file does not start with a NIfTI-1 or NIfTI-2 header."""
+    import zlib
+
+    try:
+        fh, compressed = _open_nifti(path)
+        with fh:
+            head = fh.read(_NIFTI_LAYOUT[2]["size"])
+    except (EOFError, OSError, zlib.error) as exc:
+        return None, f"corrupt or truncated compressed data ({exc})"
+    if not head:
+        return None, "the file is empty"
+    header = _parse_nifti_header(head, compressed)
+    if header is None and len(head) < _NIFTI_LAYOUT[2]["size"]:
+        short = _parse_nifti_header(head + bytes(_NIFTI_LAYOUT[2]["size"]), compressed)
+        if short is not None or len(head) < _NIFTI_LAYOUT[1]["size"]:
+            return None, f"file too short for a NIfTI header ({len(head)} bytes)"
+    return header, None
+
+
+def _dimension_problem(dim: int, size: Sequence[int]) -> str | None:
+    """Why an image of ``dim`` axes and ``size`` cannot be used as a 3-D scan, or None."""
+    size = tuple(int(s) for s in size)
+    if dim == 2:
+        return (f"expected a 3-D image, found 2-D image of size {size}; a single slice cannot be used, "
+                f"export the whole 3-D scan")
+    if dim != 3:
+        return (f"expected a 3-D image, found {dim}-D with size {size}; split 4-D series into one file per "
+                f"channel (_0000, _0001, ...)")
+    return None
+
+
+def _components_problem(ncomp: int) -> str:
+    return (f"expected one value per voxel, found {ncomp} components (RGB or vector image); store each "
+            f"channel as its own file")
+
+
+def _complex_problem(type_name: str) -> str:
+    return (f"complex-valued voxels ({type_name}); expected real intensities (store the magnitude as a "
+            f"real-valued image)")
+
+
+_HEADER_HINT = "the header is damaged; re-export the image from its source"
+_READ_HINT = "check the file is complete and in NIfTI, MHA or NRRD format"
+
+
+def _nifti_header_problem(header: _NiftiHeader) -> str | None:
+    """What makes a NIfTI header unusable, as the message after ``"{path}: "``, or None."""
+    n_axes = header.dim[0]
+    if not 1 <= n_axes <= 7:
+        return f"unreadable image (the header declares {n_axes} axes; expected 1 to 7); {_HEADER_HINT}"
+    if any(d <= 0 for d in header.size):
+        return f"unreadable image (dimension sizes {header.size} in the header must be positive); {_HEADER_HINT}"
+    if header.datatype in _NIFTI_COMPLEX_TYPES:
+        return _complex_problem(_NIFTI_COMPLEX_TYPES[header.datatype])
+    orientation = (header.srow if header.sform_code > 0 else ()) + (header.quatern if header.qform_code > 0 else ())
+    if not all(np.isfinite(orientation)):
+        return (f"unreadable image (the orientation (sform/qform affine) in the header holds NaN or Inf); "
+                f"{_HEADER_HINT}")
+    size = list(header.size)
+    while len(size) > 3 and size[-1] == 1:
+        size.pop()  # trailing singleton axes (e.g. a 4-D file with one time point) are 3-D
+    if len(size) == 5 and size[3] == 1:
+        return None  # NIfTI vector image (components along axis 5): left to the readers' component check
+    return _dimension_problem(len(size), size)
 
 
 def nifti_integrity(path: str | os.PathLike) -> tuple[str | None, int, str | None]:
-    """Check a NIfTI-1 file as stored: ``(unreadable problem, number of NaN/Inf voxels, header problem)``.
+    """Check a NIfTI-1 or NIfTI-2 file as stored: ``(unreadable problem, number of NaN/Inf voxels, header problem)``.
 
     ITK's NIfTI reader fills a truncated ``.nii.gz`` with zeros, turns NaN into 0 and reads a zero
-    voxel size as 1 mm, all without a word, so these are checked here on the raw bytes. Other
-    formats return ``(None, 0, None)``.
+    voxel size as 1 mm, all without a word, so these are checked here on the raw bytes. Compressed
+    files are recognised by their content, so a gzip file named ``.nii`` is checked too. Only truly
+    non-finite voxels count as NaN/Inf (a float64 ``1e300`` is finite). Other formats return
+    ``(None, 0, None)``.
     """
-    import gzip
-    import struct
     import zlib
 
     path = Path(path)
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+    if not _is_nifti_name(path):
         return None, 0, None
     try:
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rb") as fh:
+        fh, compressed = _open_nifti(path)
+        with fh:
             data = fh.read()
     except (EOFError, OSError, zlib.error) as exc:
         return f"corrupt or truncated file ({exc})", 0, None
-    if len(data) < 348:
+    if len(data) < _NIFTI_LAYOUT[1]["size"]:
         return f"file too short for a NIfTI header ({len(data)} bytes)", 0, None
-    endian = "<" if struct.unpack("<i", data[:4])[0] == 348 else ">"
-    if struct.unpack(endian + "i", data[:4])[0] != 348:
-        return None, 0, None  # NIfTI-2 or not NIfTI: leave it to ITK
-    dims = struct.unpack(endian + "8h", data[40:56])
-    datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
-    vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
-    n_vox = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64)) if 0 < dims[0] <= 7 else 0
-    expected = vox_offset + n_vox * bitpix // 8
+    header = _parse_nifti_header(data, compressed)
+    if header is None:
+        if _parse_nifti_header(data + bytes(_NIFTI_LAYOUT[2]["size"]), compressed) is not None:
+            return f"file too short for a NIfTI header ({len(data)} bytes)", 0, None
+        return None, 0, None  # not NIfTI: leave it to the reader
+    n_vox = header.n_voxels
+    vox_offset = max(header.vox_offset, 0)
+    expected = vox_offset + n_vox * header.bitpix // 8
     if len(data) < expected:
         return f"truncated file: {len(data)} bytes of voxel data and header, {expected} expected", 0, None
-    pixdim = struct.unpack(endian + "8f", data[76:108])[1:min(max(dims[0], 1), 3) + 1]
-    header = None
+    pixdim = header.pixdim[1:min(max(header.dim[0], 1), 3) + 1]
+    problem = None
     if any(not np.isfinite(p) or p <= 0 for p in pixdim):
-        header = (f"voxel size (pixdim) {tuple(round(float(p), 4) for p in pixdim)} in the header is not "
-                  f"positive; readers would silently assume 1 mm")
+        problem = (f"voxel size (pixdim) {tuple(round(float(p), 4) for p in pixdim)} in the header is not "
+                   f"positive; readers would silently assume 1 mm")
     n_bad = 0
-    if datatype in _NIFTI_FLOAT_TYPES:
-        raw = np.frombuffer(data, dtype=np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(endian),
+    if header.datatype in _NIFTI_FLOAT_TYPES and n_vox:
+        raw = np.frombuffer(data, dtype=np.dtype(_NIFTI_FLOAT_TYPES[header.datatype]).newbyteorder(header.endian),
                             count=n_vox, offset=vox_offset)
-        n_bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
-    return None, n_bad, header
+        n_bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))  # in the stored type: 1e300 is finite
+    return None, n_bad, problem
+
+
+_ITK_LEAKS = (".cxx", ".hxx", ".h:", ".txx", "Exception thrown", "SimpleITK", "itk::", "sitk::", "0x", "/Modules/")
+
+
+def _plain_itk_reason(text: str) -> str:
+    """A plain-words reason for a SimpleITK read failure, without ITK source paths or class names."""
+    import re
+
+    generic = "the image library could not decode it"
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    nrrd = [re.sub(r"^\[nrrd\]\s*[\w]+:\s*", "", ln) for ln in lines if ln.startswith("[nrrd]")]
+    nrrd = [ln for ln in nrrd if ln and not ln.startswith("trouble")]
+    if nrrd:
+        reason = f"invalid NRRD header: {nrrd[-1]}"
+    elif "Unable to determine ImageIO reader" in text:
+        reason = "its contents are not in a recognised image format"
+    elif "File cannot be read" in text or "not read completely" in text:
+        reason = "its voxel data could not be read; the file may be truncated"
+    else:
+        error_lines = [ln for ln in lines if "ERROR:" in ln]
+        reason = error_lines[-1].rsplit("ERROR:", 1)[-1] if error_lines else (lines[-1] if lines else "")
+        reason = re.sub(r"^\s*[\w:]+\(0x[0-9a-fA-F]+\):\s*", "", reason).strip().rstrip(".")
+    if not reason or any(leak.lower() in reason.lower() for leak in _ITK_LEAKS):
+        return generic
+    return reason[:160]
+
+
+def _unreadable_reason(path: Path, exc: Exception) -> str:
+    """Why SimpleITK could not read ``path``: from the file's own bytes where it is NIfTI, else from ITK."""
+    if _is_nifti_name(path):
+        header, problem = _read_nifti_header(path)
+        if problem:
+            return problem
+        if header is None:
+            return "not a NIfTI file: its header size field is neither 348 (NIfTI-1) nor 540 (NIfTI-2)"
+        problem, _, _ = nifti_integrity(path)
+        if problem:
+            return problem
+    return _plain_itk_reason(str(exc))
+
+
+class _HeaderInfo:
+    """Image information read through nibabel; answers the questions ``read_geometry`` asks a
+    ``SimpleITK.ImageFileReader`` after ``ReadImageInformation``."""
+
+    def __init__(self, path: Path, size, spacing, origin, direction, dtype):
+        self._path, self._size, self._spacing = path, tuple(size), tuple(spacing)
+        self._origin, self._direction, self.dtype = tuple(origin), tuple(direction), dtype
+
+    def GetFileName(self) -> str:
+        return str(self._path)
+
+    def GetDimension(self) -> int:
+        return len(self._size)
+
+    def GetNumberOfComponents(self) -> int:
+        return 1
+
+    def GetSize(self) -> tuple[int, ...]:
+        return self._size
+
+    def GetSpacing(self) -> tuple[float, ...]:
+        return self._spacing
+
+    def GetOrigin(self) -> tuple[float, ...]:
+        return self._origin
+
+    def GetDirection(self) -> tuple[float, ...]:
+        return self._direction
+
+
+def _itk_geometry_from_nibabel(header) -> tuple[tuple, tuple, tuple]:
+    """``(spacing, origin, direction)`` in ITK's LPS convention from a nibabel NIfTI header."""
+    if header["sform_code"] <= 0 and header["qform_code"] <= 0:
+        # no orientation stored: ITK places the grid at the origin along the LPS axes
+        spacing = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
+        return tuple(spacing.tolist()), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel().tolist())
+    lps = np.asarray(header.get_best_affine(), dtype=np.float64).copy()
+    lps[:2] *= -1  # nibabel's RAS world to ITK's LPS
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if not np.all(np.isfinite(lps)) or np.any(spacing <= 0):
+        raise ValueError("the orientation (sform/qform affine) in the header is degenerate (an axis of length 0)")
+    return (tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple((lps[:3, :3] / spacing).ravel().tolist()))
+
+
+def _read_with_nibabel(path: Path, nifti: _NiftiHeader, header_only: bool, verify: bool):
+    """Read a NIfTI file SimpleITK cannot (NIfTI-2, gzip named ``.nii``) into an equivalent SimpleITK image."""
+    import zlib
+
+    import nibabel as nib
+    import SimpleITK as sitk
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    header_class = nib.Nifti2Header if nifti.version == 2 else nib.Nifti1Header
+    problem = None
+    try:
+        fh, _ = _open_nifti(path)
+        with fh:
+            header = header_class.from_fileobj(fh)
+            shape = list(header.get_data_shape())
+            dtype = header.get_data_dtype()
+            spacing, origin, direction = _itk_geometry_from_nibabel(header)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape.pop()
+            ncomp = len(dtype.fields) if dtype.fields else 1
+            if len(shape) == 5 and shape[3] == 1:
+                ncomp, shape = ncomp * shape[4], shape[:3]
+            if dtype.kind == "c":
+                problem = _complex_problem(dtype.name)
+            elif ncomp != 1:
+                problem = _components_problem(ncomp)
+            else:
+                problem = _dimension_problem(len(shape), shape)
+            if problem is None and not header_only:
+                if verify:
+                    unreadable, _, _ = nifti_integrity(path)
+                    if unreadable:
+                        problem = (f"unreadable image ({unreadable}); check the file is complete "
+                                   f"(re-copy or re-export it)")
+                if problem is None:
+                    array = np.asarray(header.data_from_fileobj(fh)).reshape(shape, order="F")
+    except (ValueError, OSError, EOFError, zlib.error, HeaderDataError, ImageFileError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ImageReadError(f"{path}: unreadable image ({detail}); {_READ_HINT}") from None
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
+    if header_only:
+        return _HeaderInfo(path, shape, spacing, origin, direction, dtype)
+    array = np.ascontiguousarray(array.transpose(2, 1, 0))
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    try:
+        image = sitk.GetImageFromArray(array, isVector=False)
+    except (TypeError, RuntimeError):
+        raise ImageReadError(f"{path}: voxel type {array.dtype} is not supported; store the image as "
+                             f"integers or float32/float64") from None
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
 
 
 def read_image(path: str | os.PathLike, header_only: bool = False, verify: bool = True):
-    """Read an image with SimpleITK, failing with a message that names the file.
+    """Read an image with SimpleITK, failing with a message that names the file and the problem in plain words.
+
+    NIfTI files are first checked on their own header bytes (non-positive sizes, NaN/Inf orientation,
+    2-D, complex voxels), which ITK would otherwise accept silently or reject with internal messages.
+    Valid NIfTI variants SimpleITK cannot read (NIfTI-2, a gzip file named ``.nii``) are read with
+    nibabel and returned as the equivalent SimpleITK image (LPS geometry as ITK would give it).
 
     Args:
         path: NIfTI, MHA/MHD or NRRD file.
@@ -245,41 +548,50 @@ def read_image(path: str | os.PathLike, header_only: bool = False, verify: bool 
         verify: check NIfTI files for truncation first (ITK would silently fill them with zeros).
 
     Returns:
-        ``SimpleITK.Image``, or ``SimpleITK.ImageFileReader`` with the information read when
-        ``header_only``.
+        ``SimpleITK.Image``; when ``header_only``, an object with the header information
+        (``SimpleITK.ImageFileReader`` or, for files read through nibabel, one with the same
+        ``GetSize``/``GetSpacing``/``GetOrigin``/``GetDirection``/``GetDimension`` methods).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ImageReadError: the file cannot be read, or is not a single-component 3-D image.
+        ImageReadError: the file cannot be read, or is not a single-component, real-valued 3-D image.
     """
     import SimpleITK as sitk
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
+    if _is_nifti_name(path):
+        nifti, _ = _read_nifti_header(path)
+        if nifti is not None:
+            problem = _nifti_header_problem(nifti)
+            if problem:
+                raise ImageReadError(f"{path}: {problem}")
+            if nifti.version == 2 or (nifti.compressed and not path.name.lower().endswith(".gz")):
+                return _read_with_nibabel(path, nifti, header_only, verify)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         if header_only:
             reader.ReadImageInformation()
             dim, ncomp = reader.GetDimension(), reader.GetNumberOfComponents()
-            size = reader.GetSize()
+            size, pixel_id = reader.GetSize(), reader.GetPixelID()
         else:
             image = reader.Execute()
             dim, ncomp, size = image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize()
+            pixel_id = image.GetPixelID()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "rror" in ln or "exception" in ln.lower()), first[-1] if first else "")
-        raise ImageReadError(f"{path}: unreadable image ({detail.strip()[:160]}); check the file is "
-                             f"complete and in NIfTI, MHA or NRRD format") from None
+        raise ImageReadError(f"{path}: unreadable image ({_unreadable_reason(path, exc)}); {_READ_HINT}") from None
+    complex_ids = {sitk.sitkComplexFloat32: "complex64", sitk.sitkComplexFloat64: "complex128"}
+    if pixel_id in complex_ids:
+        raise ImageReadError(f"{path}: {_complex_problem(complex_ids[pixel_id])}")
     if dim == 4 and size[3] == 1:
         dim = 3  # NIfTI with a singleton 4th axis: treat as 3-D
-    if dim != 3:
-        raise ImageReadError(f"{path}: expected a 3-D image, found {dim}-D with size {tuple(size)}; "
-                             f"split 4-D series into one file per channel (_0000, _0001, ...)")
+    problem = _dimension_problem(dim, size)
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
     if ncomp != 1:
-        raise ImageReadError(f"{path}: expected one value per voxel, found {ncomp} components "
-                             f"(RGB or vector image); store each channel as its own file")
+        raise ImageReadError(f"{path}: {_components_problem(ncomp)}")
     if header_only:
         return reader
     if verify:

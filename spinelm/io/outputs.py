@@ -1,0 +1,69 @@
+"""Output files of a prediction, all written atomically (temporary file, then rename).
+
+    CASE_ctd.json        spinelm centroids, world LPS mm, with scores, the model and the source
+    CASE_verse_ctd.json  VerSe centroid format (voxels of the input reoriented to P, I, R)
+    CASE.mrk.json        3D Slicer markups (LPS)
+    CASE_seg.nii.gz      instance mask (VerSe labels) on the input's own grid
+    CASE_qc.png          sagittal and coronal views with the labels drawn
+    summary.csv          one row per case of a batch
+
+``CASE_ctd.json`` is written last and marks a case as done for ``--continue``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from spinelm.io.files import write_text_atomic
+from spinelm.io.image import Geometry
+
+SUMMARY_FIELDS = ["case", "status", "n_vertebrae", "labels", "seconds", "error", "input"]
+
+
+def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
+    return {"ctd": out_dir / f"{case}_ctd.json", "verse": out_dir / f"{case}_verse_ctd.json",
+            "mrk": out_dir / f"{case}.mrk.json", "seg": out_dir / f"{case}_seg.nii.gz",
+            "qc": out_dir / f"{case}_qc.png"}
+
+
+def write_case_outputs(out_dir: Path, case: str, result, canonical_image: np.ndarray,
+                       canonical_geometry: Geometry, original, source: list[Path], run_info: dict,
+                       qc: bool = True) -> None:
+    """Every output of one case; the centroid JSON last (it marks the case done)."""
+    import SimpleITK as sitk
+
+    from spinelm.io.image import make_image, write_image
+    from spinelm.io.landmarks import write_slicer_markups, write_verse_json, write_spinelm_json
+    from spinelm.qc import save_qc_png
+
+    paths = output_paths(out_dir, case)
+    original_geometry = Geometry.from_sitk(original)
+    if result.instance_mask is not None:
+        canon = make_image(result.instance_mask, canonical_geometry)
+        seg = sitk.Resample(canon, original, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
+        write_image(seg, paths["seg"])
+    if qc:
+        save_qc_png(paths["qc"], canonical_image[0], canonical_geometry, result.landmarks, result.instance_mask,
+                    title=case)
+    write_verse_json(paths["verse"], result.landmarks, original_geometry)
+    write_slicer_markups(paths["mrk"], result.landmarks)
+    write_spinelm_json(paths["ctd"], result.landmarks, source=[str(p) for p in source], **run_info)
+
+
+def read_summary(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {row["case"]: row for row in csv.DictReader(fh)}
+
+
+def write_summary(path: Path, rows: dict[str, dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for case in sorted(rows):
+        w.writerow(rows[case])
+    write_text_atomic(path, buf.getvalue())

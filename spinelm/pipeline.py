@@ -1,0 +1,201 @@
+"""The library API under the ``spinelm`` command: plan, train, plan-and-train and the demo.
+
+Each function takes explicit paths and options, does the work, and returns what it did; the CLI
+(:mod:`spinelm.cli`) only parses arguments and prints. Long steps report through ``say`` (a
+callable taking one line; the CLI passes ``print``, the default logs).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+def detect_device(device: str | None) -> str:
+    """``device`` as given, else ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def detect_gpu_memory(device: str, given: float | None) -> float | None:
+    """GPU memory in GB: as given, or read from the first CUDA device (None on the CPU)."""
+    if given is not None or not device.startswith("cuda"):
+        return given
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA GPU is visible; use --device cpu")
+    return torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+
+
+def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None = None,
+                 gpu_memory: float | None = None, time_budget: float | None = None, preset: str | None = None,
+                 workers: int | None = None, progress: bool = True):
+    """Fingerprint + plan a dataset into a self-contained model folder (``plans.json``,
+    ``fingerprint.json``, ``dataset.json``); returns the :class:`~spinelm.plans.Plans`."""
+    from spinelm.dataset import discover_dataset
+    from spinelm.fingerprint import compute_fingerprint, save_fingerprint
+    from spinelm.io.files import write_json_atomic
+    from spinelm.planning import plan, save_plans
+    from spinelm.plans import ModelFolder, Plans
+
+    dataset, model = Path(dataset), ModelFolder(model_dir)
+    device = detect_device(device)
+    gpu_memory = detect_gpu_memory(device, gpu_memory)
+    ds = discover_dataset(dataset)
+    t0 = time.time()
+    fp = compute_fingerprint(dataset, num_workers=workers, progress=progress)
+    log.info("fingerprint of %d case(s) in %.1f s", len(fp["cases"]), time.time() - t0)
+    raw = plan(fp, preset=preset, device=device, gpu_memory_gb=gpu_memory, time_budget_min=time_budget)
+    model.root.mkdir(parents=True, exist_ok=True)
+    save_fingerprint(fp, model.root / "fingerprint.json")
+    write_json_atomic(model.root / "dataset.json", {
+        "format": "spinelm-dataset", "version": 1, "root": str(dataset.resolve()),
+        "channel_names": fp["channel_names"], "file_ending": ds.file_ending,
+        "num_training": len(ds.cases), "num_unlabelled": len(ds.unlabelled),
+        "labels_seen": fp["spine"]["label_counts"], "source_dataset_json": ds.dataset_json})
+    save_plans(raw, model.plans_path)
+    return Plans(raw, str(model.plans_path))
+
+
+def preprocess(dataset: str | Path, model_dir: str | Path, workers: int | None = None,
+               progress: bool = True) -> dict[str, str]:
+    """Preprocess every annotated case into the model folder's cache; ``{case: status}``."""
+    from spinelm.plans import ModelFolder
+    from spinelm.preprocessing import preprocess_dataset
+
+    model = ModelFolder(model_dir)
+    return preprocess_dataset(dataset, model.root, model.plans, "fine", workers, progress)
+
+
+def parse_folds(value: str | int | None, n_folds: int) -> list[int]:
+    """``"all"`` -> every fold; ``"0,2"`` or ``"0 2"`` -> [0, 2]; checked against the plan's folds."""
+    if value is None:
+        return [0]
+    if isinstance(value, int):
+        folds = [value]
+    elif str(value).strip() == "all":
+        return list(range(n_folds))
+    else:
+        try:
+            folds = [int(x) for x in str(value).replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"expected fold numbers like '0 1' or '0,1' or 'all', got {value!r}") from None
+    bad = [f for f in folds if not 0 <= f < n_folds]
+    if bad:
+        raise ValueError(f"fold {bad[0]} does not exist; the plan has folds 0-{n_folds - 1}")
+    return folds
+
+
+def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> list[dict]:
+    """Train the given folds of a planned, preprocessed model folder (``settings``: the fields of
+    :class:`spinelm.training.TrainSettings` but ``fold``); one result per fold."""
+    from spinelm.plans import ModelFolder
+    from spinelm.training import TrainSettings, train_fold
+
+    model = ModelFolder(model_dir)
+    settings["device"] = detect_device(settings.get("device"))
+    return [train_fold(model.root, TrainSettings(fold=f, **settings))
+            for f in parse_folds(folds, model.plans.training["num_folds"])]
+
+
+@dataclass
+class PlanAndTrainResult:
+    validation: object  # spinelm.validation.ValidationReport
+    plans: object | None = None
+    failed_preprocessing: list[str] = field(default_factory=list)
+    folds: list[dict] = field(default_factory=list)
+
+
+def plan_and_train(dataset: str | Path, model_dir: str | Path, device: str | None = None,
+                   gpu_memory: float | None = None, time_budget: float | None = None, preset: str | None = None,
+                   workers: int | None = None, folds: str | int | None = "0", progress: bool = True,
+                   **settings) -> PlanAndTrainResult:
+    """Validate, fingerprint, plan, preprocess and train. Stops after validation when the dataset has
+    errors (``result.validation.ok`` is False); cases that fail preprocessing are left out."""
+    from spinelm.validation import validate_dataset
+
+    result = PlanAndTrainResult(validate_dataset(dataset, progress=progress))
+    if not result.validation.ok:
+        return result
+    result.plans = plan_dataset(dataset, model_dir, device, gpu_memory, time_budget, preset, workers, progress)
+    status = preprocess(dataset, model_dir, workers, progress)
+    result.failed_preprocessing = sorted(c for c, st in status.items() if st.startswith("failed"))
+    result.folds = train(model_dir, folds, device=device, time_budget_min=time_budget, progress=progress, **settings)
+    return result
+
+
+def demo_phantom_config(modality: str = "MR"):
+    """Phantoms of the demo: a lumbar protocol (runs of 6-9 vertebrae ending at the sacrum), random
+    axis orders and flips, no oblique grids, no transitional vertebrae."""
+    from spinelm.synthetic import PhantomConfig
+
+    return PhantomConfig(modality=modality, min_vertebrae=6, max_vertebrae=9, last_label="S1", p_t13=0.0,
+                         p_l6=0.0, p_oblique=0.0, p_class=0.0, max_voxels=1_500_000)
+
+
+@dataclass
+class DemoResult:
+    evaluation: dict
+    batch: object  # spinelm.predict.BatchReport
+    minutes: float
+    predictions: Path
+    ok: bool = True
+
+
+def demo(out: str | Path = "spinelm_demo", n: int = 20, held_out: int = 6, seed: int = 0, modality: str = "MR",
+         time_budget: float = 8.0, unlabelled: int = 0, resume: bool = False, precision: str = "auto",
+         progress: bool = True, say: Say = log.info) -> DemoResult | None:
+    """Synthesise phantoms, validate, plan for the CPU, preprocess, train fold 0 for ``time_budget``
+    minutes, predict the held-out phantoms with the one predictor and evaluate them.
+
+    Returns None when the synthetic dataset does not validate (a bug, reported through ``say``).
+    """
+    from spinelm.evaluation import evaluate_folders, write_evaluation
+    from spinelm.inference import Predictor
+    from spinelm.planning import summarize
+    from spinelm.predict import predict_directory
+    from spinelm.synthetic import synthesize_dataset
+    from spinelm.training import TrainSettings, train_fold
+    from spinelm.validation import validate_dataset
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    data, held, model, pred = out / "dataset", out / "heldout", out / "model", out / "predictions"
+    cfg = demo_phantom_config(modality)
+    say(f"[1/6] synthesising {n} training and {held_out} held-out phantoms ({modality}, lumbar field of view) in {out}")
+    synthesize_dataset(data, n, seed=seed, config=cfg, n_unlabelled=unlabelled, progress=progress)
+    synthesize_dataset(held, held_out, seed=seed + 1000, config=cfg, progress=progress, prefix="heldout")
+    say(f"[2/6] validating {data}")
+    report = validate_dataset(data, progress=progress)
+    for line in report.lines() + [report.summary()]:
+        say("  " + line)
+    if not report.ok:
+        return None
+    say(f"[3/6] fingerprint and plan for the CPU into {model}")
+    say(summarize(plan_dataset(data, model, "cpu", None, time_budget, None, None, progress)))
+    say("[4/6] preprocessing")
+    preprocess(data, model, None, progress)
+    say(f"[5/6] training fold 0 for {time_budget:g} min on the CPU (checkpoints in {model / 'fold_0'})")
+    r = train_fold(model, TrainSettings(fold=0, time_budget_min=time_budget, device="cpu", seed=seed,
+                                        validate_every=10_000, resume=resume, progress=progress, precision=precision))
+    say(f"  {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min")
+    say(f"[6/6] predicting the held-out phantoms into {pred} and evaluating")
+    batch = predict_directory(held / "imagesTr", pred, Predictor.from_model_folder(model, device="cpu"),
+                              progress=progress, arguments={"demo": True})
+    ev = evaluate_folders(pred, held, all_gt=True)
+    write_evaluation(ev, pred)
+    return DemoResult(ev, batch, (time.perf_counter() - t0) / 60, pred, batch.ok)
+
+
+__all__ = ["DemoResult", "PlanAndTrainResult", "demo", "demo_phantom_config", "detect_device", "detect_gpu_memory",
+           "parse_folds", "plan_and_train", "plan_dataset", "preprocess", "train"]
