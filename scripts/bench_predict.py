@@ -35,9 +35,11 @@ def _peak_rss_mb() -> float:
 
 
 def run_spinelm(model: Path, fold: int, image: Path, out: Path) -> dict:
-    from spinelm.predict import Predictor, read_scan, write_case_outputs
+    from spinelm.inference import Predictor
+    from spinelm.io.outputs import write_case_outputs
+    from spinelm.io.scan import read_scan
 
-    predictor = Predictor(model, folds=[fold])
+    predictor = Predictor.from_model_folder(model, folds=[fold])
     t0 = time.perf_counter()
     img, geom, original = read_scan([image])
     result = predictor.predict_array(img, geom)
@@ -54,17 +56,17 @@ def run_nnunet(model: Path, fold: int, image: Path, out: Path) -> dict:
 
     from spinelm import labels as L
     from spinelm.network import build_network
-    from spinelm.planning import load_plans
-    from spinelm.preprocessing import nnunet_plans
+    from spinelm.nnunet import plans_view
+    from spinelm.plans import ModelFolder
 
-    plans = load_plans(model / "plans.json")
-    seg_labels = plans["heads"]["segmentation"]["labels"]
-    dataset_json = {"channel_names": plans["channel_names"], "file_ending": ".nii.gz", "numTraining": 0,
+    plans = ModelFolder(model).plans
+    seg_labels = list(plans.heads["segmentation"].labels)
+    dataset_json = {"channel_names": plans.channel_names, "file_ending": ".nii.gz", "numTraining": 0,
                     "labels": {"background": 0, **{L.name_of(x): i for i, x in enumerate(seg_labels, 1)},
                                "heatmap": len(seg_labels) + 1}}
-    pm = PlansManager(nnunet_plans(plans))
+    pm = PlansManager(plans_view(plans))
     cm = pm.get_configuration("fine")
-    net = build_network(plans, "fine", deep_supervision=False)
+    net = build_network(plans, deep_supervision=False)
     state = torch.load(model / f"fold_{fold}" / "checkpoint_final.pt", map_location="cpu", weights_only=True)["network"]
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)

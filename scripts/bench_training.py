@@ -27,7 +27,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--configuration", default="fine")
     args = ap.parse_args()
 
     import numpy as np
@@ -37,43 +36,43 @@ def main() -> None:
     from spinelm.data import PatchSampler
     from spinelm.losses import MultiTaskLoss
     from spinelm.network import build_network, deep_supervision_scales
-    from spinelm.planning import load_plans, nnunet_environment
-    from spinelm.preprocessing import nnunet_dataset_json, nnunet_plans
+    from spinelm.nnunet import nnunet_environment, plans_dataset_json, plans_view
+    from spinelm.plans import ModelFolder
     from spinelm.training import make_optimizer, resolve_precision, train_step
 
     model = Path(args.model)
-    plans = load_plans(model / "plans.json")
-    cfg = plans["configurations"][args.configuration]
-    cache = model / "preprocessed" / args.configuration
+    plans = ModelFolder(model).plans
+    cfg = plans.raw["configurations"]["fine"]
+    cache = ModelFolder(model).cache_dir()
     cases = json.loads((cache / "cache.json").read_text())["cases"]
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
-    sampler = PatchSampler(cache, cases, plans, args.configuration, augment=True)
+    sampler = PatchSampler(cache, cases, plans, augment=True)
     rng = np.random.default_rng(0)
     n = args.warmup + args.steps
     t0 = time.perf_counter()
     batches = [sampler.batch(rng, cfg["batch_size"]) for _ in range(n)]
     t_data = (time.perf_counter() - t0) / n
-    scales = deep_supervision_scales(plans, args.configuration)
+    scales = deep_supervision_scales(plans)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
 
     # nnU-Net v2's own trainer
     fp = {"spacings": [], "shapes_after_crop": [], "foreground_intensity_properties_per_channel":
-          plans["foreground_intensity_properties_per_channel"], "median_relative_size_after_cropping": 1.0}
-    with nnunet_environment(nnunet_dataset_json(plans), fp) as name:
+          plans.raw["foreground_intensity_properties_per_channel"], "median_relative_size_after_cropping": 1.0}
+    with nnunet_environment(plans_dataset_json(plans), fp) as name:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         # initialize() only looks at the preprocessed folder to pick its dataset class; batches come from spinelm
         folder = Path(os.environ["nnUNet_preprocessed"]) / name / cfg["data_identifier"]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "unused.npz").touch()
-        trainer = nnUNetTrainer(dict(nnunet_plans(plans), continue_training=False), args.configuration, 0,
-                                nnunet_dataset_json(plans), device)
+        trainer = nnUNetTrainer(dict(plans_view(plans), continue_training=False), "fine", 0,
+                                plans_dataset_json(plans), device)
         trainer.print_to_log_file = lambda *a, **k: None
         trainer.initialize()
         times = []
         for i, b in enumerate(batches):
             seg = b["seg"].float()
-            seg[seg >= plans["heads"]["segmentation"]["channels"]] = 0
+            seg[seg >= plans.heads["segmentation"].channels] = 0
             target = [seg if s == [1, 1, 1] else F.interpolate(seg, scale_factor=s, mode="nearest-exact") for s in scales]
             sync()
             t = time.perf_counter()
@@ -87,11 +86,11 @@ def main() -> None:
     def spinelm_step_time(precision: str) -> float:
         torch.manual_seed(0)
         dtype, channels_last = resolve_precision(precision, device)
-        net = build_network(plans, args.configuration).to(device)
+        net = build_network(plans).to(device)
         if channels_last:
             net = net.to(memory_format=torch.channels_last_3d)
-        loss_fn = MultiTaskLoss(plans["heads"], len(cfg["architecture"]["arch_kwargs"]["strides"]))
-        opt = make_optimizer(net, plans["training"].get("optimizer", "sgd"), plans["training"]["initial_lr"])
+        loss_fn = MultiTaskLoss(plans.head_dict, plans.configuration().n_stages)
+        opt = make_optimizer(net, plans.training.get("optimizer", "sgd"), plans.training["initial_lr"])
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         times = []
         for i, b in enumerate(batches):
@@ -107,7 +106,7 @@ def main() -> None:
     dtype, channels_last = resolve_precision("auto", device)
     auto_name = (str(dtype).replace("torch.", "") if dtype else "float32") + (" + channels-last" if channels_last else "")
     t_spine = spinelm_step_time("auto")
-    print(f"plan {model / 'plans.json'} ({args.configuration}): patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+    print(f"plan {model / 'plans.json'}: patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
           f"device {device}, {args.steps} timed steps")
     print(f"nnunetv2 nnUNetTrainer.train_step: {t_nnunet:.3f} s/it ({1 / t_nnunet:.2f} it/s)")
     if t_fp32 is not None:

@@ -10,8 +10,6 @@ from spinelm.network import split_heads
 #: Heatmap voxels above this target value form the foreground of the balanced L2 (a ball of about
 #: 2 sigma around each centroid).
 HEATMAP_FOREGROUND_THRESHOLD = 0.1
-#: Heatmap loss scale, comparable to Dice + CE at the start of training.
-HEATMAP_LOSS_SCALE = 1.0
 
 
 def deep_supervision_weights(n: int) -> list[float]:
@@ -36,7 +34,7 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     loss = err[~fg].mean() if bool((~fg).any()) else err.new_zeros(())
     if bool(fg.any()):
         loss = loss + err[fg].mean()
-    return HEATMAP_LOSS_SCALE * loss
+    return loss
 
 
 class MultiTaskLoss(torch.nn.Module):

@@ -292,33 +292,17 @@ def _config_summary(cfg: dict) -> dict:
             "strides": arch["strides"]}
 
 
-def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "cpu",
-         gpu_memory_gb: float | None = None, time_budget_min: float | None = None) -> dict:
-    """Plans for a dataset from its fingerprint; a pure function of its arguments.
-
-    Args:
-        fingerprint: output of :func:`spinelm.fingerprint.compute_fingerprint`.
-        preset: preset name, :class:`Preset`, or None to choose by device.
-        device: ``"cpu"`` or ``"cuda"``.
-        gpu_memory_gb: memory of the GPU, to lower the target on small cards.
-        time_budget_min: training time budget; on CPU it caps the patch size.
-    """
-    import nnunetv2
+def _nnunet_configuration(fingerprint: dict, heads: dict, preset: Preset, mem_gb: float, max_vox: int | None,
+                          why: list[str]):
+    """nnU-Net's planner on spinelm's terms: spacing (floored by the preset), transpose, patch, topology,
+    batch and normalisation; appends its reasons to ``why``."""
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
-    preset = preset if isinstance(preset, Preset) else load_preset(preset or choose_preset(device, gpu_memory_gb))
-    budget = time_budget_min if time_budget_min is not None else preset.time_budget_min
-    heads = choose_heads(fingerprint)
-    n_out = output_channels(heads)
-    mem_gb = memory_target_gb(preset.memory_target_gb, gpu_memory_gb if not device.startswith("cpu") else None)
-    max_vox = patch_voxel_budget(budget, preset.min_batch_size, preset.cpu_seconds_per_mvoxel, preset.min_iterations)
     distance = consecutive_distance_mm(fingerprint)
-    why: list[str] = []
     files = fingerprint.get("files") or {c: {"images": [], "label": ""} for c in fingerprint["cases"]}
     with nnunet_environment(dataset_json(fingerprint["channel_names"],
                                          heads.get("segmentation", {}).get("labels", []), files), fingerprint) as name:
-        planner = _make_planner(name, preset, mem_gb, n_out, max_vox)
-        tf, tb = planner.determine_transpose()
+        planner = _make_planner(name, preset, mem_gb, output_channels(heads), max_vox)
         nn_spacing = planner.determine_fullres_target_spacing()
         spacing = np.asarray(apply_spacing_floor(nn_spacing, preset.min_spacing_mm))
         why.append(f"target spacing {_fmt(spacing)} mm (z, y, x canonical; nnU-Net's rule gives {_fmt(nn_spacing)}"
@@ -331,23 +315,47 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
                                                                      fingerprint["shapes_after_crop"])]
         median_shape_t = np.median(shapes, 0)[tf]
         n_vox = float(np.prod(median_shape_t, dtype=np.float64) * len(fingerprint["cases"]))
-        cache: dict = {}
-        fine = planner.get_plans_for_configuration(spacing_t, median_shape_t, "spinelm_fine", n_vox, cache)
-        cc = cranio_caudal_axis_after_transpose(tf)
+        fine = planner.get_plans_for_configuration(spacing_t, median_shape_t, "spinelm_fine", n_vox, {})
         fine["batch_dice"] = False
+        cc = cranio_caudal_axis_after_transpose(tf)
         patch_cc_mm = fine["patch_size"][cc] * spacing_t[cc]
         fov_cc_mm = float(median_shape_t[cc] * spacing_t[cc])
-        why.append(f"fine patch {[int(v) for v in fine['patch_size']]} voxels spans {patch_cc_mm:.0f} mm along the column, "
-                   f"about {patch_cc_mm / distance:.1f} vertebrae (median distance {distance:.1f} mm)")
-        if max_vox is not None:
-            why.append(f"time budget {budget:g} min on {device}: patch capped at {max_vox} voxels so that at least "
-                       f"{preset.min_iterations} training steps fit")
-        configs = {"fine": fine}
+        why.append(f"fine patch {[int(v) for v in fine['patch_size']]} voxels spans {patch_cc_mm:.0f} mm along the "
+                   f"column, about {patch_cc_mm / distance:.1f} vertebrae (median distance {distance:.1f} mm)")
         if patch_cc_mm / distance < MIN_VERTEBRAE_IN_VIEW < fov_cc_mm / distance:
             why.append(f"warning: the patch sees fewer than {MIN_VERTEBRAE_IN_VIEW:g} vertebrae along the column; "
                        "levels are told apart by the ordering step alone (a larger --time-budget or GPU memory "
                        "gives a larger patch)")
         norm, mask_norm = planner.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+    return fine, tf, tb, norm, mask_norm
+
+
+def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "cpu",
+         gpu_memory_gb: float | None = None, time_budget_min: float | None = None) -> dict:
+    """Plans for a dataset from its fingerprint; a pure function of its arguments.
+
+    Args:
+        fingerprint: output of :func:`spinelm.fingerprint.compute_fingerprint`.
+        preset: preset name, :class:`Preset`, or None to choose by device.
+        device: ``"cpu"`` or ``"cuda"``.
+        gpu_memory_gb: memory of the GPU, to lower the target on small cards.
+        time_budget_min: training time budget; on CPU it caps the patch size.
+    """
+    import nnunetv2
+
+    preset = preset if isinstance(preset, Preset) else load_preset(preset or choose_preset(device, gpu_memory_gb))
+    budget = time_budget_min if time_budget_min is not None else preset.time_budget_min
+    heads = choose_heads(fingerprint)
+    mem_gb = memory_target_gb(preset.memory_target_gb, gpu_memory_gb if not device.startswith("cpu") else None)
+    max_vox = patch_voxel_budget(budget, preset.min_batch_size, preset.cpu_seconds_per_mvoxel, preset.min_iterations)
+    distance = consecutive_distance_mm(fingerprint)
+    why: list[str] = []
+    fine, tf, tb, norm, mask_norm = _nnunet_configuration(fingerprint, heads, preset, mem_gb, max_vox, why)
+    cc = cranio_caudal_axis_after_transpose(tf)
+    if max_vox is not None:
+        why.append(f"time budget {budget:g} min on {device}: patch capped at {max_vox} voxels so that at least "
+                   f"{preset.min_iterations} training steps fit")
+    configs = {"fine": fine}
     for cfg in configs.values():
         cfg["normalization_schemes"], cfg["use_mask_for_norm"] = norm, mask_norm
         for k in ("spacing", "patch_size", "median_image_size_in_voxels"):

@@ -317,6 +317,22 @@ class _Run:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         log.info("resumed from %s at epoch %d (%.0f s trained)", latest, self.start_epoch, self.elapsed)
 
+    def train_epoch(self, epoch: int, lr: float, iterations: int, step) -> float:
+        """``iterations`` calls of ``step`` (one optimisation step each, returning its loss) at learning
+        rate ``lr``; logs the epoch and returns its duration in seconds."""
+        t0 = time.perf_counter()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.network.train()
+        losses = [step() for _ in range(iterations)]
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        self.log.epoch.append(epoch)
+        self.log.train_loss.append(float(np.mean(losses)))
+        self.log.lr.append(lr)
+        self.log.seconds.append(self.elapsed)
+        return dt
+
     def record_validation(self, epoch: int, summary: dict) -> None:
         """Log a validation and keep the best checkpoint (identification first, then d_mean)."""
         self.log.val_epoch.append(epoch)
@@ -413,19 +429,9 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
                disable=not (s.progress and main_rank))
     epoch = run.start_epoch - 1
     for epoch in range(run.start_epoch, epochs):
-        t0 = time.perf_counter()
         lr = poly_lr(lr0, training_progress(epoch, epochs, run.elapsed, budget_s))
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        run.network.train()
-        losses = [train_step(run.network, optimizer, scaler, loss_fn, next_batch(), device, autocast_dtype,
-                             channels_last) for _ in range(iters)]
-        dt = time.perf_counter() - t0
-        run.elapsed += dt
-        run.log.epoch.append(epoch)
-        run.log.train_loss.append(float(np.mean(losses)))
-        run.log.lr.append(lr)
-        run.log.seconds.append(run.elapsed)
+        dt = run.train_epoch(epoch, lr, iters, lambda: train_step(run.network, optimizer, scaler, loss_fn, next_batch(),
+                                                                  device, autocast_dtype, channels_last))
         out_of_time = budget_s is not None and run.elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
         if main_rank and ((epoch + 1) % s.validate_every == 0 or epoch == epochs - 1 or out_of_time):
             summary = validate(_unwrap(run.network), cache, val_cases, plans, device)

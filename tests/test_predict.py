@@ -218,3 +218,66 @@ def test_same_scan_in_four_orientations_gives_the_same_labels_and_world_centroid
 def test_model_folder_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="plans.json"):
         Predictor.from_model_folder(tmp_path)
+
+
+def test_validation_figures_equal_predict_and_evaluate(trained_model, phantom_dataset, tmp_path, monkeypatch):
+    """One path: training validation on the cache gives exactly what predict + evaluate give on the files."""
+    from spinelm.evaluation import evaluate_folders
+    from spinelm.plans import ModelFolder
+    from spinelm.training import validate
+
+    model = ModelFolder(trained_model)
+    val = json.loads(model.splits_path.read_text())[0]["val"]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case in val:
+        (inputs / f"{case}_0000.nii.gz").symlink_to(phantom_dataset / "imagesTr" / f"{case}_0000.nii.gz")
+    for fake in (False, True):  # the few-step network, and image-derived outputs with many peaks
+        predictor = Predictor.from_model_folder(trained_model, folds=[0])
+        if fake:
+            monkeypatch.setattr(Predictor, "network_outputs", lambda self, data: _fake_outputs(self)(data))
+        v = validate(predictor.networks[0], model.cache_dir(), val, model.plans, "cpu")
+        out = tmp_path / f"out_{fake}"
+        predict_directory(inputs, out, predictor, qc=False, progress=False)
+        ev = evaluate_folders(out, phantom_dataset)["overall"]
+        assert (v["n_gt"], v["n_identified"], v["n_missed"], v["n_false_positive"]) == \
+            (ev["n_gt"], ev["n_identified"], ev["n_missed"], ev["n_false_positive"])
+        # written centroid files keep 3 decimals of a millimetre
+        assert v["d_mean_mm"] == pytest.approx(ev["d_mean_mm"], abs=1e-3, nan_ok=True)
+    assert v["n_gt"] > 0 and np.isfinite(v["d_mean_mm"])  # the image-derived outputs label vertebrae
+
+
+def test_implausible_headers_and_scans_too_big_for_memory_are_refused_before_any_work(trained_model,
+                                                                                     phantom_dataset, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import time
+
+    from spinelm import inference
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = sorted((phantom_dataset / "imagesTr").glob("*_0000.nii.gz"))[:1]
+    (inputs / good[0].name).symlink_to(good[0])
+    rng = np.random.default_rng(0)
+    # a "body" of 3.6 m x 5.6 m x 2.4 m: resampled to the plan it would be ~1e9 voxels
+    _write(inputs / "huge_0000.nii.gz", rng.random((48, 112, 72)).astype(np.float32), (50.0, 50.0, 50.0))
+    _write(inputs / "tiny_0000.nii.gz", rng.random((64, 64, 64)).astype(np.float32), (0.01, 0.01, 0.01))
+    _write(inputs / "coarse_0000.nii.gz", rng.random((10, 10, 10)).astype(np.float32), (20.0, 20.0, 20.0))
+    t0 = time.perf_counter()
+    rc = main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(trained_model), "--no-progress",
+               "--no-qc"])
+    assert rc == 1 and time.perf_counter() - t0 < 120
+    rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out" / "summary.csv"))}
+    assert rows[good[0].name[:-12]]["status"] == "done"
+    assert "implausible physical size" in rows["huge"]["error"] and "3600.0" in rows["huge"]["error"]
+    assert "too small to hold a vertebra" in rows["tiny"]["error"]
+    assert "too coarse to separate vertebrae" in rows["coarse"]["error"]
+    for case in ("huge", "tiny", "coarse"):
+        assert float(rows[case]["seconds"]) < 2.0
+    # a scan that is plausible but would not fit in the memory available now is refused before resampling
+    monkeypatch.setattr(inference, "available_memory_bytes", lambda: 5 * 2 ** 20)
+    capsys.readouterr()
+    rc = main(["predict", "-i", str(inputs / good[0].name), "-o", str(tmp_path / "out2"), "-m", str(trained_model),
+               "--no-progress", "--no-qc"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "needs about" in err and "GB are available" in err and good[0].name in err

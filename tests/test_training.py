@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +15,22 @@ from spinelm.preprocessing import preprocess_dataset
 from spinelm.training import TrainSettings, make_splits, poly_lr, train_fold
 
 
-@pytest.fixture
-def model_dir(phantom_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def planned_model(phantom_dataset, tmp_path_factory):
+    """A planned and preprocessed model folder, made once per module (tests train copies of it)."""
     fp = compute_fingerprint(phantom_dataset, num_workers=0, progress=False)
     plans = plan(fp, device="cpu", time_budget_min=2)
-    model = tmp_path / "model"
+    model = tmp_path_factory.mktemp("training") / "model"
     model.mkdir()
     save_plans(plans, model / "plans.json")
     preprocess_dataset(phantom_dataset, model, plans, num_workers=0, progress=False)
     return model
+
+
+@pytest.fixture
+def model_dir(planned_model, tmp_path):
+    import shutil
+    return Path(shutil.copytree(planned_model, tmp_path / "model"))
 
 
 def test_splits_are_deterministic_disjoint_and_keep_groups_together():
