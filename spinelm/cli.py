@@ -123,7 +123,8 @@ def _print_folds(results: list[dict], verbose: bool) -> None:
         fin = r["final"] or {}
         print(f"{Path(r['folder']).name}: {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min; validation id "
               f"rate {fin.get('id_rate', float('nan')):.3f}, d_mean {fin.get('d_mean_mm', float('nan')):.2f} mm "
-              f"({fin.get('n_identified', 0)}/{fin.get('n_gt', 0)} vertebrae) -> {r['folder']}")
+              f"({fin.get('n_identified', 0)}/{fin.get('n_gt', 0)} vertebrae), {fin.get('n_cases_level_shifted', 0)} of "
+              f"{fin.get('n_cases', 0)} case(s) level-shifted -> {r['folder']}")
         if verbose:
             print(json.dumps(r, indent=1, default=str))
 

@@ -16,6 +16,42 @@ import numpy as np
 IDENTIFICATION_RADIUS_MM = 20.0
 
 
+def level_index(label: int) -> int:
+    """Level counted from C1 (0) along the regular sequence; T13 and L6 take the slot of the level
+    that follows them (L1, S1), so that calling a 13th thoracic vertebra L1 is no shift."""
+    from spinelm import labels as L
+
+    rank = L.cranio_caudal_rank(label)
+    extra = sum(1 for v in (L.label_of("T13"), L.label_of("L6")) if L.cranio_caudal_rank(v) < rank)
+    return rank - extra
+
+
+def level_shift(pred: dict[int, np.ndarray], gt: dict[int, np.ndarray],
+                radius_mm: float = IDENTIFICATION_RADIUS_MM) -> int:
+    """By how many levels a case's labels are shifted (0: not shifted).
+
+    Each prediction within ``radius_mm`` of a ground-truth centroid (the closest one) sits on that
+    vertebra; its offset is its level minus that vertebra's level (:func:`level_index`). The case is
+    shifted by ``k`` when more than half of these predictions share the same non-zero offset ``k``:
+    the error users of vertebra labellers meet most, a whole run labelled one level off.
+    """
+    if not pred or not gt:
+        return 0
+    gt_labels = list(gt)
+    gt_pos = np.asarray([gt[k] for k in gt_labels], dtype=np.float64).reshape(-1, 3)
+    offsets = []
+    for lab, p in pred.items():
+        d = np.linalg.norm(gt_pos - np.asarray(p, dtype=np.float64), axis=1)
+        i = int(np.argmin(d))
+        if d[i] <= radius_mm:
+            offsets.append(level_index(lab) - level_index(gt_labels[i]))
+    if not offsets:
+        return 0
+    values, counts = np.unique(offsets, return_counts=True)
+    k = int(values[np.argmax(counts)])
+    return k if k != 0 and counts.max() > len(offsets) / 2 else 0
+
+
 def identification(pred: dict[int, np.ndarray], gt: dict[int, np.ndarray],
                    radius_mm: float = IDENTIFICATION_RADIUS_MM) -> dict:
     """Identification rate and localisation distances of one case.
@@ -36,7 +72,8 @@ def identification(pred: dict[int, np.ndarray], gt: dict[int, np.ndarray],
         if d <= radius_mm and closest == lab:
             identified.append(lab)
     return {"n_gt": len(gt), "identified": identified, "distances_mm": distances,
-            "missed": [k for k in gt if k not in pred], "false_positive": [k for k in pred if k not in gt]}
+            "missed": [k for k in gt if k not in pred], "false_positive": [k for k in pred if k not in gt],
+            "level_shift": level_shift(pred, gt, radius_mm)}
 
 
 def summarise(results: list[dict]) -> dict:
@@ -46,7 +83,10 @@ def summarise(results: list[dict]) -> dict:
     dists = [d for r in results for d in r["distances_mm"].values()]
     return {"id_rate": ident / n if n else float("nan"), "d_mean_mm": float(np.mean(dists)) if dists else float("nan"),
             "n_gt": n, "n_identified": ident, "n_missed": sum(len(r["missed"]) for r in results),
-            "n_false_positive": sum(len(r["false_positive"]) for r in results)}
+            "n_false_positive": sum(len(r["false_positive"]) for r in results),
+            "n_cases": len(results), "n_cases_level_shifted": sum(1 for r in results if r.get("level_shift")),
+            "level_shifted_share": (sum(1 for r in results if r.get("level_shift")) / len(results)) if results
+            else float("nan")}
 
 
 def dice_per_label(pred: np.ndarray, gt: np.ndarray) -> dict[int, float]:
@@ -172,17 +212,18 @@ def write_evaluation(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Pa
     jpath = write_json_atomic(out / "evaluation.json", report)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "n_gt", "n_identified", "id_rate", "d_mean_mm", "missed", "false_positive", "dice_mean"])
+    w.writerow(["case", "n_gt", "n_identified", "id_rate", "d_mean_mm", "level_shift", "missed", "false_positive",
+                "dice_mean"])
     for c in report["cases"]:
         d = list(c["distances_mm"].values())
         dice = list(c.get("dice", {}).values())
         w.writerow([c["case"], c["n_gt"], len(c["identified"]),
                     f"{len(c['identified']) / c['n_gt']:.4f}" if c["n_gt"] else "",
-                    f"{np.mean(d):.3f}" if d else "", " ".join(L.name_of(x) for x in c["missed"]),
+                    f"{np.mean(d):.3f}" if d else "", c.get("level_shift", 0), " ".join(L.name_of(x) for x in c["missed"]),
                     " ".join(L.name_of(x) for x in c["false_positive"]), f"{np.mean(dice):.4f}" if dice else ""])
     o = report["overall"]
     w.writerow(["ALL", o["n_gt"], o["n_identified"], f"{o['id_rate']:.4f}",
-                f"{o['d_mean_mm']:.3f}" if np.isfinite(o["d_mean_mm"]) else "", o["n_missed"],
+                f"{o['d_mean_mm']:.3f}" if np.isfinite(o["d_mean_mm"]) else "", o["n_cases_level_shifted"], o["n_missed"],
                 o["n_false_positive"], f"{o['dice_mean']:.4f}" if o["dice_mean"] is not None else ""])
     cpath = write_text_atomic(out / "evaluation.csv", buf.getvalue())
     return jpath, cpath
@@ -192,19 +233,20 @@ def format_table(report: dict) -> str:
     """A compact text table: one line per case and the overall figures."""
     from spinelm import labels as L
 
-    lines = [f"{'case':<24} {'gt':>3} {'id':>3} {'id rate':>8} {'d_mean':>8}  missed / false positive"]
+    lines = [f"{'case':<24} {'gt':>3} {'id':>3} {'id rate':>8} {'d_mean':>8} {'shift':>5}  missed / false positive"]
     for c in report["cases"]:
         d = list(c["distances_mm"].values())
         rate = len(c["identified"]) / c["n_gt"] if c["n_gt"] else float("nan")
         note = "" if c["predicted"] else "  (no prediction)"
         lines.append(f"{c['case'][:24]:<24} {c['n_gt']:>3} {len(c['identified']):>3} {rate:>8.2f} "
-                     f"{(f'{np.mean(d):.1f} mm') if d else '-':>8}  "
+                     f"{(f'{np.mean(d):.1f} mm') if d else '-':>8} {c.get('level_shift', 0):>+5d}  "
                      f"{','.join(L.name_of(x) for x in c['missed']) or '-'} / "
                      f"{','.join(L.name_of(x) for x in c['false_positive']) or '-'}{note}")
     o = report["overall"]
     dice = f", Dice {o['dice_mean']:.3f}" if o.get("dice_mean") is not None else ""
     lines.append(f"overall: identification rate {o['id_rate']:.3f} ({o['n_identified']}/{o['n_gt']}), d_mean "
-                 f"{o['d_mean_mm']:.2f} mm, {o['n_missed']} missed, {o['n_false_positive']} false positive "
+                 f"{o['d_mean_mm']:.2f} mm, {o['n_cases_level_shifted']} of {o['n_cases']} case(s) level-shifted, "
+                 f"{o['n_missed']} missed, {o['n_false_positive']} false positive "
                  f"label(s){dice}; {o['n_cases']} case(s), {o['n_cases_without_prediction']} without prediction"
                  + (f"; {o['n_ground_truth_cases_not_evaluated']} ground-truth case(s) not predicted and not "
                     f"evaluated (--all-gt counts them)" if o.get("n_ground_truth_cases_not_evaluated") else ""))

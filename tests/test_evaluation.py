@@ -2,6 +2,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from spinelm.evaluation import identification, summarise
 
@@ -64,3 +65,23 @@ def test_evaluate_folders_and_cli_with_hand_computed_figures(tmp_path, capsys):
     main(["evaluate", str(pred), str(gt), "--all-gt", "--no-progress"])
     o = json.loads((pred / "evaluation.json").read_text())["overall"]
     assert o["n_gt"] == 6 and o["n_identified"] == 3 and o["n_cases_without_prediction"] == 1
+
+
+def test_level_shift_counts_runs_labelled_off_by_the_same_number_of_levels():
+    from spinelm.evaluation import level_index, level_shift, summarise
+
+    gt = {lab: np.array([0.0, 0.0, -30.0 * i]) for i, lab in enumerate(range(18, 25))}  # T11..L5, 30 mm apart
+    right = {lab: p + 2.0 for lab, p in gt.items()}
+    up_one = {lab - 1: p for lab, p in gt.items()}  # every vertebra called by the level above
+    down_two = {lab + 2: p for lab, p in gt.items() if lab + 2 <= 24}
+    one_wrong = dict(right)
+    one_wrong[22], one_wrong[23] = right[23], right[22]  # two swapped: not a shifted case
+    assert level_shift(right, gt) == 0
+    assert level_shift(up_one, gt) == -1
+    assert level_shift(down_two, gt) == 2
+    assert level_shift(one_wrong, gt) == 0
+    assert level_shift({}, gt) == 0
+    assert level_index(28) == level_index(20)  # T13 takes L1's slot: calling it L1 is no shift
+    assert level_shift({20: gt[19] + 1.0}, {19: gt[19], 28: gt[19] - 30.0}) == 1  # one case, all one off
+    r = summarise([identification(right, gt), identification(up_one, gt), identification(down_two, gt)])
+    assert r["n_cases_level_shifted"] == 2 and r["level_shifted_share"] == pytest.approx(2 / 3)
