@@ -138,22 +138,15 @@ def cmd_train(args) -> int:
 
 def cmd_plan_and_train(args) -> int:
     from spinelm.pipeline import plan_and_train
-    from spinelm.planning import summarize
 
     settings = _train_settings(args)
     for key in ("device", "time_budget_min", "progress"):
         settings.pop(key)
     r = plan_and_train(args.dataset, args.output, args.device, args.gpu_memory, args.time_budget, args.preset,
-                       args.workers, args.fold, not args.no_progress, **settings)
-    for line in r.validation.lines():
-        print(line)
-    print(r.validation.summary())
+                       args.workers, args.fold, not args.no_progress, say=print, **settings)
     if not r.validation.ok:
         print("fix the errors above first (spinelm validate lists them)", file=sys.stderr)
         return 1
-    print(summarize(r.plans))
-    if r.failed_preprocessing:
-        print(f"preprocessing failed for {', '.join(r.failed_preprocessing)}; trained without them", file=sys.stderr)
     _print_folds(r.folds, args.verbose)
     return 0
 

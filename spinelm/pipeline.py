@@ -119,17 +119,24 @@ class PlanAndTrainResult:
 def plan_and_train(dataset: str | Path, model_dir: str | Path, device: str | None = None,
                    gpu_memory: float | None = None, time_budget: float | None = None, preset: str | None = None,
                    workers: int | None = None, folds: str | int | None = "0", progress: bool = True,
-                   **settings) -> PlanAndTrainResult:
-    """Validate, fingerprint, plan, preprocess and train. Stops after validation when the dataset has
-    errors (``result.validation.ok`` is False); cases that fail preprocessing are left out."""
+                   say: Say = log.info, **settings) -> PlanAndTrainResult:
+    """Validate, fingerprint, plan, preprocess and train, reporting each step through ``say`` as it
+    ends. Stops after validation when the dataset has errors (``result.validation.ok`` is False);
+    cases that fail preprocessing are left out."""
+    from spinelm.planning import summarize
     from spinelm.validation import validate_dataset
 
     result = PlanAndTrainResult(validate_dataset(dataset, progress=progress))
+    for line in result.validation.lines() + [result.validation.summary()]:
+        say(line)
     if not result.validation.ok:
         return result
     result.plans = plan_dataset(dataset, model_dir, device, gpu_memory, time_budget, preset, workers, progress)
+    say(summarize(result.plans))
     status = preprocess(dataset, model_dir, workers, progress)
     result.failed_preprocessing = sorted(c for c, st in status.items() if st.startswith("failed"))
+    if result.failed_preprocessing:
+        say(f"preprocessing failed for {', '.join(result.failed_preprocessing)}; training without them")
     result.folds = train(model_dir, folds, device=device, time_budget_min=time_budget, progress=progress, **settings)
     return result
 

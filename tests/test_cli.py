@@ -85,3 +85,13 @@ def test_plan_on_real_lumbar_mr(tmp_path, capsys):
     assert fine["spacing"] == [3.0, 3.0, 3.0]
     assert plans["training"]["optimizer"] == "adamw"
     assert plans["heads"]["segmentation"]["labels"] == list(range(18, 25))
+
+
+def test_plan_and_train_reports_each_step_and_trains(phantom_dataset, tmp_path, capsys):
+    rc = main(["plan-and-train", str(phantom_dataset), "-o", str(tmp_path / "m"), "--device", "cpu", "--epochs", "1",
+               "--iterations", "1", "--time-budget", "2", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    # validation, then the plan and its reasons, then the fold's figures, in that order
+    assert out.index("0 error(s)") < out.index("spinelm plan (preset cpu") < out.index("fold_0: 1 epochs")
+    assert "level-shifted" in out and (tmp_path / "m" / "fold_0" / "checkpoint_final.pt").is_file()
