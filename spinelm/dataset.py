@@ -27,7 +27,7 @@ import numpy as np
 from spinelm import labels as L
 from spinelm.io.files import read_json
 from spinelm.io.image import IMAGE_ENDINGS, Geometry, image_ending, load_volume, read_geometry
-from spinelm.io.scan import channel_problem, group_channels, read_scan, split_channel  # noqa: F401 (re-exported)
+from spinelm.io.scan import channel_problem, group_channels, read_scan
 from spinelm.io.landmarks import Landmark, centroids_from_mask, read_landmarks
 
 CENTROID_SUFFIXES = (".mrk.json", "_ctd.json", ".json")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from spinelm.io.image import Frame
 from spinelm.network import split_heads
 
 #: Heatmap peaks below this value (targets peak at 1) are not candidates. Low on purpose: the
@@ -216,42 +217,6 @@ BYTES_PER_RESAMPLED_VOXEL_PER_OUTPUT = 8
 MEMORY_SHARE = 0.9
 
 
-@dataclass(frozen=True)
-class Frame:
-    """Where the voxels of a preprocessed array lie in the world: the canonical geometry of the scan
-    and nnU-Net's transpose, crop and resampling (``x' = (x + 0.5) * new / old - 0.5``)."""
-
-    geometry: object  # spinelm.io.image.Geometry of the canonical scan
-    transpose_forward: tuple[int, int, int]
-    bbox: tuple[tuple[int, int], ...]
-    shape_after_cropping: tuple[int, int, int]
-    shape: tuple[int, int, int]
-
-    @classmethod
-    def from_info(cls, geometry, transpose_forward, info: dict) -> "Frame":
-        """From :func:`spinelm.nnunet.run_preprocessor`'s ``info`` (or a cached case's properties)."""
-        return cls(geometry, tuple(int(a) for a in transpose_forward), tuple(tuple(int(v) for v in b) for b in
-                                                                              info["bbox" if "bbox" in info else
-                                                                                   "bbox_used_for_cropping"]),
-                   tuple(int(v) for v in info["shape_after_cropping"]), tuple(int(v) for v in info["shape"]))
-
-    def to_world(self, index: np.ndarray) -> np.ndarray:
-        """Continuous preprocessed voxel indices ``(N, 3)`` -> world LPS mm ``(N, 3)``."""
-        idx = np.asarray(index, dtype=np.float64).reshape(-1, 3)
-        scale = np.asarray(self.shape_after_cropping, dtype=np.float64) / np.asarray(self.shape, dtype=np.float64)
-        idx = (idx + 0.5) * scale - 0.5 + np.asarray([b[0] for b in self.bbox], dtype=np.float64)
-        canonical = np.empty_like(idx)
-        canonical[:, list(self.transpose_forward)] = idx
-        return self.geometry.array_index_to_world(canonical)
-
-    def from_world(self, points_mm: np.ndarray) -> np.ndarray:
-        """World LPS mm ``(N, 3)`` -> continuous preprocessed voxel indices (inverse of :meth:`to_world`)."""
-        idx = self.geometry.world_to_array_index(np.asarray(points_mm, dtype=np.float64).reshape(-1, 3))
-        idx = idx[:, list(self.transpose_forward)] - np.asarray([b[0] for b in self.bbox], dtype=np.float64)
-        scale = np.asarray(self.shape, dtype=np.float64) / np.asarray(self.shape_after_cropping, dtype=np.float64)
-        return (idx + 0.5) * scale - 0.5
-
-
 @dataclass
 class Labelled:
     """Post-processing of one case: candidates (preprocessed voxels and world mm) and the ordered ones."""
@@ -319,20 +284,22 @@ def _geometric_mean(spacing) -> float:
 
 def available_memory_bytes() -> int | None:
     """Memory available to this process now (Linux ``MemAvailable``, or a cgroup limit if lower)."""
-    avail = None
+    from pathlib import Path
+
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
+        meminfo = Path("/proc/meminfo").read_text()
     except OSError:
         return None
+    found = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    if not found:
+        return None
+    avail = found[0]
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = open(path).read().strip()
+            text = Path(path).read_text().strip()
         except OSError:
             continue
-        if text.isdigit() and avail is not None:
+        if text.isdigit():
             avail = min(avail, int(text))
     return avail
 

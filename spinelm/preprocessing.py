@@ -28,6 +28,7 @@ import numpy as np
 from spinelm import labels as L
 from spinelm.dataset import Case, discover_dataset, load_case
 from spinelm.io.files import atomic_path, read_json, write_json_atomic
+from spinelm.io.image import Frame
 from spinelm.nnunet import run_preprocessor
 from spinelm.plans import ModelFolder, as_plans
 from spinelm.parallel import parallel_map
@@ -44,19 +45,6 @@ def label_lookup(plans: dict) -> np.ndarray:
     for i, lab in enumerate(heads["segmentation"].labels if "segmentation" in heads else (), start=1):
         lut[lab] = i
     return lut
-
-
-def world_to_preprocessed(points_mm: np.ndarray, geometry, transpose_forward, bbox, shape_after_crop,
-                          new_shape) -> np.ndarray:
-    """World LPS mm -> continuous voxel indices of the preprocessed array.
-
-    Canonical array index, then the axis transpose, the crop offset, and the resampling map of
-    nnU-Net's resize (voxel centres: ``x' = (x + 0.5) * new / old - 0.5``).
-    """
-    idx = geometry.world_to_array_index(np.asarray(points_mm, dtype=np.float64).reshape(-1, 3))
-    idx = idx[:, list(transpose_forward)] - np.asarray([b[0] for b in bbox], dtype=np.float64)
-    scale = np.asarray(new_shape, dtype=np.float64) / np.asarray(shape_after_crop, dtype=np.float64)
-    return (idx + 0.5) * scale - 0.5
 
 
 def source_signature(case: Case) -> str:
@@ -81,18 +69,6 @@ def plan_signature(plans: dict, configuration: str) -> str:
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
-def preprocessed_to_world(index: np.ndarray, geometry, transpose_forward, bbox, shape_after_crop,
-                          new_shape) -> np.ndarray:
-    """Continuous voxel indices of the preprocessed array -> world LPS mm (inverse of
-    :func:`world_to_preprocessed`)."""
-    idx = np.asarray(index, dtype=np.float64).reshape(-1, 3)
-    scale = np.asarray(shape_after_crop, dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
-    idx = (idx + 0.5) * scale - 0.5 + np.asarray([b[0] for b in bbox], dtype=np.float64)
-    canonical = np.empty_like(idx)
-    canonical[:, list(transpose_forward)] = idx
-    return geometry.array_index_to_world(canonical)
-
-
 def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """Preprocess one case in memory: ``(data, seg, properties)``."""
     lc = load_case(case, canonical=True)
@@ -103,7 +79,7 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
     data, seg_out, info = run_preprocessor(lc.image, lc.geometry.array_spacing, plans, configuration, seg)
     bbox, shape_after_crop, new_shape = info["bbox"], info["shape_after_cropping"], info["shape"]
     pts = np.asarray([lm.position_mm for lm in lc.landmarks]).reshape(-1, 3)
-    vox = world_to_preprocessed(pts, lc.geometry, as_plans(plans).transpose_forward, bbox, shape_after_crop, new_shape)
+    vox = Frame.from_info(lc.geometry, as_plans(plans).transpose_forward, info).from_world(pts)
     properties = {
         "case": case.case_id,
         "has_mask": lc.mask is not None,

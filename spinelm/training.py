@@ -204,16 +204,16 @@ def validate(network, cache: Path, case_ids: list[str], plans, device) -> dict:
     checkpoint the figures equal ``spinelm predict`` + ``spinelm evaluate``. Label-free figures
     say whether the heatmap has learned where vertebrae are before the labels are right.
     """
-    from spinelm.inference import Frame, Predictor
-    from spinelm.io.image import Geometry
+    from spinelm.inference import Predictor
+    from spinelm.io.image import Frame, Geometry
 
     predictor = Predictor.from_network(network, plans, device)
     distance = predictor.plans.distance_mm
     results, nearest, precise = [], [], []
     for case in case_ids:
         props = read_json(cache / f"{case}.json")
-        frame = Frame.from_info(Geometry(**{k: tuple(v) for k, v in props["canonical_geometry"].items()}),
-                                predictor.plans.transpose_forward, props)
+        frame = Frame.from_info(Geometry.from_json(props["canonical_geometry"]), predictor.plans.transpose_forward,
+                                props)
         lab = predictor.predict_preprocessed(np.load(cache / f"{case}_data.npy"), frame, with_mask=False).labelled
         gt_mm = {int(lm["label"]): np.asarray(lm["position_mm"], dtype=np.float64) for lm in props["landmarks"]}
         results.append(identification({lb: lab.candidate_world_mm[i] for i, lb in zip(lab.kept, lab.labels)}, gt_mm))

@@ -6,7 +6,8 @@ import pytest
 
 from spinelm.fingerprint import compute_fingerprint
 from spinelm.planning import plan
-from spinelm.preprocessing import load_preprocessed, preprocess_dataset, world_to_preprocessed
+from spinelm.io.image import Frame
+from spinelm.preprocessing import load_preprocessed, preprocess_dataset
 from spinelm.io import Geometry
 
 
@@ -49,6 +50,9 @@ def test_world_to_preprocessed_map_follows_transpose_crop_and_resampling():
     g = Geometry((10, 20, 30), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
     # canonical array index (z, y, x) = (5, 4, 3) is world (3*2, 4, 5) mm
     world = g.array_index_to_world([5.0, 4.0, 3.0])
-    out = world_to_preprocessed(world, g, [2, 0, 1], [[1, 9], [2, 30], [0, 20]], [8, 28, 20], [16, 28, 40])
+    frame = Frame.from_info(g, [2, 0, 1], {"bbox": [[1, 9], [2, 30], [0, 20]], "shape_after_cropping": [8, 28, 20],
+                                            "shape": [16, 28, 40]})
+    out = frame.from_world(world)
     # transpose -> (3, 5, 4); crop -> (2, 3, 4); x2 on axes 0 and 2 around voxel centres
     np.testing.assert_allclose(out[0], [(2 + 0.5) * 2 - 0.5, 3.0, (4 + 0.5) * 2 - 0.5])
+    np.testing.assert_allclose(frame.to_world(out), world.reshape(1, 3))  # and back, as prediction maps peaks

@@ -144,6 +144,57 @@ class Geometry:
         return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
                 "direction": list(self.direction)}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Geometry":
+        """Inverse of :meth:`to_json`."""
+        return cls(tuple(int(v) for v in data["size"]), tuple(float(v) for v in data["spacing"]),
+                   tuple(float(v) for v in data["origin"]), tuple(float(v) for v in data["direction"]))
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where the voxels of a preprocessed array lie in the world: the canonical geometry of the scan
+    and nnU-Net's transpose, crop and resampling (voxel centres: ``x' = (x + 0.5) * new / old - 0.5``).
+
+    Attributes:
+        geometry: canonical geometry of the scan.
+        transpose_forward: the plan's axis transpose (canonical -> network order).
+        bbox: crop box per network axis, ``((start, stop), ...)``.
+        shape_after_cropping: array shape after the crop, before resampling.
+        shape: preprocessed array shape.
+    """
+
+    geometry: Geometry
+    transpose_forward: tuple[int, int, int]
+    bbox: tuple[tuple[int, int], ...]
+    shape_after_cropping: tuple[int, int, int]
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def from_info(cls, geometry: Geometry, transpose_forward, info: dict) -> "Frame":
+        """From the preprocessor's ``info`` (``bbox``, ``shape_after_cropping``, ``shape``) or a cached
+        case's properties (``bbox_used_for_cropping`` instead of ``bbox``)."""
+        bbox = info["bbox"] if "bbox" in info else info["bbox_used_for_cropping"]
+        return cls(geometry, tuple(int(a) for a in transpose_forward), tuple(tuple(int(v) for v in b) for b in bbox),
+                   tuple(int(v) for v in info["shape_after_cropping"]), tuple(int(v) for v in info["shape"]))
+
+    def _scale(self) -> np.ndarray:
+        return np.asarray(self.shape, dtype=np.float64) / np.asarray(self.shape_after_cropping, dtype=np.float64)
+
+    def to_world(self, index: np.ndarray) -> np.ndarray:
+        """Continuous preprocessed voxel indices ``(N, 3)`` -> world LPS mm ``(N, 3)``."""
+        idx = (np.asarray(index, dtype=np.float64).reshape(-1, 3) + 0.5) / self._scale() - 0.5
+        idx = idx + np.asarray([b[0] for b in self.bbox], dtype=np.float64)
+        canonical = np.empty_like(idx)
+        canonical[:, list(self.transpose_forward)] = idx
+        return self.geometry.array_index_to_world(canonical)
+
+    def from_world(self, points_mm: np.ndarray) -> np.ndarray:
+        """World LPS mm ``(N, 3)`` -> continuous preprocessed voxel indices (inverse of :meth:`to_world`)."""
+        idx = self.geometry.world_to_array_index(np.asarray(points_mm, dtype=np.float64).reshape(-1, 3))
+        idx = idx[:, list(self.transpose_forward)] - np.asarray([b[0] for b in self.bbox], dtype=np.float64)
+        return (idx + 0.5) * self._scale() - 0.5
+
 
 def _fmt(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

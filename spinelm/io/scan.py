@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinelm.io.image import IMAGE_ENDINGS, Geometry, ImageReadError, image_ending, nifti_integrity
+from spinelm.io.image import Geometry, ImageReadError, image_ending, nifti_integrity
 
 #: An image needs at least this many voxels along every axis ...
 MIN_VOXELS_PER_AXIS = 4
@@ -306,6 +306,6 @@ def _mm(values) -> str:
     return "(" + ", ".join(f"{float(v):.3g}" for v in values) + ")"
 
 
-__all__ = ["FLOAT32_MAX", "IMAGE_ENDINGS", "ImageProblem", "InspectedImage", "MAX_EXTENT_MM", "MAX_SPACING_MM",
+__all__ = ["FLOAT32_MAX", "ImageProblem", "InspectedImage", "MAX_EXTENT_MM", "MAX_SPACING_MM",
            "MIN_EXTENT_MM", "MIN_VOXELS_PER_AXIS", "ScanError", "ScanInput", "channel_problem", "collect_inputs",
            "geometry_problems", "group_channels", "inspect_image", "read_scan", "split_channel", "voxel_problems"]
