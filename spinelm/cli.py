@@ -89,7 +89,7 @@ def cmd_plan(args) -> int:
     from spinelm.planning import summarize
 
     plans = plan_dataset(args.dataset, args.output, args.device, args.gpu_memory, args.time_budget, args.preset,
-                         args.workers, not args.no_progress)
+                         args.workers, not args.no_progress, args.precision)
     print(summarize(plans))
     print(f"wrote {Path(args.output) / 'plans.json'}, fingerprint.json and dataset.json")
     return 0
@@ -281,9 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--gpu-memory", type=_positive, help="GPU memory in GB (default: detected)")
     s.add_argument("--time-budget", type=_positive, metavar="MIN",
-                   help="training time budget in minutes; on CPU it caps the patch size (default: preset's)")
+                   help="training time budget in minutes: a few real training steps are timed on this device (cached) "
+                        "and the patch is capped so the budget buys the steps the recipe needs (default: preset's)")
     s.add_argument("--preset", help="planner preset name or JSON path (default: by device; see plans/)")
     s.add_argument("--workers", type=_workers, default=None, help="fingerprint worker processes")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the arithmetic training will use; with --time-budget a few training steps are timed in it "
+                        "on this device to size the patch (default auto)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("preprocess", parents=[common], help="preprocess a dataset into a model folder's cache",

@@ -39,13 +39,16 @@ def detect_gpu_memory(device: str, given: float | None) -> float | None:
 
 def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None = None,
                  gpu_memory: float | None = None, time_budget: float | None = None, preset: str | None = None,
-                 workers: int | None = None, progress: bool = True):
+                 workers: int | None = None, progress: bool = True, precision: str = "auto"):
     """Fingerprint + plan a dataset into a self-contained model folder (``plans.json``,
-    ``fingerprint.json``, ``dataset.json``); returns the :class:`~spinelm.plans.Plans`."""
+    ``fingerprint.json``, ``dataset.json``); returns the :class:`~spinelm.plans.Plans`. With a time
+    budget the plan is fitted to a training step measured on this device in ``precision``
+    (:func:`spinelm.budget.plan_within_budget`)."""
     from spinelm.dataset import discover_dataset
     from spinelm.fingerprint import compute_fingerprint, save_fingerprint
     from spinelm.io.files import write_json_atomic
-    from spinelm.planning import plan, save_plans
+    from spinelm.budget import plan_within_budget
+    from spinelm.planning import save_plans
     from spinelm.plans import ModelFolder, Plans
 
     dataset, model = Path(dataset), ModelFolder(model_dir)
@@ -55,7 +58,7 @@ def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None 
     t0 = time.time()
     fp = compute_fingerprint(dataset, num_workers=workers, progress=progress)
     log.info("fingerprint of %d case(s) in %.1f s", len(fp["cases"]), time.time() - t0)
-    raw = plan(fp, preset=preset, device=device, gpu_memory_gb=gpu_memory, time_budget_min=time_budget)
+    raw = plan_within_budget(fp, preset, device, gpu_memory, time_budget, precision)
     model.root.mkdir(parents=True, exist_ok=True)
     save_fingerprint(fp, model.root / "fingerprint.json")
     write_json_atomic(model.root / "dataset.json", {
@@ -131,7 +134,8 @@ def plan_and_train(dataset: str | Path, model_dir: str | Path, device: str | Non
         say(line)
     if not result.validation.ok:
         return result
-    result.plans = plan_dataset(dataset, model_dir, device, gpu_memory, time_budget, preset, workers, progress)
+    result.plans = plan_dataset(dataset, model_dir, device, gpu_memory, time_budget, preset, workers, progress,
+                                settings.get("precision", "auto"))
     say(summarize(result.plans))
     status = preprocess(dataset, model_dir, workers, progress)
     result.failed_preprocessing = sorted(c for c, st in status.items() if st.startswith("failed"))
@@ -189,7 +193,7 @@ def demo(out: str | Path = "spinelm_demo", n: int = 20, held_out: int = 6, seed:
     if not report.ok:
         return None
     say(f"[3/6] fingerprint and plan for the CPU into {model}")
-    say(summarize(plan_dataset(data, model, "cpu", None, time_budget, None, None, progress)))
+    say(summarize(plan_dataset(data, model, "cpu", None, time_budget, None, None, progress, precision)))
     say("[4/6] preprocessing")
     preprocess(data, model, None, progress)
     say(f"[5/6] training fold 0 for {time_budget:g} min on the CPU (checkpoints in {model / 'fold_0'})")

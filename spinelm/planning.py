@@ -67,7 +67,6 @@ class Preset:
     min_batch_size: int
     network_class: str
     min_spacing_mm: float
-    cpu_seconds_per_mvoxel: float | None
     min_iterations: int
     epochs: int
     iterations_per_epoch: int
@@ -162,18 +161,22 @@ def memory_target_gb(preset_target_gb: float, gpu_memory_gb: float | None) -> fl
     return float(min(preset_target_gb, gpu_memory_gb - GPU_OVERHEAD_GB))
 
 
+#: Share of a time budget left for training steps (the rest: validation, checkpoints, data loading).
+BUDGET_USABLE_SHARE = 0.8
+
+
 def patch_voxel_budget(time_budget_min: float | None, batch_size: int, seconds_per_mvoxel: float | None,
                        min_iterations: int) -> int | None:
     """Largest patch (voxels) that still allows ``min_iterations`` training steps in the time budget.
 
-    A training step costs roughly ``seconds_per_mvoxel`` per million voxels in the batch (measured
-    for the preset's network on the target device; on a GPU the memory target binds first, so
-    presets leave it None). Few steps on large patches learn less than many on small ones, so the
-    patch shrinks to fit the budget. Never below 32^3, where a 4-stage U-Net still fits.
+    ``seconds_per_mvoxel`` is a step's cost per million batch voxels, measured for the plan's network
+    on the device itself (:func:`spinelm.budget.measure_step`); without a measurement (or a budget)
+    there is no cap. Few steps on large patches learn less than many on small ones, so the patch
+    shrinks to fit the budget. Never below 32^3, where a 4-stage U-Net still fits.
     """
     if time_budget_min is None or seconds_per_mvoxel is None:
         return None
-    seconds = time_budget_min * 60.0 * 0.8  # 20 % for validation, checkpoints and data loading
+    seconds = time_budget_min * 60.0 * BUDGET_USABLE_SHARE
     voxels = seconds / (min_iterations * seconds_per_mvoxel * batch_size) * 1e6
     return int(max(voxels, 32 ** 3))
 
@@ -331,7 +334,8 @@ def _nnunet_configuration(fingerprint: dict, heads: dict, preset: Preset, mem_gb
 
 
 def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "cpu",
-         gpu_memory_gb: float | None = None, time_budget_min: float | None = None) -> dict:
+         gpu_memory_gb: float | None = None, time_budget_min: float | None = None,
+         seconds_per_mvoxel: float | None = None) -> dict:
     """Plans for a dataset from its fingerprint; a pure function of its arguments.
 
     Args:
@@ -339,7 +343,10 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
         preset: preset name, :class:`Preset`, or None to choose by device.
         device: ``"cpu"`` or ``"cuda"``.
         gpu_memory_gb: memory of the GPU, to lower the target on small cards.
-        time_budget_min: training time budget; on CPU it caps the patch size.
+        time_budget_min: training time budget.
+        seconds_per_mvoxel: measured cost of a training step per million batch voxels on the device
+            (:func:`spinelm.budget.measure_step`); with a time budget it caps the patch so that the
+            preset's ``min_iterations`` steps fit. Without it the patch is not capped.
     """
     import nnunetv2
 
@@ -347,14 +354,17 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
     budget = time_budget_min if time_budget_min is not None else preset.time_budget_min
     heads = choose_heads(fingerprint)
     mem_gb = memory_target_gb(preset.memory_target_gb, gpu_memory_gb if not device.startswith("cpu") else None)
-    max_vox = patch_voxel_budget(budget, preset.min_batch_size, preset.cpu_seconds_per_mvoxel, preset.min_iterations)
+    max_vox = patch_voxel_budget(budget, preset.min_batch_size, seconds_per_mvoxel, preset.min_iterations)
     distance = consecutive_distance_mm(fingerprint)
     why: list[str] = []
     fine, tf, tb, norm, mask_norm = _nnunet_configuration(fingerprint, heads, preset, mem_gb, max_vox, why)
     cc = cranio_caudal_axis_after_transpose(tf)
     if max_vox is not None:
-        why.append(f"time budget {budget:g} min on {device}: patch capped at {max_vox} voxels so that at least "
-                   f"{preset.min_iterations} training steps fit")
+        # the cap counts patch voxels at the preset's batch size; nnU-Net would grow the batch of a
+        # small patch, which the measured budget cannot pay for (more context per step beats more samples)
+        fine["batch_size"] = min(int(fine["batch_size"]), preset.min_batch_size)
+        why.append(f"time budget {budget:g} min on {device} at a measured {seconds_per_mvoxel:.2f} s per million "
+                   f"batch voxels: patch capped at {max_vox} voxels so that {preset.min_iterations} training steps fit")
     configs = {"fine": fine}
     for cfg in configs.values():
         cfg["normalization_schemes"], cfg["use_mask_for_norm"] = norm, mask_norm
@@ -381,7 +391,8 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
         "preset": preset.name,
         "device": device,
         "budget": {"time_budget_min": budget, "gpu_memory_gb": gpu_memory_gb, "memory_target_gb": mem_gb,
-                   "max_patch_voxels": max_vox},
+                   "max_patch_voxels": max_vox, "required_steps": preset.min_iterations,
+                   "seconds_per_mvoxel": seconds_per_mvoxel},
         "channel_names": fingerprint["channel_names"],
         "orientation": "LPS",
         "transpose_forward": [int(i) for i in tf],

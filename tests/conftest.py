@@ -9,6 +9,12 @@ import pytest
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _step_time_cache(tmp_path_factory):
+    """Measured training-step times go to a session folder, not the user's cache."""
+    os.environ["SPINELM_CACHE"] = str(tmp_path_factory.mktemp("spinelm_cache"))
+
 #: Real annotated scans (see ../shared/data/README.md); tests that need them skip when absent.
 DATA_ROOT = Path(os.environ.get("SPINELM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -87,7 +87,7 @@ def test_unknown_preset_suggests_a_name():
 def test_cpu_plan_for_sagittal_mr_is_small_and_keeps_the_thick_axis_first():
     # thick-slice sagittal MR: 4 mm left-right (canonical axis 2), 0.7 mm in plane
     fp = _fingerprint([[0.7, 0.7, 4.0]] * 6, [[520, 500, 15]] * 6)
-    plans = P.plan(fp, device="cpu", time_budget_min=15)
+    plans = P.plan(fp, device="cpu", time_budget_min=15, seconds_per_mvoxel=1.7)
     fine = plans["configurations"]["fine"]
     assert plans["transpose_forward"][0] == 2  # lowest resolution first, as nnU-Net does
     assert plans["cranio_caudal_axis"] == 1
@@ -127,8 +127,8 @@ def test_smaller_gpu_gives_smaller_patch_and_time_budget_shrinks_cpu_patch():
     big = P.plan(fp, device="cuda", gpu_memory_gb=24)["configurations"]["fine"]
     small = P.plan(fp, device="cuda", gpu_memory_gb=4)["configurations"]["fine"]
     assert np.prod(small["patch_size"]) < np.prod(big["patch_size"])
-    slow = P.plan(fp, device="cpu", time_budget_min=5)["configurations"]["fine"]
-    fast = P.plan(fp, device="cpu", time_budget_min=60)["configurations"]["fine"]
+    slow = P.plan(fp, device="cpu", time_budget_min=5, seconds_per_mvoxel=1.7)["configurations"]["fine"]
+    fast = P.plan(fp, device="cpu", time_budget_min=60, seconds_per_mvoxel=1.7)["configurations"]["fine"]
     assert np.prod(slow["patch_size"]) < np.prod(fast["patch_size"])
 
 
