@@ -22,6 +22,12 @@ from pathlib import Path
 #: 0.68-0.83 after 1,450-1,500 steps and 0.95 after 3,200 steps (two 20-minute runs in bfloat16);
 #: a float32 run of 2,050 steps stopped at 0.59. Budgets that buy fewer steps shrink the patch.
 CPU_REQUIRED_STEPS = 3000
+#: Steps the coarse identification stage trains for (when the plan has one). Measured on the real
+#: lumbar MR set in float32: a 6 mm network holding the whole scan in its patch reached an
+#: identification rate of 0.97 after ~1,200 steps and 1.00 after ~1,350.
+COARSE_REQUIRED_STEPS = 1500
+#: The coarse stage never takes more than this share of a budget's training time.
+COARSE_MAX_SHARE = 0.3
 #: Steps timed after the warm-up ones (the first steps pay for allocations and oneDNN kernel choice).
 TIMED_STEPS = 3
 WARMUP_STEPS = 1
@@ -63,7 +69,8 @@ def _precision_name(precision: str, device: str) -> str:
         (" + channels-last" if channels_last else "")
 
 
-def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache: bool = True) -> dict:
+def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache: bool = True,
+                 configuration: str = "fine") -> dict:
     """Seconds per training step of the plan's network on ``device`` (median of :data:`TIMED_STEPS`).
 
     Returns ``{"seconds_per_step", "seconds_per_mvoxel" (per million batch voxels), "batch_voxels",
@@ -78,7 +85,7 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
     from spinelm.training import make_optimizer, resolve_precision, train_step
 
     plans = as_plans(plans)
-    cfg = plans.configuration()
+    cfg = plans.configuration(configuration)
     machine = device_description(device)
     prec = _precision_name(precision, device)
     key_src = {"machine": machine, "precision": prec, "architecture": cfg.architecture, "patch": cfg.patch_size,
@@ -93,7 +100,7 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
     dev = torch.device(device)
     dtype, channels_last = resolve_precision(precision, dev)
     torch.manual_seed(0)
-    net = build_network(plans).to(dev)
+    net = build_network(plans, configuration=configuration).to(dev)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     loss_fn = MultiTaskLoss(plans.head_dict, cfg.n_stages)
@@ -149,12 +156,15 @@ STEPS_TOLERANCE = 0.95
 
 def plan_within_budget(fingerprint: dict, preset=None, device: str = "cpu", gpu_memory_gb: float | None = None,
                        time_budget_min: float | None = None, precision: str = "auto", measure=measure_step) -> dict:
-    """:func:`spinelm.planning.plan`, then, with a time budget, the measured cost of its training step
-    on this device: when the budget buys fewer than the preset's required steps, re-plan with the patch
-    capped at what it affords (measured again each time, at most :data:`MAX_REFITS` times).
+    """:func:`spinelm.planning.plan`, then, with a time budget, the measured cost of its training steps
+    on this device: the coarse identification stage (when the plan has one) gets the time of
+    :data:`COARSE_REQUIRED_STEPS` steps (at most :data:`COARSE_MAX_SHARE`), and when the rest buys
+    fewer than the preset's required steps of the fine stage, the plan is made again with the fine
+    patch capped at what it affords (measured again each time, at most :data:`MAX_REFITS` times).
 
-    The last measurement, the steps it affords and the reason go into ``plans["budget"]`` and
-    ``plans["rationale"]``. ``measure(plans, device, precision) -> dict`` is injectable (tests).
+    The last measurements, the steps they afford, each stage's share of the budget and the reason go
+    into ``plans["budget"]`` and ``plans["rationale"]``. ``measure(plans, device, precision,
+    configuration) -> dict`` is injectable (tests).
     """
     from spinelm.planning import BUDGET_USABLE_SHARE, plan
 
@@ -162,25 +172,49 @@ def plan_within_budget(fingerprint: dict, preset=None, device: str = "cpu", gpu_
     budget, required = raw["budget"]["time_budget_min"], raw["budget"]["required_steps"]
     if not budget:
         return raw
-    step = measure(raw, device, precision)
+    usable_s = budget * 60.0 * BUDGET_USABLE_SHARE
+    step = measure(raw, device, precision, configuration="fine")
+
+    def coarse_cost(plans):
+        if "coarse" not in plans["configurations"]:
+            return None, 0.0
+        c = measure(plans, device, precision, configuration="coarse")
+        return c, min(COARSE_REQUIRED_STEPS * c["seconds_per_step"], COARSE_MAX_SHARE * usable_s)
+
+    coarse, coarse_s = coarse_cost(raw)
     for _ in range(MAX_REFITS):
-        if affordable_steps(budget, step["seconds_per_step"], BUDGET_USABLE_SHARE) >= STEPS_TOLERANCE * required:
+        fine_min = budget * (1 - coarse_s / usable_s)
+        if affordable_steps(fine_min, step["seconds_per_step"], BUDGET_USABLE_SHARE) >= STEPS_TOLERANCE * required:
             break
-        capped = plan(fingerprint, preset, device, gpu_memory_gb, time_budget_min, step["seconds_per_mvoxel"])
-        if capped["configurations"]["fine"]["patch_size"] == raw["configurations"]["fine"]["patch_size"]:
+        capped = plan(fingerprint, preset, device, gpu_memory_gb, time_budget_min, step["seconds_per_mvoxel"],
+                      fine_budget_min=fine_min)
+        if capped["configurations"]["fine"]["patch_size"] == raw["configurations"]["fine"]["patch_size"] and \
+                capped["configurations"].keys() == raw["configurations"].keys():
             break  # the cap cannot shrink the patch any further
-        raw, step = capped, measure(capped, device, precision)
-    steps = affordable_steps(budget, step["seconds_per_step"], BUDGET_USABLE_SHARE)
+        raw, step = capped, measure(capped, device, precision, configuration="fine")
+        coarse, coarse_s = coarse_cost(raw)
+    shares = {"fine": 1 - coarse_s / usable_s}
+    fine_min = budget * shares["fine"]
+    steps = affordable_steps(fine_min, step["seconds_per_step"], BUDGET_USABLE_SHARE)
     m = step["machine"]
     raw["budget"].update({"measured_step": step, "affordable_steps": steps})
+    if coarse is not None:
+        shares["coarse"] = coarse_s / usable_s
+        raw["budget"].update({"measured_step_coarse": coarse,
+                              "affordable_steps_coarse": int(coarse_s / coarse["seconds_per_step"])})
+        raw["rationale"].append(
+            f"measured training step of the coarse stage: {coarse['seconds_per_step']:.3f} s; it trains for "
+            f"{shares['coarse']:.0%} of the budget (about {raw['budget']['affordable_steps_coarse']} steps; "
+            f"{COARSE_REQUIRED_STEPS} wanted)")
+    raw["budget"]["stage_shares"] = {k: round(v, 4) for k, v in shares.items()}
     raw["rationale"].append(
         f"measured training step of this plan: {step['seconds_per_step']:.3f} s ({step['precision']}, {m['threads']} "
-        f"thread(s), {m['name']}{'; cached' if step.get('cached') else ''}): {budget:g} min buy about {steps} steps "
-        f"({BUDGET_USABLE_SHARE:.0%} of the budget); the recipe needs {required}"
+        f"thread(s), {m['name']}{'; cached' if step.get('cached') else ''}): {fine_min:.3g} of {budget:g} min buy "
+        f"about {steps} steps ({BUDGET_USABLE_SHARE:.0%} of that time); the recipe needs {required}"
         + ("" if steps >= STEPS_TOLERANCE * required else " - the patch is at its smallest; expect a less trained "
                                                           "model or give more time"))
     return raw
 
 
-__all__ = ["CPU_REQUIRED_STEPS", "MAX_REFITS", "affordable_steps", "cache_dir", "device_description",
+__all__ = ["COARSE_MAX_SHARE", "COARSE_REQUIRED_STEPS", "CPU_REQUIRED_STEPS", "MAX_REFITS", "affordable_steps", "cache_dir", "device_description",
            "measure_step", "plan_within_budget"]

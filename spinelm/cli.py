@@ -120,6 +120,14 @@ def _print_folds(results: list[dict], verbose: bool) -> None:
     import json
 
     for r in results:
+        if "coarse" in r:
+            c = r["coarse"]
+            cf = c["final"] or {}
+            print(f"{Path(c['folder']).name}: coarse identification stage, {c['epochs_run']} epochs in "
+                  f"{c['elapsed_s'] / 60:.1f} min; alone it identifies {cf.get('id_rate', float('nan')):.3f} "
+                  f"(d_mean {cf.get('d_mean_mm', float('nan')):.2f} mm) -> {c['folder']}")
+        if "folder" not in r:
+            continue  # --resume of a finished fold
         fin = r["final"] or {}
         print(f"{Path(r['folder']).name}: {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min; validation id "
               f"rate {fin.get('id_rate', float('nan')):.3f}, d_mean {fin.get('d_mean_mm', float('nan')):.2f} mm "

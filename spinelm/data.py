@@ -49,7 +49,8 @@ class PatchSampler:
         augment: apply the training augmentation (False for plain crops).
     """
 
-    def __init__(self, cache: str | Path, case_ids: list[str], plans, augment: bool = True):
+    def __init__(self, cache: str | Path, case_ids: list[str], plans, augment: bool = True,
+                 configuration: str = "fine"):
         from spinelm.plans import as_plans
 
         plans = as_plans(plans)
@@ -57,18 +58,18 @@ class PatchSampler:
         self.case_ids = list(case_ids)
         if not self.case_ids:
             raise ValueError("no training cases to sample from")
-        cfg = plans.configuration()
+        cfg = plans.configuration(configuration)
         self.patch_size = list(cfg.patch_size)
         self.crop_size = initial_patch_size(self.patch_size) if augment else self.patch_size
         self.spacing = np.asarray(cfg.spacing, dtype=np.float64)
         heads = plans.heads
         hm = heads["heatmap"]
-        self.sigma_vox = float(hm.sigma_mm) / self.spacing
+        self.sigma_vox = float(cfg.heatmap_sigma_mm or hm.sigma_mm) / self.spacing
         self.per_label = hm.per_label
         self.heatmap_labels = list(hm.labels)
         self.ignore_label = heads["segmentation"].channels if "segmentation" in heads else None
         self.transforms = training_transforms(self.patch_size, plans.mirror_axes,
-                                              plans.raw["configurations"]["fine"].get("use_mask_for_norm")) \
+                                              plans.raw["configurations"][configuration].get("use_mask_for_norm")) \
             if augment else None
         self._props = {c: json.loads((self.cache / f"{c}.json").read_text()) for c in self.case_ids}
 

@@ -233,19 +233,62 @@ class Labelled:
                                      [self.candidates[i].score for i in self.kept])
 
 
-def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame) -> Labelled:
+#: Weight of the coarse stage's label probabilities against the fine stage's when both exist (a
+#: geometric mixture: ``p ~ p_coarse ** w * p_fine ** (1 - w)``). See :func:`fuse_label_probs`.
+COARSE_LABEL_WEIGHT = 0.75
+#: Radius (fraction of the neighbour distance) of the ball in which the coarse segmentation is
+#: averaged around a fine peak: about a vertebral body's half height.
+COARSE_BALL_FRACTION = 0.25
+
+
+def coarse_label_probs(world_mm: np.ndarray, coarse_pred: dict[str, torch.Tensor], coarse_frame: Frame,
+                       spacing, labels: list[int], distance_mm: float) -> list[dict[int, float]]:
+    """The coarse stage's label probabilities at world points: its segmentation softmax (background
+    left out, renormalised) averaged over a ball of :data:`COARSE_BALL_FRACTION` neighbour distances."""
+    seg = coarse_pred["segmentation"][1:].numpy()
+    shape = np.asarray(seg.shape[1:])
+    r = np.maximum(np.round(COARSE_BALL_FRACTION * distance_mm / np.asarray(spacing)).astype(int), 1)
+    out = []
+    for v in coarse_frame.from_world(np.asarray(world_mm).reshape(-1, 3)):
+        c = np.clip(np.round(v).astype(int), 0, shape - 1)
+        lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, shape)
+        mean = seg[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].reshape(len(labels), -1).mean(1)
+        out.append({lab: float(x) for lab, x in zip(labels, mean / max(mean.sum(), 1e-6))})
+    return out
+
+
+def fuse_label_probs(fine: dict[int, float], coarse: dict[int, float], weight: float | None = None,
+                     floor: float = 1e-4) -> dict[int, float]:
+    """``p ~ coarse ** weight * fine ** (1 - weight)`` (default weight :data:`COARSE_LABEL_WEIGHT`),
+    renormalised (probabilities floored first)."""
+    weight = COARSE_LABEL_WEIGHT if weight is None else weight
+    fused = {lab: max(coarse.get(lab, 0.0), floor) ** weight * max(fine.get(lab, 0.0), floor) ** (1 - weight)
+             for lab in set(fine) | set(coarse)}
+    total = sum(fused.values())
+    return {lab: v / total for lab, v in fused.items()}
+
+
+def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuration: str = "fine",
+                coarse: tuple | None = None) -> Labelled:
     """Decode heatmap peaks, carry them to the world with ``frame`` and order them anatomically.
 
-    The ordering runs in world LPS mm (head = +z), whatever orientation the scan was stored in.
+    ``coarse = (coarse outputs, coarse frame)``: the identification stage, which saw the whole field
+    of view; each peak's label probabilities become :func:`fuse_label_probs` of the fine and coarse
+    ones. The ordering runs in world LPS mm (head = +z), whatever orientation the scan was stored in.
     """
     from spinelm.ordering import order_candidates
     from spinelm.plans import as_plans
 
     plans = as_plans(plans)
-    spacing = np.asarray(plans.configuration().spacing)
+    spacing = np.asarray(plans.configuration(configuration).spacing)
     cands = decode_candidates(pred, plans.head_dict, spacing, plans.distance_mm, cc_axis=plans.cc_axis)
     vox = np.asarray([c.position for c in cands]).reshape(-1, 3)
     world = frame.to_world(vox)
+    if coarse is not None and cands and "segmentation" in coarse[0]:
+        labels = list(plans.heads["segmentation"].labels)
+        for c, pc in zip(cands, coarse_label_probs(world, coarse[0], coarse[1], plans.configuration("coarse").spacing,
+                                                   labels, plans.distance_mm)):
+            c.label_probs = fuse_label_probs(c.label_probs, pc)
     ordered = order_candidates(world, [c.score for c in cands], [c.label_probs for c in cands], cc_axis=2,
                                distance_mm=plans.distance_mm, superior_is_positive=True,
                                allowed=plans.known_labels, model=plans.spine_model())
@@ -312,34 +355,41 @@ class Predictor:
 
     Args:
         plans: :class:`spinelm.plans.Plans` (or a plans dict).
-        networks: one or more networks of the plan's configuration.
+        networks: one or more networks of ``configuration`` (folds; their outputs are averaged).
         device: ``cpu`` or ``cuda``.
         mirror: mirroring test-time augmentation over the plan's mirror axes (never cranio-caudal).
         step_size: sliding-window step as a fraction of the patch (nnU-Net's 0.5).
         info: what to record about the model in every output (folder, folds, checkpoint).
+        configuration: the configuration of ``networks`` (``fine``; ``coarse`` to run that stage alone).
+        coarse_networks: the coarse identification stage's networks (one per fold), when the plan has
+            one; its segmentation labels the fine peaks from the whole field of view.
     """
 
     def __init__(self, plans, networks: list, device: str | torch.device = "cpu", mirror: bool = False,
-                 step_size: float = 0.5, info: dict | None = None):
+                 step_size: float = 0.5, info: dict | None = None, configuration: str = "fine",
+                 coarse_networks: list | None = None):
         from spinelm.plans import as_plans
 
         self.plans = as_plans(plans)
         self.networks = list(networks)
+        self.configuration = configuration
+        self.coarse_networks = list(coarse_networks or [])
         self.device = torch.device(device)
         self.mirror = mirror
         self.step_size = step_size
         self.info = info or {}
 
     @classmethod
-    def from_network(cls, network: torch.nn.Module, plans, device: str | torch.device = "cpu") -> "Predictor":
-        return cls(plans, [network], device, info={"model": "in memory"})
+    def from_network(cls, network: torch.nn.Module, plans, device: str | torch.device = "cpu",
+                     configuration: str = "fine", coarse_networks: list | None = None) -> "Predictor":
+        return cls(plans, [network], device, info={"model": "in memory"}, configuration=configuration,
+                   coarse_networks=coarse_networks)
 
     @classmethod
     def from_model_folder(cls, model_dir, folds: list[int] | None = None, checkpoint: str = "final",
                           device: str | torch.device = "cpu", mirror: bool = False,
                           step_size: float = 0.5) -> "Predictor":
         """Every trained fold of a model folder (or ``folds``), checkpoint ``final``/``best``/``latest``."""
-        from spinelm.network import build_network
         from spinelm.plans import ModelFolder
 
         model = ModelFolder(model_dir)
@@ -349,62 +399,87 @@ class Predictor:
             if not folds:
                 raise FileNotFoundError(f"{model.root}: no fold has checkpoint_{checkpoint}.pt; train first "
                                         f"(spinelm train {model.root} --fold 0) or choose --checkpoint latest")
-        networks = []
-        for f in folds:
-            ckpt = model.checkpoint(f, checkpoint)
-            if not ckpt.is_file():
-                raise FileNotFoundError(f"{ckpt}: not found (fold {f} is not trained)")
-            net = build_network(plans)
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            try:
-                net.load_state_dict(state["network"])
-            except (KeyError, RuntimeError) as exc:
-                raise ValueError(f"{ckpt}: the checkpoint does not match the network of {model.plans_path} "
-                                 f"({str(exc).splitlines()[0][:120]}); was the folder re-planned after training?") \
-                    from None
-            networks.append(net.to(device).eval())
-        info = {"model": str(model.root.resolve()), "folds": list(folds), "checkpoint": checkpoint}
-        return cls(plans, networks, device, mirror, step_size, info)
+        networks = [cls._load(model, plans, f, checkpoint, "fine", device) for f in folds]
+        coarse = []
+        if plans.has_coarse:
+            # the coarse stage keeps its final checkpoint (its validation is not what "best" ranks)
+            coarse = [cls._load(model, plans, f, "final", "coarse", device) for f in folds]
+        info = {"model": str(model.root.resolve()), "folds": list(folds), "checkpoint": checkpoint,
+                "stages": plans.stages}
+        return cls(plans, networks, device, mirror, step_size, info, coarse_networks=coarse)
+
+    @staticmethod
+    def _load(model, plans, fold: int, checkpoint: str, configuration: str, device) -> torch.nn.Module:
+        from spinelm.network import build_network
+
+        ckpt = model.checkpoint(fold, checkpoint, configuration)
+        if not ckpt.is_file():
+            what = "fold" if configuration == "fine" else f"{configuration} stage of fold"
+            raise FileNotFoundError(f"{ckpt}: not found (the {what} {fold} is not trained)")
+        net = build_network(plans, configuration=configuration)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:
+            net.load_state_dict(state["network"])
+        except (KeyError, RuntimeError) as exc:
+            raise ValueError(f"{ckpt}: the checkpoint does not match the network of {model.plans_path} "
+                             f"({str(exc).splitlines()[0][:120]}); was the folder re-planned after training?") \
+                from None
+        return net.to(device).eval()
 
     # ------------------------------------------------------------------------------ running
 
-    def network_outputs(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Fold-averaged sliding-window outputs on a preprocessed (C, X, Y, Z) tensor."""
-        patch = self.plans.configuration().patch_size
+    def network_outputs(self, data: torch.Tensor, configuration: str | None = None) -> dict[str, torch.Tensor]:
+        """Fold-averaged sliding-window outputs on a preprocessed (C, X, Y, Z) tensor of ``configuration``
+        (default: the predictor's own; ``"coarse"`` runs the coarse stage's networks)."""
+        configuration = configuration or self.configuration
+        nets = self.coarse_networks if configuration == "coarse" and self.configuration != "coarse" else self.networks
+        patch = self.plans.configuration(configuration).patch_size
         mirror_axes = self.plans.mirror_axes if self.mirror else None
         total: dict[str, torch.Tensor] = {}
-        for net in self.networks:
+        for net in nets:
             out = sliding_window(net, data, patch, self.plans.head_dict, step=self.step_size,
                                  mirror_axes=mirror_axes, device=self.device)
             for k, v in out.items():
                 total[k] = total[k] + v if k in total else v
-        return {k: v / len(self.networks) for k, v in total.items()}
+        return {k: v / len(nets) for k, v in total.items()}
 
-    def predict_preprocessed(self, data, frame: Frame, with_mask: bool = True) -> CaseResult:
-        """Label a preprocessed (C, X, Y, Z) array whose voxels ``frame`` places in the world.
+    @property
+    def uses_coarse(self) -> bool:
+        return bool(self.coarse_networks) and self.configuration != "coarse"
+
+    def predict_preprocessed(self, data, frame: Frame, with_mask: bool = True,
+                             coarse: tuple | None = None) -> CaseResult:
+        """Label a preprocessed (C, X, Y, Z) array whose voxels ``frame`` places in the world;
+        ``coarse = (coarse array, coarse frame)``: the same scan preprocessed for the coarse stage.
 
         The instance mask (``with_mask``) stays on the preprocessed grid; :meth:`predict_array`
         brings it to the canonical grid.
         """
         t0 = time.perf_counter()
         pred = self.network_outputs(torch.as_tensor(np.asarray(data)))
-        lab = postprocess(pred, self.plans, frame)
+        coarse_out = None
+        if self.uses_coarse:
+            if coarse is None:
+                raise ValueError("this model has a coarse identification stage: pass the scan preprocessed for it")
+            coarse_out = (self.network_outputs(torch.as_tensor(np.asarray(coarse[0])), "coarse"), coarse[1])
+        lab = postprocess(pred, self.plans, frame, self.configuration, coarse_out)
         mask = None
         if with_mask and "segmentation" in pred:
-            spacing = np.asarray(self.plans.configuration().spacing)
+            spacing = np.asarray(self.plans.configuration(self.configuration).spacing)
             vox = np.asarray([c.position for c in lab.candidates]).reshape(-1, 3)
             mask = self._instances(pred["segmentation"], vox[lab.kept] * spacing, lab.labels, spacing)
         return CaseResult(lab.landmarks(), mask, len(lab.candidates), time.perf_counter() - t0, lab)
 
     def check_memory(self, geometry, path: str = "scan") -> None:
         """Refuse, before any resampling, a scan whose prediction would not fit in memory."""
-        voxels, need = estimate_prediction_bytes(geometry, self.plans.n_channels, self.plans.configuration().spacing,
+        voxels, need = estimate_prediction_bytes(geometry, self.plans.n_channels,
+                                                 self.plans.configuration(self.configuration).spacing,
                                                  self.plans.n_outputs)
         avail = available_memory_bytes()
         if avail is not None and need > MEMORY_SHARE * avail:
             raise MemoryError(f"{path}: predicting this scan needs about {need / 2 ** 30:.1f} GB ({geometry.size} "
                               f"voxels, {voxels / 1e6:.0f} million after resampling to the plan's "
-                              f"{list(self.plans.configuration().spacing)} mm); {avail / 2 ** 30:.1f} GB are "
+                              f"{list(self.plans.configuration(self.configuration).spacing)} mm); {avail / 2 ** 30:.1f} GB are "
                               f"available. Crop the scan or predict it on a machine with more memory")
 
     def predict_array(self, image: np.ndarray, geometry, path: str = "scan") -> CaseResult:
@@ -413,8 +488,13 @@ class Predictor:
 
         t0 = time.perf_counter()
         self.check_memory(geometry, path)
-        data, _, info = run_preprocessor(image, geometry.array_spacing, self.plans, "fine")
-        result = self.predict_preprocessed(data, Frame.from_info(geometry, self.plans.transpose_forward, info))
+        data, _, info = run_preprocessor(image, geometry.array_spacing, self.plans, self.configuration)
+        coarse = None
+        if self.uses_coarse:
+            cdata, _, cinfo = run_preprocessor(image, geometry.array_spacing, self.plans, "coarse")
+            coarse = (cdata, Frame.from_info(geometry, self.plans.transpose_forward, cinfo))
+        result = self.predict_preprocessed(data, Frame.from_info(geometry, self.plans.transpose_forward, info),
+                                           coarse=coarse)
         if result.instance_mask is not None:
             result.instance_mask = self._to_canonical_grid(result.instance_mask, info, geometry.shape)
         result.seconds = time.perf_counter() - t0

@@ -19,14 +19,14 @@ def head_slices(heads: dict) -> dict[str, slice]:
     return out
 
 
-def build_network(plans, deep_supervision: bool = True) -> torch.nn.Module:
-    """The plan's U-Net (PlainConvUNet or ResidualEncoderUNet) with all heads' channels."""
+def build_network(plans, deep_supervision: bool = True, configuration: str = "fine") -> torch.nn.Module:
+    """The U-Net (PlainConvUNet or ResidualEncoderUNet) of a configuration of the plan, with all heads' channels."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     from spinelm.plans import as_plans
 
     plans = as_plans(plans)
-    arch = plans.configuration().architecture
+    arch = plans.configuration(configuration).architecture
     return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                   plans.n_channels, plans.n_outputs, allow_init=True,
                                   deep_supervision=deep_supervision)

@@ -77,7 +77,12 @@ def preprocess(dataset: str | Path, model_dir: str | Path, workers: int | None =
     from spinelm.preprocessing import preprocess_dataset
 
     model = ModelFolder(model_dir)
-    return preprocess_dataset(dataset, model.root, model.plans, "fine", workers, progress)
+    status: dict[str, str] = {}
+    for stage in model.plans.stages:
+        for case, st in preprocess_dataset(dataset, model.root, model.plans, stage, workers, progress).items():
+            if st.startswith("failed") or case not in status:
+                status[case] = st
+    return status
 
 
 def parse_folds(value: str | int | None, n_folds: int) -> list[int]:
@@ -101,14 +106,32 @@ def parse_folds(value: str | int | None, n_folds: int) -> list[int]:
 
 def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> list[dict]:
     """Train the given folds of a planned, preprocessed model folder (``settings``: the fields of
-    :class:`spinelm.training.TrainSettings` but ``fold``); one result per fold."""
+    :class:`spinelm.training.TrainSettings` but ``fold``); one result per fold (the fine stage's,
+    with the coarse stage's under ``"coarse"`` when the plan has one).
+
+    Each fold trains its stages in order, the coarse identification stage first (the fine stage's
+    validation uses it), each for its share of the time budget. With ``resume`` a stage that has
+    finished (``checkpoint_final``) is not trained again.
+    """
     from spinelm.plans import ModelFolder
     from spinelm.training import TrainSettings, train_fold
 
     model = ModelFolder(model_dir)
     settings["device"] = detect_device(settings.get("device"))
-    return [train_fold(model.root, TrainSettings(fold=f, **settings))
-            for f in parse_folds(folds, model.plans.training["num_folds"])]
+    results = []
+    for f in parse_folds(folds, model.plans.training["num_folds"]):
+        stage_results = {}
+        for stage in model.plans.stages:
+            done = model.checkpoint(f, "final", stage)
+            if settings.get("resume") and stage != model.plans.stages[-1] and done.is_file():
+                log.info("fold %d: the %s stage has finished (%s); not training it again", f, stage, done)
+                continue
+            stage_results[stage] = train_fold(model.root, TrainSettings(fold=f, **settings), stage)
+        result = stage_results.get("fine", {})
+        if "coarse" in stage_results:
+            result["coarse"] = stage_results["coarse"]
+        results.append(result)
+    return results
 
 
 @dataclass
@@ -176,7 +199,6 @@ def demo(out: str | Path = "spinelm_demo", n: int = 20, held_out: int = 6, seed:
     from spinelm.planning import summarize
     from spinelm.predict import predict_directory
     from spinelm.synthetic import synthesize_dataset
-    from spinelm.training import TrainSettings, train_fold
     from spinelm.validation import validate_dataset
 
     t0 = time.perf_counter()
@@ -197,8 +219,11 @@ def demo(out: str | Path = "spinelm_demo", n: int = 20, held_out: int = 6, seed:
     say("[4/6] preprocessing")
     preprocess(data, model, None, progress)
     say(f"[5/6] training fold 0 for {time_budget:g} min on the CPU (checkpoints in {model / 'fold_0'})")
-    r = train_fold(model, TrainSettings(fold=0, time_budget_min=time_budget, device="cpu", seed=seed,
-                                        validate_every=10_000, resume=resume, progress=progress, precision=precision))
+    r = train(model, 0, time_budget_min=time_budget, device="cpu", seed=seed, validate_every=10_000, resume=resume,
+              progress=progress, precision=precision)[0]
+    if "coarse" in r:
+        say(f"  coarse identification stage: {r['coarse']['epochs_run']} epochs in "
+            f"{r['coarse']['elapsed_s'] / 60:.1f} min")
     say(f"  {r['epochs_run']} epochs in {r['elapsed_s'] / 60:.1f} min")
     say(f"[6/6] predicting the held-out phantoms into {pred} and evaluating")
     batch = predict_directory(held / "imagesTr", pred, Predictor.from_model_folder(model, device="cpu"),

@@ -19,6 +19,8 @@ from pathlib import Path
 PLANS_FORMAT = "spinelm-plans"
 PLANS_VERSION = 1
 CONFIGURATION = "fine"
+#: The identification stage, when the plan has one (see :func:`spinelm.planning._coarse_configuration`).
+COARSE = "coarse"
 CHECKPOINTS = ("final", "best", "latest")
 
 #: Fields every plans file must carry (top level); configurations and heads are checked below.
@@ -56,6 +58,7 @@ class Configuration:
     patch_size: tuple[int, int, int]
     batch_size: int
     architecture: dict = field(repr=False, compare=False)
+    heatmap_sigma_mm: float | None = None
 
     @property
     def strides(self) -> list:
@@ -172,7 +175,24 @@ class Plans:
             raise ValueError(f"{self.source}: no configuration {name!r}; available: "
                              f"{', '.join(self.configuration_names)}") from None
         return Configuration(name, tuple(float(s) for s in cfg["spacing"]), tuple(int(p) for p in cfg["patch_size"]),
-                             int(cfg["batch_size"]), cfg["architecture"])
+                             int(cfg["batch_size"]), cfg["architecture"],
+                             cfg.get("heatmap_sigma_mm", self.raw["heads"]["heatmap"].get("sigma_mm")))
+
+    @property
+    def stages(self) -> list[str]:
+        """Configurations to train, in order: the coarse identification stage first when there is one."""
+        return [c for c in (COARSE, CONFIGURATION) if c in self.raw["configurations"]]
+
+    @property
+    def has_coarse(self) -> bool:
+        return COARSE in self.raw["configurations"]
+
+    def stage_share(self, configuration: str) -> float:
+        """Share of a fold's time budget that ``configuration`` trains for (the plan's split)."""
+        shares = self.raw.get("budget", {}).get("stage_shares") or {}
+        if configuration in shares:
+            return float(shares[configuration])
+        return 1.0 if len(self.stages) == 1 else (0.25 if configuration == COARSE else 0.75)
 
     def spine_model(self):
         """The ordering's anatomical statistics (:class:`spinelm.ordering.SpineModel`), built once."""
@@ -235,5 +255,5 @@ class ModelFolder:
                       if re.fullmatch(r"fold_\d+", p.parent.name))
 
 
-__all__ = ["CHECKPOINTS", "CONFIGURATION", "Configuration", "HeadSpec", "ModelFolder", "PLANS_FORMAT",
+__all__ = ["CHECKPOINTS", "COARSE", "CONFIGURATION", "Configuration", "HeadSpec", "ModelFolder", "PLANS_FORMAT",
            "PLANS_VERSION", "Plans", "as_plans"]

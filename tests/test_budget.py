@@ -11,8 +11,8 @@ from tests.test_planning import _fingerprint
 
 def _measure_at(seconds_per_mvoxel: float, calls: list):
     """A stand-in for :func:`measure_step`: a step costs ``seconds_per_mvoxel`` per million batch voxels."""
-    def measure(plans, device, precision):
-        cfg = plans["configurations"]["fine"]
+    def measure(plans, device, precision, configuration="fine"):
+        cfg = plans["configurations"][configuration]
         vox = int(cfg["batch_size"] * np.prod(cfg["patch_size"]))
         calls.append(cfg["patch_size"])
         return {"seconds_per_step": seconds_per_mvoxel * vox / 1e6, "seconds_per_mvoxel": seconds_per_mvoxel,
@@ -32,7 +32,11 @@ def test_a_slower_measured_step_gives_a_smaller_patch_that_buys_the_required_ste
         b = plans["budget"]
         assert b["required_steps"] == B.CPU_REQUIRED_STEPS == 3000
         assert b["affordable_steps"] >= B.STEPS_TOLERANCE * b["required_steps"]
-        assert b["affordable_steps"] == int(20 * 60 * BUDGET_USABLE_SHARE / b["measured_step"]["seconds_per_step"])
+        shares = b["stage_shares"]
+        assert abs(sum(shares.values()) - 1) < 1e-3 and shares.get("coarse", 0) <= B.COARSE_MAX_SHARE
+        assert set(shares) == set(plans["configurations"])
+        assert b["affordable_steps"] == int(20 * shares["fine"] * 60 * BUDGET_USABLE_SHARE
+                                            / b["measured_step"]["seconds_per_step"])
         assert any("measured training step of this plan" in r for r in plans["rationale"])
     assert len(slow_calls) > 1  # re-planned and measured again
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from spinelm.augmentation import render_heatmap
@@ -68,3 +69,43 @@ def test_a_wide_plateau_across_the_spine_is_centred_and_other_responses_do_not_p
     assert abs(best.position[1] - 29.5) < 1.5 and abs(best.position[2] - 20.0) < 0.5
     narrow = max(decode_candidates(pred, HEADS, (3.0, 3.0, 3.0), 36.0), key=lambda c: c.score)
     assert narrow.position[1] > 35  # without the cranio-caudal axis the window stays near the maximum
+
+
+def _coarse_frame():
+    """A 1 mm canonical scan of 200 x 40 x 40 voxels (z, y, x), preprocessed to 2 mm (100 x 20 x 20)."""
+    from spinelm.io.image import Frame, Geometry
+
+    g = Geometry((40, 40, 200), (1.0, 1.0, 1.0), (10.0, -5.0, 100.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return g, Frame.from_info(g, [0, 1, 2], {"bbox": [[0, 200], [0, 40], [0, 40]], "shape_after_cropping": [200, 40, 40],
+                                             "shape": [100, 20, 20]})
+
+
+def test_coarse_labels_are_read_at_the_world_position_of_each_fine_peak():
+    from spinelm.inference import coarse_label_probs
+
+    g, frame = _coarse_frame()
+    labels = [20, 21, 22]
+    seg = torch.zeros((4, 100, 20, 20))
+    seg[0] = 1.0
+    for k, (lo, hi) in enumerate([(10, 30), (40, 60), (70, 90)]):  # three vertebrae along the column
+        seg[0, lo:hi, 5:15, 5:15] = 0.0
+        seg[k + 1, lo:hi, 5:15, 5:15] = 1.0
+    # world points at the centres of the 2nd and 3rd vertebra (canonical voxel = 2 x coarse voxel + 0.5)
+    pts = g.array_index_to_world(np.array([[2 * 50 + 0.5, 2 * 10 + 0.5, 2 * 10 + 0.5],
+                                           [2 * 80 + 0.5, 2 * 10 + 0.5, 2 * 10 + 0.5]]))
+    probs = coarse_label_probs(pts, {"segmentation": seg}, frame, (2.0, 2.0, 2.0), labels, distance_mm=30.0)
+    assert max(probs[0], key=probs[0].get) == 21 and probs[0][21] > 0.99
+    assert max(probs[1], key=probs[1].get) == 22 and probs[1][22] > 0.99
+
+
+def test_the_coarse_stage_outweighs_a_fine_label_that_saw_part_of_the_column():
+    from spinelm.inference import COARSE_LABEL_WEIGHT, fuse_label_probs
+
+    fine = {21: 0.9, 22: 0.1}  # a fine patch without the sacrum in view: one level off
+    coarse = {21: 0.05, 22: 0.95}  # the coarse stage counted from the sacrum
+    assert COARSE_LABEL_WEIGHT > 0.5
+    fused = fuse_label_probs(fine, coarse)
+    assert max(fused, key=fused.get) == 22 and abs(sum(fused.values()) - 1) < 1e-9
+    assert max(fuse_label_probs(fine, coarse, weight=0.0), key=fine.get) == 21
+    # agreeing stages stay confident
+    assert fuse_label_probs({21: 0.9, 22: 0.1}, {21: 0.9, 22: 0.1})[21] == pytest.approx(0.9, abs=1e-6)

@@ -96,7 +96,21 @@ def test_cpu_plan_for_sagittal_mr_is_small_and_keeps_the_thick_axis_first():
     assert np.prod(fine["patch_size"]) <= plans["budget"]["max_patch_voxels"]
     assert fine["architecture"]["arch_kwargs"]["features_per_stage"][0] == 8
     assert plans["heads"]["heatmap"]["sigma_mm"] >= 3.0
-    assert "coarse" not in plans["configurations"]
+    # the capped fine patch sees part of the 364 mm column: a coarse stage holds all of it
+    cc = plans["cranio_caudal_axis"]
+    coarse = plans["configurations"]["coarse"]
+    assert fine["patch_size"][cc] * fine["spacing"][cc] < 364 * P.WHOLE_VIEW_SHARE
+    assert coarse["patch_size"][cc] * coarse["spacing"][cc] >= 364 * P.WHOLE_VIEW_SHARE
+    assert all(c >= f for c, f in zip(coarse["spacing"], fine["spacing"]))
+    assert coarse["heatmap_sigma_mm"] >= P.SIGMA_MIN_VOXELS * min(coarse["spacing"])
+    assert list(plans["configurations"]) == ["coarse", "fine"]  # trained in this order
+    assert any("coarse identification stage" in r for r in plans["rationale"])
+
+
+def test_no_coarse_stage_when_the_fine_patch_holds_the_whole_column():
+    fp = _fingerprint([[3.0, 3.0, 3.0]] * 6, [[60, 50, 20]] * 6)
+    plans = P.plan(fp, device="cpu")
+    assert list(plans["configurations"]) == ["fine"]
 
 
 def test_gpu_plan_matches_nnunet_defaults_for_whole_spine_ct():
@@ -108,7 +122,8 @@ def test_gpu_plan_matches_nnunet_defaults_for_whole_spine_ct():
     assert fine["normalization_schemes"] == ["CTNormalization"]
     assert fine["spacing"] == pytest.approx([1.0, 0.8, 0.8])
     assert fine["batch_size"] == 2
-    assert "coarse" not in plans["configurations"]
+    assert plans["configurations"]["coarse"]["patch_size"][plans["cranio_caudal_axis"]] * \
+        plans["configurations"]["coarse"]["spacing"][plans["cranio_caudal_axis"]] >= 700 * P.WHOLE_VIEW_SHARE
 
 
 def test_a_patch_that_sees_too_few_vertebrae_is_flagged_in_the_rationale():
@@ -118,7 +133,7 @@ def test_a_patch_that_sees_too_few_vertebrae_is_flagged_in_the_rationale():
     cc = plans["cranio_caudal_axis"]
     fine = plans["configurations"]["fine"]
     assert fine["patch_size"][cc] * fine["spacing"][cc] < 3 * 38.0
-    assert list(plans["configurations"]) == ["fine"]
+    assert list(plans["configurations"]) == ["coarse", "fine"]
     assert any("fewer than 3 vertebrae" in r for r in plans["rationale"])
 
 

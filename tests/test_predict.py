@@ -19,20 +19,22 @@ from spinelm.predict import Predictor, ScanError, collect_inputs, predict_direct
 
 @pytest.fixture(scope="module")
 def trained_model(phantom_dataset, tmp_path_factory):
-    """A model folder trained for a few steps (enough to run; not to be accurate)."""
+    """A model folder trained for a few steps (enough to run; not to be accurate). A slow measured
+    step caps the fine patch below the phantoms' column, so the plan has a coarse identification
+    stage and every prediction test runs through both stages."""
     from spinelm.fingerprint import compute_fingerprint
+    from spinelm.pipeline import preprocess, train
     from spinelm.planning import plan, save_plans
-    from spinelm.preprocessing import preprocess_dataset
-    from spinelm.training import TrainSettings, train_fold
 
     fp = compute_fingerprint(phantom_dataset, num_workers=0, progress=False)
-    plans = plan(fp, device="cpu", time_budget_min=2)
+    plans = plan(fp, device="cpu", time_budget_min=2, seconds_per_mvoxel=50.0)
+    assert list(plans["configurations"]) == ["coarse", "fine"]
     model = tmp_path_factory.mktemp("pred") / "model"
     model.mkdir()
     save_plans(plans, model / "plans.json")
-    preprocess_dataset(phantom_dataset, model, plans, num_workers=0, progress=False)
-    train_fold(model, TrainSettings(fold=0, epochs=1, iterations_per_epoch=2, validate_every=5, progress=False,
-                                    max_validation_cases=1))
+    preprocess(phantom_dataset, model, 0, progress=False)
+    train(model, 0, epochs=1, iterations_per_epoch=2, validate_every=5, progress=False, max_validation_cases=1,
+          device="cpu")
     return model
 
 
@@ -43,7 +45,7 @@ def _fake_outputs(predictor):
 
     n_seg = predictor.plans.heads["segmentation"].channels
 
-    def run(data):
+    def run(data, configuration=None):
         img = gaussian_filter(data[0].numpy(), 2.0)
         hm = (img - img.min()) / (img.max() - img.min())
         seg = torch.zeros((n_seg, *hm.shape))
@@ -235,8 +237,9 @@ def test_validation_figures_equal_predict_and_evaluate(trained_model, phantom_da
     for fake in (False, True):  # the few-step network, and image-derived outputs with many peaks
         predictor = Predictor.from_model_folder(trained_model, folds=[0])
         if fake:
-            monkeypatch.setattr(Predictor, "network_outputs", lambda self, data: _fake_outputs(self)(data))
-        v = validate(predictor.networks[0], model.cache_dir(), val, model.plans, "cpu")
+            monkeypatch.setattr(Predictor, "network_outputs", lambda self, data, configuration=None: _fake_outputs(self)(data))
+        v = validate(predictor.networks[0], model.cache_dir(), val, model.plans, "cpu",
+                     coarse=(predictor.coarse_networks, model.cache_dir("coarse")))
         out = tmp_path / f"out_{fake}"
         predict_directory(inputs, out, predictor, qc=False, progress=False)
         ev = evaluate_folders(out, phantom_dataset)["overall"]
