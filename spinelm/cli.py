@@ -170,6 +170,15 @@ def cmd_predict(args) -> int:
                                                                  .training["num_folds"])
     predictor = Predictor.from_model_folder(args.model, folds=folds, checkpoint=args.checkpoint, device=device,
                                             mirror=args.tta, step_size=args.step_size)
+    from spinelm.predict import slurm_array_part
+
+    if args.num_parts is None and args.part_id is None:
+        array = slurm_array_part()
+        args.num_parts, args.part_id = array if array else (1, 0)
+        if array:
+            print(f"SLURM array task: part {args.part_id} of {args.num_parts}")
+    elif args.num_parts is None or args.part_id is None:
+        raise ValueError("give both --num-parts and --part-id (or neither: a SLURM array sets them)")
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     print(f"model {args.model}: folds {predictor.folds}, checkpoint {args.checkpoint}, device {device}"
           f"{', mirroring TTA' if args.tta else ''}")
@@ -181,6 +190,22 @@ def cmd_predict(args) -> int:
     for case, msg in report.failed:
         print(f"  failed {case}: {msg}")
     return 0 if report.ok else 1
+
+
+def cmd_merge(args) -> int:
+    from spinelm.predict import merge_parts
+
+    r = merge_parts(args.output)
+    done = sum(1 for row in r.rows.values() if row.get("status") == "done")
+    print(f"{len(r.parts_found)} of {r.parts_expected} part(s) found; {done} case(s) labelled, {len(r.failed)} failed "
+          f"-> {r.summary_csv}")
+    for k in r.missing_parts:
+        print(f"  part {k} of {r.parts_expected}: no summary (never started?); rerun it with --part-id {k}")
+    for line in r.not_attempted:
+        print(f"  {line} (killed?); rerun that part with --continue")
+    for case in r.failed:
+        print(f"  failed {case}: {r.rows[case].get('error', '')}")
+    return 0 if r.ok else 1
 
 
 def cmd_evaluate(args) -> int:
@@ -344,11 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pattern", help="glob for the files to take, e.g. '*_T2*.nii.gz' (default: every image)")
     s.add_argument("--continue", dest="continue_", action="store_true",
                    help="skip cases whose outputs are complete (resume a killed batch)")
-    s.add_argument("--num-parts", type=int, default=1, help="split the batch into this many parts (default 1)")
-    s.add_argument("--part-id", type=int, default=0, help="which part this process runs, 0-based (e.g. "
-                                                           "$SLURM_ARRAY_TASK_ID)")
+    s.add_argument("--num-parts", type=int, help="split the batch into this many parts (default: "
+                                                 "$SLURM_ARRAY_TASK_COUNT in a SLURM array, else 1); each part "
+                                                 "writes summary_partKofN.csv, 'spinelm merge' joins them")
+    s.add_argument("--part-id", type=int, help="which part this process runs, 0-based (default: "
+                                               "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN in a SLURM array, "
+                                               "else 0)")
     s.add_argument("--no-qc", action="store_true", help="skip the QC pictures")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("merge", parents=[common], help="join the per-part summaries of a split batch",
+                       description="Merge the summary_partKofN.csv files that 'spinelm predict --num-parts N "
+                                   "--part-id K' (or a SLURM array) wrote into OUTPUT/summary.csv, and report parts "
+                                   "that never ran, parts that stopped early and failed cases (rerun those parts "
+                                   "with --continue). Exit status 1 if anything is missing or failed.")
+    s.add_argument("output", help="the prediction folder the parts wrote to")
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("evaluate", parents=[common], help="compare predictions with ground truth",
                        description="VerSe identification rate (prediction with the right label within 20 mm and "

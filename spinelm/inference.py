@@ -236,6 +236,11 @@ class Labelled:
 #: Weight of the coarse stage's label probabilities against the fine stage's when both exist (a
 #: geometric mixture: ``p ~ p_coarse ** w * p_fine ** (1 - w)``). See :func:`fuse_label_probs`.
 COARSE_LABEL_WEIGHT = 0.75
+#: Coarse heatmap peaks with no fine peak within half a neighbour distance become candidates too
+#: (their position and labels from the coarse stage): late in training the fine heatmap can lose a
+#: vertebra at the edge of the field of view that the coarse stage, which sees the whole column,
+#: still finds.
+COARSE_FILLS_GAPS = True
 #: Radius (fraction of the neighbour distance) of the ball in which the coarse segmentation is
 #: averaged around a fine peak: about a vertebral body's half height.
 COARSE_BALL_FRACTION = 0.25
@@ -284,11 +289,19 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
     cands = decode_candidates(pred, plans.head_dict, spacing, plans.distance_mm, cc_axis=plans.cc_axis)
     vox = np.asarray([c.position for c in cands]).reshape(-1, 3)
     world = frame.to_world(vox)
-    if coarse is not None and cands and "segmentation" in coarse[0]:
+    if coarse is not None and "segmentation" in coarse[0]:
         labels = list(plans.heads["segmentation"].labels)
-        for c, pc in zip(cands, coarse_label_probs(world, coarse[0], coarse[1], plans.configuration("coarse").spacing,
-                                                   labels, plans.distance_mm)):
+        cspacing = np.asarray(plans.configuration("coarse").spacing)
+        for c, pc in zip(cands, coarse_label_probs(world, coarse[0], coarse[1], cspacing, labels, plans.distance_mm)):
             c.label_probs = fuse_label_probs(c.label_probs, pc)
+        if COARSE_FILLS_GAPS:
+            extra = decode_candidates(coarse[0], plans.head_dict, cspacing, plans.distance_mm, cc_axis=plans.cc_axis)
+            extra_world = coarse[1].to_world(np.asarray([c.position for c in extra]).reshape(-1, 3))
+            for c, w in zip(extra, extra_world):
+                if not len(world) or np.min(np.linalg.norm(world - w, axis=1)) > 0.5 * plans.distance_mm:
+                    c.position = np.asarray(frame.from_world(w[None])[0])  # in the fine frame, like the others
+                    cands.append(c)
+                    world = np.vstack([world.reshape(-1, 3), w[None]])
     ordered = order_candidates(world, [c.score for c in cands], [c.label_probs for c in cands], cc_axis=2,
                                distance_mm=plans.distance_mm, superior_is_positive=True,
                                allowed=plans.known_labels, model=plans.spine_model())

@@ -93,6 +93,82 @@ def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike,
     return report
 
 
+def slurm_array_part(environ=None) -> tuple[int, int] | None:
+    """``(num_parts, part_id)`` of a SLURM job array task (``SLURM_ARRAY_TASK_COUNT``,
+    ``SLURM_ARRAY_TASK_ID`` counted from ``SLURM_ARRAY_TASK_MIN``), or None outside an array."""
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    try:
+        task, low = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        count = int(env.get("SLURM_ARRAY_TASK_COUNT") or int(env["SLURM_ARRAY_TASK_MAX"]) - low + 1)
+    except (KeyError, ValueError):
+        raise ValueError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT (or _MIN/_MAX) is missing or not a "
+                         "number; pass --num-parts and --part-id explicitly") from None
+    if not 0 <= task - low < count:
+        raise ValueError(f"SLURM array task {task} lies outside {low}..{low + count - 1}; use a contiguous array "
+                         "(e.g. --array=0-9) or pass --num-parts and --part-id")
+    return count, task - low
+
+
+@dataclass
+class MergeReport:
+    """What :func:`merge_parts` found: rows per status, parts that never started, cases not in any part."""
+
+    summary_csv: Path
+    parts_expected: int
+    parts_found: list[int]
+    rows: dict[str, dict]
+    missing_parts: list[int] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    not_attempted: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_parts or self.failed or self.not_attempted)
+
+
+def merge_parts(out_dir: str | os.PathLike) -> MergeReport:
+    """Merge the ``summary_partKofN.csv`` files of a batch split into N parts into one ``summary.csv``.
+
+    Reports the parts that never wrote a summary, the failed cases, and (from each part's
+    ``predict_partKofN.json``, which lists how many scans the part was given) parts that stopped
+    before their last scan. Rerun the same predict command with ``--continue`` for those parts: it
+    skips the finished cases and retries the rest.
+    """
+    import json
+    import re
+
+    out = Path(out_dir)
+    found: dict[int, int] = {}
+    for p in out.glob("summary_part*of*.csv"):
+        m = re.fullmatch(r"summary_part(\d+)of(\d+)\.csv", p.name)
+        if m:
+            found[int(m.group(1))] = int(m.group(2))
+    if not found:
+        raise FileNotFoundError(f"{out}: no summary_partKofN.csv files; was the batch run with --num-parts "
+                                "(or as a SLURM array)?")
+    totals = set(found.values())
+    if len(totals) > 1:
+        raise ValueError(f"{out}: summaries of batches split differently ({', '.join(map(str, sorted(totals)))} "
+                         "parts); merge one split at a time")
+    n = totals.pop()
+    rows: dict[str, dict] = {}
+    short: list[str] = []
+    for k in sorted(found):
+        part_rows = read_summary(out / f"summary_part{k}of{n}.csv")
+        rows.update(part_rows)
+        info = out / f"predict_part{k}of{n}.json"
+        if info.is_file():
+            expected = int(json.loads(info.read_text()).get("n_scans", len(part_rows)))
+            if len(part_rows) < expected:
+                short.append(f"part {k}: {expected - len(part_rows)} of {expected} scan(s) not attempted")
+    summary = out / "summary.csv"
+    write_summary(summary, rows)
+    return MergeReport(summary, n, sorted(found), rows, [k for k in range(n) if k not in found],
+                       sorted(c for c, r in rows.items() if r.get("status") != "done"), short)
+
+
 def load_prediction(path: str | os.PathLike) -> dict:
     """``{label: position_mm}`` from a ``CASE_ctd.json`` written by :func:`predict_directory`."""
     from spinelm.io.landmarks import as_dict, read_landmarks
@@ -100,5 +176,5 @@ def load_prediction(path: str | os.PathLike) -> dict:
     return as_dict(read_landmarks(path))
 
 
-__all__ = ["BatchReport", "CaseResult", "Predictor", "ScanError", "ScanInput", "collect_inputs", "load_prediction",
+__all__ = ["BatchReport", "CaseResult", "MergeReport", "merge_parts", "slurm_array_part", "Predictor", "ScanError", "ScanInput", "collect_inputs", "load_prediction",
            "predict_directory", "read_scan", "write_case_outputs"]

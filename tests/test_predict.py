@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import struct
-import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +285,66 @@ def test_implausible_headers_and_scans_too_big_for_memory_are_refused_before_any
                "--no-progress", "--no-qc"])
     err = capsys.readouterr().err
     assert rc == 1 and "needs about" in err and "GB are available" in err and good[0].name in err
+
+
+def test_slurm_array_variables_choose_the_part():
+    from spinelm.predict import slurm_array_part
+
+    assert slurm_array_part({}) is None
+    assert slurm_array_part({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (4, 3)
+    # --array=1-10: tasks count from SLURM_ARRAY_TASK_MIN
+    assert slurm_array_part({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1",
+                             "SLURM_ARRAY_TASK_MAX": "10"}) == (10, 0)
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_COUNT"):
+        slurm_array_part({"SLURM_ARRAY_TASK_ID": "1"})
+
+
+def test_two_parts_in_two_processes_merge_to_what_one_process_writes(trained_model, phantom_dataset, tmp_path):
+    """A batch split into 2 parts (one by --part-id, one by SLURM's array variables) run as 2 local
+    processes, then 'spinelm merge', gives the outputs of one process."""
+    import os
+    import subprocess
+    import sys
+
+    from spinelm.io.landmarks import read_landmarks
+
+    inp = phantom_dataset / "imagesTr"
+    base = [sys.executable, "-m", "spinelm", "predict", "-i", str(inp), "-m", str(trained_model), "--no-progress",
+            "--no-qc"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    subprocess.run(base + ["-o", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    split = tmp_path / "split"
+    procs = [subprocess.Popen(base + ["-o", str(split), "--num-parts", "2", "--part-id", "0"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
+             # the shipped sbatch example, run locally as array task 1 of 2
+             subprocess.Popen(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "slurm_predict.sbatch"),
+                               str(inp), str(split), str(trained_model)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2",
+                                   "SPINELM": f"{sys.executable} -m spinelm", "OMP_NUM_THREADS": "1"})]
+    logs = [p.communicate()[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert "SLURM array task: part 1 of 2" in logs[1]
+    assert {p.name for p in split.glob("summary_part*")} == {"summary_part0of2.csv", "summary_part1of2.csv"}
+    assert main(["merge", str(split)]) == 0
+    one = {r["case"]: r for r in csv.DictReader(open(tmp_path / "one" / "summary.csv"))}
+    merged = {r["case"]: r for r in csv.DictReader(open(split / "summary.csv"))}
+    assert one.keys() == merged.keys() and len(one) == len(list(inp.glob("*_0000.nii.gz")))
+    for case in one:
+        assert {k: v for k, v in one[case].items() if k != "seconds"} == \
+            {k: v for k, v in merged[case].items() if k != "seconds"}
+        a, b = read_landmarks(tmp_path / "one" / f"{case}_ctd.json"), read_landmarks(split / f"{case}_ctd.json")
+        assert [lm.label for lm in a] == [lm.label for lm in b]
+        assert np.allclose([lm.position_mm for lm in a], [lm.position_mm for lm in b], atol=1e-3)
+
+
+def test_merge_reports_a_part_that_never_ran(tmp_path, capsys):
+    from spinelm.io.outputs import write_summary
+
+    write_summary(tmp_path / "summary_part0of3.csv", {"a": {"case": "a", "status": "done"},
+                                                      "b": {"case": "b", "status": "failed", "error": "unreadable"}})
+    write_summary(tmp_path / "summary_part2of3.csv", {"c": {"case": "c", "status": "done"}})
+    assert main(["merge", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "2 of 3 part(s) found" in out and "part 1 of 3: no summary" in out and "failed b: unreadable" in out
+    assert [r["case"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == ["a", "b", "c"]

@@ -100,6 +100,30 @@ def test_killed_run_resumed_matches_an_uninterrupted_one(model_dir, tmp_path, mo
     a = torch.load(model_dir / "fold_1" / "checkpoint_final.pt", weights_only=True)["network"]
     b = torch.load(other / "fold_1" / "checkpoint_final.pt", weights_only=True)["network"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resumed run must continue exactly"
+    ra = torch.load(model_dir / "fold_1" / "checkpoint_final.pt", weights_only=True)["training_network"]
+    rb = torch.load(other / "fold_1" / "checkpoint_final.pt", weights_only=True)["training_network"]
+    assert all(torch.allclose(ra[k], rb[k], atol=1e-6) for k in ra), "the raw weights continue exactly too"
+
+
+def test_checkpoints_hold_the_weight_average_for_prediction_and_the_raw_weights_for_training(model_dir):
+    from spinelm.training import WeightAverage
+
+    train_fold(model_dir, TrainSettings(fold=0, epochs=1, iterations_per_epoch=3, validate_every=5, progress=False))
+    state = torch.load(model_dir / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    avg, raw = state["network"], state["training_network"]
+    assert state["average_steps"] == 3
+    moved = [k for k in raw if raw[k].is_floating_point() and not torch.allclose(avg[k], raw[k])]
+    assert moved, "after a few steps the average lags the raw weights"
+
+    # the average moves towards the weights by (1 - decay_t) per step
+    net = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.zero_()
+    ema = WeightAverage(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # warm-up: decay_1 = min(0.5, 2 / 11)
+    assert torch.allclose(ema.module.weight, torch.full_like(net.weight, 1 - 2 / 11))
 
 
 def test_ddp_world_size_one_with_gloo(model_dir, monkeypatch):
