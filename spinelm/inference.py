@@ -360,6 +360,27 @@ def available_memory_bytes() -> int | None:
     return avail
 
 
+def load_network(model, fold: int, checkpoint: str = "final", configuration: str = "fine",
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The network of one stage and fold of a :class:`~spinelm.plans.ModelFolder`, with the weights
+    prediction uses (``network`` of the checkpoint), in eval mode on ``device``."""
+    from spinelm.network import build_network
+
+    ckpt = model.checkpoint(fold, checkpoint, configuration)
+    if not ckpt.is_file():
+        what = "fold" if configuration == "fine" else f"{configuration} stage of fold"
+        raise FileNotFoundError(f"{ckpt}: not found (the {what} {fold} is not trained)")
+    net = build_network(model.plans, configuration=configuration)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state["network"])
+    except (KeyError, RuntimeError) as exc:
+        raise ValueError(f"{ckpt}: the checkpoint does not match the network of {model.plans_path} "
+                         f"({str(exc).splitlines()[0][:120]}); was the folder re-planned after training?") \
+            from None
+    return net.to(device).eval()
+
+
 class Predictor:
     """Networks (one per fold, averaged) and their plans, ready to label scans.
 
@@ -412,32 +433,14 @@ class Predictor:
             if not folds:
                 raise FileNotFoundError(f"{model.root}: no fold has checkpoint_{checkpoint}.pt; train first "
                                         f"(spinelm train {model.root} --fold 0) or choose --checkpoint latest")
-        networks = [cls._load(model, plans, f, checkpoint, "fine", device) for f in folds]
+        networks = [load_network(model, f, checkpoint, "fine", device) for f in folds]
         coarse = []
         if plans.has_coarse:
             # the coarse stage keeps its final checkpoint (its validation is not what "best" ranks)
-            coarse = [cls._load(model, plans, f, "final", "coarse", device) for f in folds]
+            coarse = [load_network(model, f, "final", "coarse", device) for f in folds]
         info = {"model": str(model.root.resolve()), "folds": list(folds), "checkpoint": checkpoint,
                 "stages": plans.stages}
         return cls(plans, networks, device, mirror, step_size, info, coarse_networks=coarse)
-
-    @staticmethod
-    def _load(model, plans, fold: int, checkpoint: str, configuration: str, device) -> torch.nn.Module:
-        from spinelm.network import build_network
-
-        ckpt = model.checkpoint(fold, checkpoint, configuration)
-        if not ckpt.is_file():
-            what = "fold" if configuration == "fine" else f"{configuration} stage of fold"
-            raise FileNotFoundError(f"{ckpt}: not found (the {what} {fold} is not trained)")
-        net = build_network(plans, configuration=configuration)
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        try:
-            net.load_state_dict(state["network"])
-        except (KeyError, RuntimeError) as exc:
-            raise ValueError(f"{ckpt}: the checkpoint does not match the network of {model.plans_path} "
-                             f"({str(exc).splitlines()[0][:120]}); was the folder re-planned after training?") \
-                from None
-        return net.to(device).eval()
 
     # ------------------------------------------------------------------------------ running
 

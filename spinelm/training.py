@@ -200,6 +200,15 @@ def _ddp_info() -> tuple[bool, int, int]:
     return world > 1 or torch.distributed.is_initialized(), rank, world
 
 
+def _cached_case(cache: Path, case: str, plans) -> tuple:
+    """A preprocessed case of the cache: ``(array, Frame placing it in the world, properties)``."""
+    from spinelm.io.image import Frame, Geometry
+
+    props = read_json(cache / f"{case}.json")
+    frame = Frame.from_info(Geometry.from_json(props["canonical_geometry"]), plans.transpose_forward, props)
+    return np.load(cache / f"{case}_data.npy"), frame, props
+
+
 def validate(network, cache: Path, case_ids: list[str], plans, device, configuration: str = "fine",
              coarse: tuple | None = None) -> dict:
     """Identification rate and mean localisation error (mm) on cached cases, with the one predictor.
@@ -214,24 +223,15 @@ def validate(network, cache: Path, case_ids: list[str], plans, device, configura
     identification stage, as prediction does.
     """
     from spinelm.inference import Predictor
-    from spinelm.io.image import Frame, Geometry
 
     predictor = Predictor.from_network(network, plans, device, configuration,
                                        coarse_networks=coarse[0] if coarse else None)
     distance = predictor.plans.distance_mm
     results, nearest, precise = [], [], []
     for case in case_ids:
-        props = read_json(cache / f"{case}.json")
-        frame = Frame.from_info(Geometry.from_json(props["canonical_geometry"]), predictor.plans.transpose_forward,
-                                props)
-        coarse_input = None
-        if coarse:
-            cprops = read_json(coarse[1] / f"{case}.json")
-            coarse_input = (np.load(coarse[1] / f"{case}_data.npy"),
-                            Frame.from_info(Geometry.from_json(cprops["canonical_geometry"]),
-                                            predictor.plans.transpose_forward, cprops))
-        lab = predictor.predict_preprocessed(np.load(cache / f"{case}_data.npy"), frame, with_mask=False,
-                                             coarse=coarse_input).labelled
+        data, frame, props = _cached_case(cache, case, predictor.plans)
+        coarse_input = _cached_case(coarse[1], case, predictor.plans)[:2] if coarse else None
+        lab = predictor.predict_preprocessed(data, frame, with_mask=False, coarse=coarse_input).labelled
         gt_mm = {int(lm["label"]): np.asarray(lm["position_mm"], dtype=np.float64) for lm in props["landmarks"]}
         results.append(identification({lb: lab.candidate_world_mm[i] for i, lb in zip(lab.kept, lab.labels)}, gt_mm))
         gts = np.asarray(list(gt_mm.values())).reshape(-1, 3)
@@ -458,9 +458,9 @@ def _coarse_for_validation(model: ModelFolder, fold: int, device) -> tuple | Non
     if not ckpt.is_file():
         log.warning("%s is missing: validating the fine stage without the coarse identification stage", ckpt)
         return None
-    net = build_network(model.plans, configuration="coarse")
-    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["network"])
-    return [net.to(device).eval()], model.cache_dir("coarse")
+    from spinelm.inference import load_network
+
+    return [load_network(model, fold, "final", "coarse", device)], model.cache_dir("coarse")
 
 
 def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configuration: str = "fine") -> dict:
