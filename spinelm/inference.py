@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from spinelm import labels as L
 from spinelm.io.image import Frame
 from spinelm.network import split_heads
 
@@ -246,20 +247,58 @@ COARSE_FILLS_GAPS = True
 COARSE_BALL_FRACTION = 0.25
 
 
+#: Spread (in levels) of the label probabilities read from the level head: a level estimate r gives
+#: label l the weight exp(-(coord(l) - r)^2 / (2 sigma^2)).
+LEVEL_SIGMA = 0.7
+#: Weight of the level head's label probabilities against the segmentation's (geometric mixture,
+#: :func:`fuse_label_probs`) in the stage that identifies (the coarse one when the plan has it).
+LEVEL_LABEL_WEIGHT = 0.5
+
+
+def _ball_means(world_mm: np.ndarray, channels: np.ndarray, frame: Frame, spacing, distance_mm: float) -> np.ndarray:
+    """Mean of every channel of ``channels`` (C, X, Y, Z) in a ball of :data:`COARSE_BALL_FRACTION`
+    neighbour distances around each world point (the nearest voxel when outside); (N, C)."""
+    shape = np.asarray(channels.shape[1:])
+    r = np.maximum(np.round(COARSE_BALL_FRACTION * distance_mm / np.asarray(spacing)).astype(int), 1)
+    out = []
+    for v in frame.from_world(np.asarray(world_mm).reshape(-1, 3)):
+        c = np.clip(np.round(v).astype(int), 0, shape - 1)
+        lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, shape)
+        out.append(channels[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].reshape(len(channels), -1).mean(1))
+    return np.asarray(out).reshape(-1, len(channels))
+
+
 def coarse_label_probs(world_mm: np.ndarray, coarse_pred: dict[str, torch.Tensor], coarse_frame: Frame,
                        spacing, labels: list[int], distance_mm: float) -> list[dict[int, float]]:
     """The coarse stage's label probabilities at world points: its segmentation softmax (background
     left out, renormalised) averaged over a ball of :data:`COARSE_BALL_FRACTION` neighbour distances."""
-    seg = coarse_pred["segmentation"][1:].numpy()
-    shape = np.asarray(seg.shape[1:])
-    r = np.maximum(np.round(COARSE_BALL_FRACTION * distance_mm / np.asarray(spacing)).astype(int), 1)
+    means = _ball_means(world_mm, coarse_pred["segmentation"][1:].numpy(), coarse_frame, spacing, distance_mm)
+    return [{lab: float(x) for lab, x in zip(labels, m / max(m.sum(), 1e-6))} for m in means]
+
+
+def level_label_probs(levels: np.ndarray, labels: list[int], head: dict,
+                      sigma: float = LEVEL_SIGMA) -> list[dict[int, float]]:
+    """Label probabilities from level-head outputs (as stored: ``(level - center) / scale``), one
+    dict per value: a Gaussian of :data:`LEVEL_SIGMA` levels around the estimated level."""
+    coords = np.asarray([L.level_coordinate(lab) for lab in labels])
     out = []
-    for v in coarse_frame.from_world(np.asarray(world_mm).reshape(-1, 3)):
-        c = np.clip(np.round(v).astype(int), 0, shape - 1)
-        lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, shape)
-        mean = seg[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].reshape(len(labels), -1).mean(1)
-        out.append({lab: float(x) for lab, x in zip(labels, mean / max(mean.sum(), 1e-6))})
+    for v in np.asarray(levels, dtype=np.float64).ravel():
+        r = v * float(head["scale"]) + float(head["center"])
+        w = np.exp(-0.5 * ((coords - r) / sigma) ** 2) + 1e-12
+        out.append({lab: float(x) for lab, x in zip(labels, w / w.sum())})
     return out
+
+
+def identification_probs(world_mm: np.ndarray, pred: dict[str, torch.Tensor], frame: Frame, spacing,
+                         labels: list[int], plans) -> list[dict[int, float]]:
+    """Label probabilities of one stage's outputs at world points: its segmentation (ball mean)
+    mixed with its level head (:data:`LEVEL_LABEL_WEIGHT`) when the plan has one."""
+    probs = coarse_label_probs(world_mm, pred, frame, spacing, labels, plans.distance_mm)
+    if "level" in pred:
+        lv = _ball_means(world_mm, pred["level"].numpy(), frame, spacing, plans.distance_mm)[:, 0]
+        probs = [fuse_label_probs(p, q, LEVEL_LABEL_WEIGHT)
+                 for p, q in zip(probs, level_label_probs(lv, labels, plans.head_dict["level"]))]
+    return probs
 
 
 def fuse_label_probs(fine: dict[int, float], coarse: dict[int, float], weight: float | None = None,
@@ -289,10 +328,14 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
     cands = decode_candidates(pred, plans.head_dict, spacing, plans.distance_mm, cc_axis=plans.cc_axis)
     vox = np.asarray([c.position for c in cands]).reshape(-1, 3)
     world = frame.to_world(vox)
+    if coarse is None and "level" in pred and len(cands):
+        labels = list(plans.heads["segmentation"].labels)
+        for c, pl in zip(cands, identification_probs(world, pred, frame, spacing, labels, plans)):
+            c.label_probs = pl
     if coarse is not None and "segmentation" in coarse[0]:
         labels = list(plans.heads["segmentation"].labels)
         cspacing = np.asarray(plans.configuration("coarse").spacing)
-        for c, pc in zip(cands, coarse_label_probs(world, coarse[0], coarse[1], cspacing, labels, plans.distance_mm)):
+        for c, pc in zip(cands, identification_probs(world, coarse[0], coarse[1], cspacing, labels, plans)):
             c.label_probs = fuse_label_probs(c.label_probs, pc)
         if COARSE_FILLS_GAPS:
             extra = decode_candidates(coarse[0], plans.head_dict, cspacing, plans.distance_mm, cc_axis=plans.cc_axis)
@@ -300,6 +343,7 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
             for c, w in zip(extra, extra_world):
                 if not len(world) or np.min(np.linalg.norm(world - w, axis=1)) > 0.5 * plans.distance_mm:
                     c.position = np.asarray(frame.from_world(w[None])[0])  # in the fine frame, like the others
+                    c.label_probs = identification_probs(w[None], coarse[0], coarse[1], cspacing, labels, plans)[0]
                     cands.append(c)
                     world = np.vstack([world.reshape(-1, 3), w[None]])
     ordered = order_candidates(world, [c.score for c in cands], [c.label_probs for c in cands], cc_axis=2,

@@ -101,6 +101,21 @@ def cranio_caudal_rank(label: int) -> int:
     return vertebra(label).rank
 
 
+def level_coordinate(label: int) -> float:
+    """Position of a vertebra counted in regular vertebrae (C1 = 0, T12 = 18, L1 = 19, S1 = 24);
+    the transitional T13 and L6 sit halfway between their neighbours (18.5, 23.5), coccyx 25.
+
+    The target of the level head: an ordinal coordinate in which neighbours are one apart, so that
+    a label one level off costs less than one ten levels off.
+    """
+    v = vertebra(label)
+    regular = [x for x in VERTEBRAE if not x.transitional]
+    if v.transitional:
+        before = max(i for i, x in enumerate(regular) if x.rank < v.rank)
+        return before + 0.5
+    return float(regular.index(v))
+
+
 def sort_cranio_caudal(labels: Iterable[int]) -> list[int]:
     """Labels sorted from head to tail."""
     return sorted((int(x) for x in labels), key=cranio_caudal_rank)
