@@ -39,8 +39,10 @@ def _positive(value: str) -> float:
 def cmd_synth(args) -> int:
     from spinelm.synthetic import PhantomConfig, synthesize_dataset
 
+    channels = args.channels if args.channels is not None else (2 if args.protocol == "dixon" else 1)
     cfg = PhantomConfig(modality=args.modality, min_vertebrae=args.min_vertebrae, max_vertebrae=args.max_vertebrae,
-                        slice_thickness_mm=args.slice_thickness)
+                        slice_thickness_mm=args.slice_thickness, protocol=args.protocol, channels=channels,
+                        max_voxels=args.max_voxels)
     t0 = time.time()
     out = synthesize_dataset(args.out, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled,
                              with_classes=not args.no_classes, progress=not args.no_progress)
@@ -208,6 +210,30 @@ def cmd_merge(args) -> int:
     return 0 if r.ok else 1
 
 
+def cmd_calibrate(args) -> int:
+    from spinelm.confidence import CALIBRATION_FILE, calibrate
+    from spinelm.pipeline import detect_device, parse_folds
+    from spinelm.plans import ModelFolder
+
+    model = ModelFolder(args.model)
+    folds = None if args.fold in (None, "all") else parse_folds(args.fold, model.plans.training["num_folds"])
+    cal = calibrate(model.root, folds, detect_device(args.device), not args.no_progress)
+    f = cal.fitted_on
+    print(f"calibrated on {f['vertebrae']} validation vertebrae of fold(s) {', '.join(map(str, f['folds']))} "
+          f"({f['cases']} cases, {100 * f['identified_share']:.0f}% identified); expected calibration error on them "
+          f"{f['ece']:.3f}")
+    print(f"written: {model.root / CALIBRATION_FILE} (predict now writes 'confidence' per vertebra)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from spinelm.report import write_report
+
+    path = write_report(args.out, args.gt)
+    print(f"written: {path} (open it in a browser; the QC pictures it shows are the CASE_qc.png files beside it)")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from spinelm.evaluation import evaluate_folders, format_table, write_evaluation
 
@@ -279,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-vertebrae", type=int, default=12, help="longest visible run (default 12)")
     s.add_argument("--slice-thickness", type=_positive, metavar="MM",
                    help="give every case thick slices of this spacing (default: 2.5-4.5 mm in most cases)")
+    s.add_argument("--protocol", choices=["spine", "dixon"], default="spine",
+                   help="spine: a spine protocol, a run of 5-12 vertebrae anywhere from C1 to the sacrum (default); "
+                        "dixon: biobank-like neck-to-knee Dixon MR, the whole column in a stitched axial volume "
+                        "(2.23 mm in-plane, 3-4.5 mm slices, 226 x 175 x 180-370 voxels, neck to mid-thigh)")
+    s.add_argument("--channels", type=int, choices=[1, 2, 4],
+                   help="Dixon channels: 2 = water, fat (default); 4 = also in-phase, opposed-phase")
+    s.add_argument("--max-voxels", type=int, metavar="N",
+                   help="largest grid per case; the spacing grows to respect it (default 2.5 million, Dixon 16 "
+                        "million: its own resolution)")
     s.add_argument("--no-classes", action="store_true", help="do not write classesTr.csv")
     s.set_defaults(func=cmd_synth)
 
@@ -385,6 +420,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --continue). Exit status 1 if anything is missing or failed.")
     s.add_argument("output", help="the prediction folder the parts wrote to")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("calibrate", parents=[common], help="fit per-vertebra confidence on the validation folds",
+                       description="Run every trained fold's final model on its own validation cases (the one "
+                                   "predictor), and fit a logistic model of 'this vertebra is identified' (right "
+                                   "label within 20 mm) on its heatmap peak, label probability, the margin of its "
+                                   "run over the run shifted by one level, and neighbour spacing. Writes "
+                                   "MODEL/calibration.json; predict then writes a 'confidence' per vertebra and "
+                                   "flags cases with a vertebra below 0.5 for review. Training runs it at its end.")
+    s.add_argument("model", help="trained model folder")
+    s.add_argument("--fold", help="folds to calibrate on, e.g. 0,1 (default: every trained fold)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("report", parents=[common], help="an HTML page to review a prediction batch",
+                       description="Write OUT/report.html: the cases sorted by risk (QC review first, then by the "
+                                   "least confident vertebra) with their QC pictures, flags and per-vertebra "
+                                   "confidence, the batch statistics and a reliability diagram; with --gt also a "
+                                   "risk-coverage curve. Opens from the file, offline.")
+    s.add_argument("out", help="prediction folder (summary.csv, CASE_ctd.json, CASE_qc.png)")
+    s.add_argument("--gt", help="ground truth (dataset folder or centroid files) for the reliability diagram and "
+                                "the risk-coverage curve")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("evaluate", parents=[common], help="compare predictions with ground truth",
                        description="VerSe identification rate (prediction with the right label within 20 mm and "

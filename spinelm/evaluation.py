@@ -71,17 +71,33 @@ def identification(pred: dict[int, np.ndarray], gt: dict[int, np.ndarray],
         closest = gt_labels[int(np.argmin(np.linalg.norm(gt_pos - p, axis=1)))]
         if d <= radius_mm and closest == lab:
             identified.append(lab)
-    return {"n_gt": len(gt), "identified": identified, "distances_mm": distances,
+    return {"n_gt": len(gt), "gt_labels": gt_labels, "identified": identified, "distances_mm": distances,
             "missed": [k for k in gt if k not in pred], "false_positive": [k for k in pred if k not in gt],
             "level_shift": level_shift(pred, gt, radius_mm)}
 
 
+#: Regions reported separately (identification rate per region: thoracic levels are the hardest to count).
+REGIONS = ("cervical", "thoracic", "lumbar", "sacral", "coccygeal")
+
+
 def summarise(results: list[dict]) -> dict:
-    """Dataset-level identification rate (over all gt vertebrae) and mean distance (d_mean)."""
+    """Dataset-level identification rate (over all gt vertebrae), per region, and mean distance (d_mean)."""
+    from spinelm import labels as L
+
     n = sum(r["n_gt"] for r in results)
     ident = sum(len(r["identified"]) for r in results)
     dists = [d for r in results for d in r["distances_mm"].values()]
-    return {"id_rate": ident / n if n else float("nan"), "d_mean_mm": float(np.mean(dists)) if dists else float("nan"),
+    by_region: dict[str, dict] = {}
+    for r in results:
+        for lab in r.get("gt_labels", []):
+            reg = by_region.setdefault(L.region_of(lab), {"n_gt": 0, "n_identified": 0})
+            reg["n_gt"] += 1
+            reg["n_identified"] += int(lab in r["identified"])
+    for reg in by_region.values():
+        reg["id_rate"] = reg["n_identified"] / reg["n_gt"]
+    return {"by_region": dict(sorted(by_region.items(), key=lambda kv: REGIONS.index(kv[0]) if kv[0] in REGIONS
+                                     else len(REGIONS))),
+            "id_rate": ident / n if n else float("nan"), "d_mean_mm": float(np.mean(dists)) if dists else float("nan"),
             "n_gt": n, "n_identified": ident, "n_missed": sum(len(r["missed"]) for r in results),
             "n_false_positive": sum(len(r["false_positive"]) for r in results),
             "n_cases": len(results), "n_cases_level_shifted": sum(1 for r in results if r.get("level_shift")),
@@ -250,4 +266,7 @@ def format_table(report: dict) -> str:
                  f"label(s){dice}; {o['n_cases']} case(s), {o['n_cases_without_prediction']} without prediction"
                  + (f"; {o['n_ground_truth_cases_not_evaluated']} ground-truth case(s) not predicted and not "
                     f"evaluated (--all-gt counts them)" if o.get("n_ground_truth_cases_not_evaluated") else ""))
+    if len(o.get("by_region", {})) > 1:
+        lines.append("by region: " + ", ".join(f"{k} {v['id_rate']:.3f} ({v['n_identified']}/{v['n_gt']})"
+                                               for k, v in o["by_region"].items()))
     return "\n".join(lines)

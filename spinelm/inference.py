@@ -13,16 +13,16 @@ The window positions and the Gaussian importance weighting are nnunetv2's
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from spinelm import labels as L
 from spinelm.io.image import Frame
 from spinelm.network import split_heads
+from spinelm.sanity import confidence_reasons, header_reasons, orientation_reasons
 
 #: Heatmap peaks below this value (targets peak at 1) are not candidates. Low on purpose: the
 #: ordering weighs every candidate by its peak value, so the threshold only has to keep noise out;
@@ -38,6 +38,11 @@ PEAK_MIN_DISTANCE_FRACTION = 0.5
 #: field of view responds with a plateau that wide, and a narrower window put its centre on
 #: whichever edge held the maximum (15-20 mm to one side on phantoms).
 BLOB_ACROSS_FRACTION = 2.0
+#: At most this many of the strongest heatmap peaks become candidates (about four per vertebra of
+#: the whole column). An untrained or unfamiliar model can put thousands of weak peaks above the
+#: threshold, and the ordering is quadratic in the candidates: measured, minutes for one small
+#: validation case of an untrained whole-body model instead of a second.
+MAX_CANDIDATES = 100
 
 
 @dataclass
@@ -170,6 +175,9 @@ def decode_candidates(pred: dict[str, torch.Tensor], heads: dict, spacing, dista
     if drop_border and len(peaks):
         inner = np.all((peaks > 0) & (peaks < np.asarray(summed.shape) - 1), axis=1)
         peaks = peaks[inner]
+    if len(peaks) > MAX_CANDIDATES:
+        values = summed[tuple(torch.as_tensor(peaks).T)].numpy()
+        peaks = peaks[np.argsort(-values, kind="stable")[:MAX_CANDIDATES]]
     hm_np = summed.numpy()
     window = radius.copy()
     if cc_axis is not None:
@@ -247,14 +255,6 @@ COARSE_FILLS_GAPS = True
 COARSE_BALL_FRACTION = 0.25
 
 
-#: Spread (in levels) of the label probabilities read from the level head: a level estimate r gives
-#: label l the weight exp(-(coord(l) - r)^2 / (2 sigma^2)).
-LEVEL_SIGMA = 0.7
-#: Weight of the level head's label probabilities against the segmentation's (geometric mixture,
-#: :func:`fuse_label_probs`) in the stage that identifies (the coarse one when the plan has it).
-LEVEL_LABEL_WEIGHT = 0.5
-
-
 def _ball_means(world_mm: np.ndarray, channels: np.ndarray, frame: Frame, spacing, distance_mm: float) -> np.ndarray:
     """Mean of every channel of ``channels`` (C, X, Y, Z) in a ball of :data:`COARSE_BALL_FRACTION`
     neighbour distances around each world point (the nearest voxel when outside); (N, C)."""
@@ -274,31 +274,6 @@ def coarse_label_probs(world_mm: np.ndarray, coarse_pred: dict[str, torch.Tensor
     left out, renormalised) averaged over a ball of :data:`COARSE_BALL_FRACTION` neighbour distances."""
     means = _ball_means(world_mm, coarse_pred["segmentation"][1:].numpy(), coarse_frame, spacing, distance_mm)
     return [{lab: float(x) for lab, x in zip(labels, m / max(m.sum(), 1e-6))} for m in means]
-
-
-def level_label_probs(levels: np.ndarray, labels: list[int], head: dict,
-                      sigma: float = LEVEL_SIGMA) -> list[dict[int, float]]:
-    """Label probabilities from level-head outputs (as stored: ``(level - center) / scale``), one
-    dict per value: a Gaussian of :data:`LEVEL_SIGMA` levels around the estimated level."""
-    coords = np.asarray([L.level_coordinate(lab) for lab in labels])
-    out = []
-    for v in np.asarray(levels, dtype=np.float64).ravel():
-        r = v * float(head["scale"]) + float(head["center"])
-        w = np.exp(-0.5 * ((coords - r) / sigma) ** 2) + 1e-12
-        out.append({lab: float(x) for lab, x in zip(labels, w / w.sum())})
-    return out
-
-
-def identification_probs(world_mm: np.ndarray, pred: dict[str, torch.Tensor], frame: Frame, spacing,
-                         labels: list[int], plans) -> list[dict[int, float]]:
-    """Label probabilities of one stage's outputs at world points: its segmentation (ball mean)
-    mixed with its level head (:data:`LEVEL_LABEL_WEIGHT`) when the plan has one."""
-    probs = coarse_label_probs(world_mm, pred, frame, spacing, labels, plans.distance_mm)
-    if "level" in pred:
-        lv = _ball_means(world_mm, pred["level"].numpy(), frame, spacing, plans.distance_mm)[:, 0]
-        probs = [fuse_label_probs(p, q, LEVEL_LABEL_WEIGHT)
-                 for p, q in zip(probs, level_label_probs(lv, labels, plans.head_dict["level"]))]
-    return probs
 
 
 def fuse_label_probs(fine: dict[int, float], coarse: dict[int, float], weight: float | None = None,
@@ -328,14 +303,10 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
     cands = decode_candidates(pred, plans.head_dict, spacing, plans.distance_mm, cc_axis=plans.cc_axis)
     vox = np.asarray([c.position for c in cands]).reshape(-1, 3)
     world = frame.to_world(vox)
-    if coarse is None and "level" in pred and len(cands):
-        labels = list(plans.heads["segmentation"].labels)
-        for c, pl in zip(cands, identification_probs(world, pred, frame, spacing, labels, plans)):
-            c.label_probs = pl
     if coarse is not None and "segmentation" in coarse[0]:
         labels = list(plans.heads["segmentation"].labels)
         cspacing = np.asarray(plans.configuration("coarse").spacing)
-        for c, pc in zip(cands, identification_probs(world, coarse[0], coarse[1], cspacing, labels, plans)):
+        for c, pc in zip(cands, coarse_label_probs(world, coarse[0], coarse[1], cspacing, labels, plans.distance_mm)):
             c.label_probs = fuse_label_probs(c.label_probs, pc)
         if COARSE_FILLS_GAPS:
             extra = decode_candidates(coarse[0], plans.head_dict, cspacing, plans.distance_mm, cc_axis=plans.cc_axis)
@@ -343,7 +314,7 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
             for c, w in zip(extra, extra_world):
                 if not len(world) or np.min(np.linalg.norm(world - w, axis=1)) > 0.5 * plans.distance_mm:
                     c.position = np.asarray(frame.from_world(w[None])[0])  # in the fine frame, like the others
-                    c.label_probs = identification_probs(w[None], coarse[0], coarse[1], cspacing, labels, plans)[0]
+                    c.label_probs = coarse_label_probs(w[None], coarse[0], coarse[1], cspacing, labels, plans.distance_mm)[0]
                     cands.append(c)
                     world = np.vstack([world.reshape(-1, 3), w[None]])
     ordered = order_candidates(world, [c.score for c in cands], [c.label_probs for c in cands], cc_axis=2,
@@ -364,6 +335,7 @@ class CaseResult:
     candidates: int
     seconds: float = 0.0
     labelled: Labelled | None = None
+    qc_reasons: list = field(default_factory=list)  # plain-words reasons to review (spinelm.sanity)
 
 
 def estimate_prediction_bytes(geometry, n_channels: int, target_spacing, n_outputs: int) -> tuple[int, int]:
@@ -445,10 +417,11 @@ class Predictor:
 
     def __init__(self, plans, networks: list, device: str | torch.device = "cpu", mirror: bool = False,
                  step_size: float = 0.5, info: dict | None = None, configuration: str = "fine",
-                 coarse_networks: list | None = None):
+                 coarse_networks: list | None = None, calibration=None):
         from spinelm.plans import as_plans
 
         self.plans = as_plans(plans)
+        self.calibration = calibration  # spinelm.confidence.Calibration: confidence per vertebra
         self.networks = list(networks)
         self.configuration = configuration
         self.coarse_networks = list(coarse_networks or [])
@@ -484,7 +457,10 @@ class Predictor:
             coarse = [load_network(model, f, "final", "coarse", device) for f in folds]
         info = {"model": str(model.root.resolve()), "folds": list(folds), "checkpoint": checkpoint,
                 "stages": plans.stages}
-        return cls(plans, networks, device, mirror, step_size, info, coarse_networks=coarse)
+        from spinelm.confidence import CALIBRATION_FILE, Calibration
+
+        return cls(plans, networks, device, mirror, step_size, info, coarse_networks=coarse,
+                   calibration=Calibration.load(model.root / CALIBRATION_FILE))
 
     # ------------------------------------------------------------------------------ running
 
@@ -528,7 +504,15 @@ class Predictor:
             spacing = np.asarray(self.plans.configuration(self.configuration).spacing)
             vox = np.asarray([c.position for c in lab.candidates]).reshape(-1, 3)
             mask = self._instances(pred["segmentation"], vox[lab.kept] * spacing, lab.labels, spacing)
-        return CaseResult(lab.landmarks(), mask, len(lab.candidates), time.perf_counter() - t0, lab)
+        landmarks = lab.landmarks()
+        if self.calibration is not None and landmarks:
+            from spinelm.confidence import vertebra_features
+
+            from dataclasses import replace
+
+            conf = self.calibration(vertebra_features(lab, self.plans.distance_mm))
+            landmarks = [replace(lm, confidence=float(c)) for lm, c in zip(landmarks, conf)]
+        return CaseResult(landmarks, mask, len(lab.candidates), time.perf_counter() - t0, lab)
 
     def check_memory(self, geometry, path: str = "scan") -> None:
         """Refuse, before any resampling, a scan whose prediction would not fit in memory."""
@@ -548,6 +532,8 @@ class Predictor:
 
         t0 = time.perf_counter()
         self.check_memory(geometry, path)
+        header = header_reasons(np.asarray(geometry.size) * np.asarray(geometry.spacing),
+                                self.plans.raw.get("scan_extent_mm"))
         data, _, info = run_preprocessor(image, geometry.array_spacing, self.plans, self.configuration)
         coarse = None
         if self.uses_coarse:
@@ -557,13 +543,21 @@ class Predictor:
                                            coarse=coarse)
         if result.instance_mask is not None:
             result.instance_mask = self._to_canonical_grid(result.instance_mask, info, geometry.shape)
+        result.qc_reasons = header
+        lab = result.labelled
+        result.qc_reasons += orientation_reasons(lab.candidate_world_mm, [c.label_probs for c in lab.candidates],
+                                                 lab.kept)
+        result.qc_reasons += confidence_reasons(result.landmarks)
         result.seconds = time.perf_counter() - t0
         return result
 
     def _instances(self, softmax: torch.Tensor, centres_mm: np.ndarray, labels: list[int],
                    spacing: np.ndarray) -> np.ndarray:
-        """Vertebra voxels (segmentation foreground) labelled by their nearest ordered centroid."""
-        fg = softmax.argmax(0).numpy() > 0
+        """Vertebra voxels labelled by their nearest ordered centroid. A voxel is vertebra when the
+        vertebra labels together outweigh background (``p(background) < 0.5``): with many labels the
+        probability spreads over neighbouring levels and no single one may beat background
+        (measured: empty masks on whole-spine phantoms with ``argmax > 0``)."""
+        fg = softmax[0].numpy() < 0.5
         out = np.zeros(fg.shape, np.int16)
         if not labels or not fg.any():
             return out

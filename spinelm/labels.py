@@ -105,8 +105,9 @@ def level_coordinate(label: int) -> float:
     """Position of a vertebra counted in regular vertebrae (C1 = 0, T12 = 18, L1 = 19, S1 = 24);
     the transitional T13 and L6 sit halfway between their neighbours (18.5, 23.5), coccyx 25.
 
-    The target of the level head: an ordinal coordinate in which neighbours are one apart, so that
-    a label one level off costs less than one ten levels off.
+    An ordinal coordinate in which neighbours are one apart: the case checks compare the expected
+    level of the candidates with their height, and the confidence compares a run with itself
+    shifted by one level.
     """
     v = vertebra(label)
     regular = [x for x in VERTEBRAE if not x.transitional]

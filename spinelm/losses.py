@@ -1,6 +1,5 @@
-"""Losses: nnU-Net's Dice + CE for the segmentation head, a foreground-weighted L2 for heatmaps, a
-Huber loss on the level coordinate of vertebra voxels for the level head, all with nnU-Net's
-deep-supervision weighting. No SimpleITK here."""
+"""Losses: nnU-Net's Dice + CE for the segmentation head, a foreground-weighted L2 for heatmaps,
+both with nnU-Net's deep-supervision weighting. No SimpleITK here."""
 from __future__ import annotations
 
 import torch
@@ -38,30 +37,6 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def level_targets(heads: dict) -> torch.Tensor:
-    """Level head target per segmentation channel index (background and ignore: NaN), normalised
-    as the head stores it."""
-    from spinelm.labels import level_coordinate
-
-    lv = heads["level"]
-    labels = heads["segmentation"]["labels"]
-    lut = torch.full((len(labels) + 2,), float("nan"))
-    for i, lab in enumerate(labels, start=1):
-        lut[i] = (level_coordinate(lab) - float(lv["center"])) / float(lv["scale"])
-    return lut
-
-
-def level_loss(pred: torch.Tensor, seg: torch.Tensor, lut: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Huber loss (in levels, quadratic within one level) of the level head on the voxels of
-    annotated vertebrae; None when the patch has none."""
-    target = lut.to(pred.device)[seg[:, 0].clamp(0, len(lut) - 1)]
-    mask = ~torch.isnan(target)
-    if not bool(mask.any()):
-        return None
-    p = pred[:, 0].float()[mask] * scale
-    return F.smooth_l1_loss(p, target[mask] * scale, beta=1.0)
-
-
 class MultiTaskLoss(torch.nn.Module):
     """Deep-supervised sum of the heads' losses.
 
@@ -82,19 +57,12 @@ class MultiTaskLoss(torch.nn.Module):
             self.seg_loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                                            weight_ce=1, weight_dice=1, ignore_label=self.ignore_label,
                                            dice_class=MemoryEfficientSoftDiceLoss)
-        self.has_level = self.has_seg and "level" in heads
-        if self.has_level:
-            self.register_buffer("level_lut", level_targets(heads), persistent=False)
-            self.level_scale = float(heads["level"]["scale"])
-            self.level_weight = float(heads["level"].get("loss_weight", 1.0))
 
     def forward(self, outputs: list[torch.Tensor], seg: torch.Tensor | None,
                 heatmap: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """``outputs``: network outputs, full resolution first; ``seg`` (B, 1, ...) long; ``heatmap`` (B, C, ...)."""
         total = outputs[0].new_zeros((), dtype=torch.float32)
         parts = {"seg": 0.0, "heatmap": 0.0}
-        if self.has_level:
-            parts["level"] = 0.0
         for w, out in zip(self.weights, outputs):
             if w == 0:
                 continue
@@ -111,9 +79,4 @@ class MultiTaskLoss(torch.nn.Module):
                     l_seg = self.seg_loss(heads["segmentation"], seg_t)
                     total = total + w * l_seg
                     parts["seg"] += w * float(l_seg.detach())
-                if self.has_level:
-                    l_lv = level_loss(heads["level"], seg_t, self.level_lut, self.level_scale)
-                    if l_lv is not None:
-                        total = total + w * self.level_weight * l_lv
-                        parts["level"] += w * float(l_lv.detach())
         return total, parts

@@ -7,6 +7,7 @@ callable taking one line; the CLI passes ``print``, the default logs).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,24 @@ def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> l
         if "coarse" in stage_results:
             result["coarse"] = stage_results["coarse"]
         results.append(result)
+    if int(os.environ.get("RANK", "0")) == 0:
+        calibrate_quietly(model.root, settings["device"], settings.get("progress", True))
     return results
+
+
+def calibrate_quietly(model_dir, device: str = "cpu", progress: bool = True):
+    """Fit ``calibration.json`` (:func:`spinelm.confidence.calibrate`) on the trained folds; a failure
+    is logged, not raised (training results stay valid without confidences)."""
+    from spinelm.confidence import calibrate
+
+    try:
+        cal = calibrate(model_dir, device=device, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - training results stay valid without confidences
+        log.warning("no calibration: %s", exc)
+        return None
+    log.info("calibrated per-vertebra confidence on %d validation vertebrae (%.0f%% identified)",
+             cal.fitted_on["vertebrae"], 100 * cal.fitted_on["identified_share"])
+    return cal
 
 
 @dataclass

@@ -62,8 +62,6 @@ WHOLE_VIEW_SHARE = 0.95
 #: fine patch) it labelled 22/41 right after the same number of steps, and the long scans were no
 #: better.
 COARSE_EXTENT_PERCENTILE = 50
-#: Weight of the level head's loss (Huber, in levels) against the segmentation and heatmap losses.
-LEVEL_LOSS_WEIGHT = 1.0
 #: GPU memory the CUDA context, cuDNN workspaces and the allocator's fragmentation take beyond the
 #: activations nnU-Net's estimate counts.
 GPU_OVERHEAD_GB = 1.5
@@ -239,27 +237,19 @@ def choose_heads(fingerprint: dict) -> dict:
     seg_labels = L.sort_cranio_caudal(spine.get("segmentation_labels", []))
     all_labels = L.sort_cranio_caudal({lab for labs in spine.get("labels_per_case", {}).values() for lab in labs})
     if seg_labels:
-        heads = {"segmentation": {"labels": sorted(seg_labels), "channels": len(seg_labels) + 1},
-                 "heatmap": {"channels": 1, "per_label": False}}
-        if len(seg_labels) > 1:
-            heads["level"] = level_head(seg_labels)
-        return heads
+        return {"segmentation": {"labels": sorted(seg_labels), "channels": len(seg_labels) + 1},
+                "heatmap": {"channels": 1, "per_label": False}}
     return {"heatmap": {"channels": len(all_labels), "per_label": True, "labels": sorted(all_labels)}}
 
 
-def level_head(seg_labels) -> dict:
-    """The level head: one channel regressing each vertebra voxel's :func:`spinelm.labels.level_coordinate`,
-    stored as ``(level - center) / scale`` so that the dataset's labels span about [-1, 1].
-
-    Identification as an ordinal target: the segmentation head learns every label as an unrelated
-    class (C3 and T9 differ as much as T8 and T9), so a label seen in a few cases is learned late;
-    the level coordinate shares what all vertebrae teach (size, shape and region change smoothly
-    along the column) and a neighbour's error costs one level, not a whole wrong class.
-    """
-    coords = [L.level_coordinate(lab) for lab in seg_labels]
-    lo, hi = min(coords), max(coords)
-    return {"channels": 1, "center": (lo + hi) / 2, "scale": max((hi - lo) / 2, 1.0),
-            "loss_weight": LEVEL_LOSS_WEIGHT}
+def scan_extent_range(fingerprint: dict) -> dict:
+    """Smallest and largest physical extent of the training scans (mm, axes sorted by size per
+    scan), for the prediction's header check (:func:`spinelm.sanity.header_reasons`)."""
+    ext = [np.sort(np.asarray(sh, float) * np.asarray(sp, float))
+           for sh, sp in zip(fingerprint.get("shapes_after_crop", []), fingerprint.get("spacings", []))]
+    if not ext:
+        return {}
+    return {"min": np.min(ext, 0).round(1).tolist(), "max": np.max(ext, 0).round(1).tolist()}
 
 
 def output_channels(heads: dict) -> int:
@@ -490,6 +480,7 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
         "spine": {"median_consecutive_distance_mm": distance,
                   "consecutive_pairs": fingerprint.get("spine", {}).get("consecutive_pairs", {}),
                   **run_end_counts(fingerprint)},
+        "scan_extent_mm": scan_extent_range(fingerprint),
         "rationale": why,
     }
     recursive_fix_for_json_export(plans)

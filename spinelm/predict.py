@@ -85,6 +85,8 @@ def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike,
             report.done += 1
             rows[scan.case_id] = {"case": scan.case_id, "status": "done", "n_vertebrae": len(result.landmarks),
                                   "labels": " ".join(lm.name for lm in result.landmarks),
+                                  "qc": "review" if result.qc_reasons else "ok",
+                                  "qc_reasons": "; ".join(result.qc_reasons),
                                   "seconds": f"{time.perf_counter() - t0:.2f}", "error": "",
                                   "input": str(scan.paths[0])}
         write_summary(summary_path, rows)

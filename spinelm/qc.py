@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from spinelm.confidence import REVIEW_BELOW
 from spinelm.io.files import atomic_path
 from spinelm.io.image import Geometry
 
@@ -51,7 +52,9 @@ def save_qc_png(path: str | os.PathLike, volume: np.ndarray, geometry: Geometry,
         for lm, p in zip(landmarks, idx):
             x, y = (p[col_axis] + 0.5) * col_spacing, (p[0] + 0.5) * sz
             ax.plot(x, y, "o", ms=4, color=cmap(lm.label % 20), mec="k")
-            ax.text(x + 4 * col_spacing, y, lm.name, color="yellow", fontsize=8, va="center",
+            low = lm.confidence is not None and lm.confidence < REVIEW_BELOW
+            text = lm.name if lm.confidence is None else f"{lm.name} {lm.confidence:.2f}"
+            ax.text(x + 4 * col_spacing, y, text, color="red" if low else "yellow", fontsize=8, va="center",
                     bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "lw": 0})
         ax.set_title(f"{name} ({'posterior' if name == 'sagittal' else 'left'} to the right)", fontsize=9)
         ax.set_xticks([])

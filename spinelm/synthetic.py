@@ -12,6 +12,12 @@ Ground truth: the instance mask (VerSe labels, whole vertebra) and the centre of
 body (world LPS mm) for every vertebra whose centre lies in the field of view, plus an optional
 class per vertebra (0 normal, 1 bone-marrow oedema, 2 wedge fracture).
 
+With ``protocol="dixon"`` a phantom is instead a biobank-like neck-to-knee Dixon scan: the whole
+column (C1 to the sacrum, with T13 / L6 variants) inside a stitched axial volume of six stations at
+2.23 x 2.23 mm in-plane and 3-4.5 mm slices (226 x 175 x 180-370 voxels, neck to mid-thigh), two or four channels
+(water, fat, then in-phase and opposed-phase) from per-tissue proton density and fat fraction,
+small intensity steps between stations and breathing blur over the thorax.
+
 Everything is deterministic for a given ``(seed, case index)``.
 """
 from __future__ import annotations
@@ -65,6 +71,23 @@ _ANCHORS = {
 }
 
 
+#: Phantom protocols: a spine protocol or a neck-to-knee Dixon scan.
+PROTOCOLS = ("spine", "dixon")
+#: Channel names of Dixon phantoms, in file order (``_0000`` water, ``_0001`` fat, ...).
+DIXON_CHANNELS = ("water", "fat", "in_phase", "opposed_phase")
+#: Dixon acquisition: in-plane spacing (mm), slice range (mm), stations stitched along the body.
+DIXON_INPLANE_MM = 2.23
+DIXON_SLICE_MM = (3.0, 4.5)
+DIXON_STATIONS = 6
+#: Dixon field of view across (L-R, A-P; mm): 224 x 174 voxels of 2.23 mm.
+DIXON_FOV_MM = (500.0, 388.0)
+#: Proton density and fat fraction per tissue (adults at 1.5 T, roughly): marrow about 45 % fat,
+#: oedema shifts it towards water; lungs and cortical bone give little signal in either channel.
+DIXON_TISSUE = {AIR: (0.0, 0.0), FAT: (1.0, 0.92), MUSCLE: (0.7, 0.05), LUNG: (0.06, 0.1), ANNULUS: (0.45, 0.05),
+                NUCLEUS: (0.9, 0.02), CSF: (1.0, 0.0), CORD: (0.75, 0.05), MARROW: (0.85, 0.45),
+                CORTEX: (0.06, 0.2), OEDEMA: (0.92, 0.15)}
+
+
 @dataclass(frozen=True)
 class PhantomConfig:
     """How phantoms vary. Defaults give a realistic mix of fields of view, orientations and contrasts.
@@ -74,10 +97,15 @@ class PhantomConfig:
         min_vertebrae / max_vertebrae: length of the visible run.
         p_t13 / p_l6: probability of a transitional T13 / L6.
         p_oblique: probability of an oblique (rotated) grid on top of the random axis permutation.
-        max_voxels: upper bound of the output grid size; spacing grows to respect it.
+        max_voxels: upper bound of the output grid size; spacing grows to respect it (default 2.5
+            million voxels, 16 million for Dixon: a biobank volume at its own resolution).
         p_class: probability that a vertebra carries class 1 (oedema) or class 2 (fracture), each.
         slice_thickness_mm: if given, every case has thick slices of exactly this spacing (sagittal
             for MR, axial for CT); otherwise 2.5-4.5 mm slices in most cases, isotropic in some.
+        last_label: every run ends at this vertebra (e.g. ``"S1"`` for lumbar protocols).
+        protocol: ``"spine"`` (a spine protocol, one channel) or ``"dixon"`` (neck-to-knee Dixon MR,
+            the whole column; ``modality``, the run length and ``last_label`` do not apply).
+        channels: Dixon channels: 2 (water, fat) or 4 (water, fat, in-phase, opposed-phase).
     """
 
     modality: str = "MR"
@@ -86,12 +114,26 @@ class PhantomConfig:
     p_t13: float = 0.08
     p_l6: float = 0.08
     p_oblique: float = 0.3
-    max_voxels: int = 2_500_000
+    max_voxels: int | None = None
     p_class: float = 0.08
     slice_thickness_mm: float | None = None
     last_label: str | None = None
+    protocol: str = "spine"
+    channels: int = 1
+
+    @property
+    def voxel_limit(self) -> int:
+        if self.max_voxels is not None:
+            return int(self.max_voxels)
+        return 16_000_000 if self.protocol == "dixon" else 2_500_000
 
     def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        allowed = (2, 4) if self.protocol == "dixon" else (1,)
+        if self.channels not in allowed:
+            raise ValueError(f"the {self.protocol} protocol has {' or '.join(map(str, allowed))} channel(s), "
+                             f"got {self.channels}")
         if self.last_label is not None:
             L.label_of(self.last_label)  # KeyError with the valid names
         if self.modality.upper() not in ("CT", "MR", "MIXED"):
@@ -111,6 +153,7 @@ class Phantom:
     classes: dict[int, int]
     contrast: str
     info: dict = field(default_factory=dict)
+    channels: list = field(default_factory=list)  # every channel's image (``image`` is the first)
 
     @property
     def geometry(self) -> Geometry:
@@ -154,6 +197,8 @@ def _sequence(rng: np.random.Generator, cfg: PhantomConfig) -> list[int]:
         full.insert(full.index(L.label_of("T12")) + 1, L.label_of("T13"))
     if rng.random() < cfg.p_l6:
         full.insert(full.index(L.label_of("L5")) + 1, L.label_of("L6"))
+    if cfg.protocol == "dixon":
+        return full  # neck to knee: the whole column
     n = int(rng.integers(min(cfg.min_vertebrae, len(full)), min(cfg.max_vertebrae, len(full)) + 1))
     if cfg.last_label is not None:
         end = full.index(L.label_of(cfg.last_label)) + 1
@@ -256,13 +301,99 @@ def _output_geometry(rng: np.random.Generator, column: list[_Vertebra], contrast
     local = (corners - center) @ d  # coordinates along each grid axis
     extent = local.max(0) - local.min(0)
     size = np.maximum(np.ceil(extent / spacing).astype(int) + 1, 8)
-    if np.prod(size) > cfg.max_voxels:
-        factor = (np.prod(size) / cfg.max_voxels) ** (1 / 3)
+    if np.prod(size) > cfg.voxel_limit:
+        factor = (np.prod(size) / cfg.voxel_limit) ** (1 / 3)
         spacing = spacing * factor
         size = np.maximum(np.ceil(extent / spacing).astype(int) + 1, 8)
     origin = center + d @ (local.min(0))
     return Geometry(tuple(int(s) for s in size), tuple(float(s) for s in spacing), tuple(origin.tolist()),
                     tuple(d.ravel().tolist()))
+
+
+def _dixon_geometry(rng: np.random.Generator, column: list[_Vertebra], cfg: PhantomConfig) -> Geometry:
+    """An axial neck-to-knee grid: 2.23 mm in-plane, 3-4.5 mm slices, from above C1 to the thighs,
+    stored L-R, A-P, S-I (in one of the storage orders scanners write: flips only)."""
+    top, bottom = column[0], column[-1]
+    z_hi = top.center[2] + rng.uniform(40, 90)
+    z_lo = bottom.center[2] - rng.uniform(220, 330)
+    xc = float(np.mean([v.center[0] for v in column]))
+    yc = float(np.mean([v.center[1] for v in column]))
+    w_lr, w_ap = DIXON_FOV_MM
+    lo = np.array([xc - w_lr / 2, yc - w_ap + 95.0, z_lo])  # the column sits near the back of the body
+    hi = np.array([xc + w_lr / 2, yc + 95.0, z_hi])
+    spacing = np.array([DIXON_INPLANE_MM, DIXON_INPLANE_MM, rng.uniform(*DIXON_SLICE_MM)])
+    flips = np.where(rng.random(3) < 0.5, -1.0, 1.0)
+    d = np.diag(flips)
+    size = np.maximum(np.ceil((hi - lo) / spacing).astype(int) + 1, 8)
+    if np.prod(size) > cfg.voxel_limit:
+        spacing = spacing * (np.prod(size) / cfg.voxel_limit) ** (1 / 3)
+        size = np.maximum(np.ceil((hi - lo) / spacing).astype(int) + 1, 8)
+    origin = np.where(flips > 0, lo, hi)
+    return Geometry(tuple(int(v) for v in size), tuple(float(v) for v in spacing), tuple(origin.tolist()),
+                    tuple(d.ravel().tolist()))
+
+
+def _dixon_intensities(tissue: np.ndarray, labels: np.ndarray, geom: Geometry, column: list[_Vertebra],
+                       cfg: PhantomConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """Water and fat images (plus in-phase and opposed-phase for 4 channels) from per-tissue proton
+    density and fat fraction, with point spread, breathing blur over the thorax, a bias field and an
+    intensity step per station, and Rician noise."""
+    from scipy import ndimage
+
+    bone = labels > 0
+    t = tissue.copy()
+    t[bone & ~ndimage.binary_erosion(bone, iterations=1)] = CORTEX
+    pd = np.zeros(len(DIXON_TISSUE), np.float32)
+    ff = np.zeros(len(DIXON_TISSUE), np.float32)
+    for k, (p, f) in DIXON_TISSUE.items():
+        pd[k] = p * rng.uniform(0.93, 1.07)
+        ff[k] = np.clip(f + rng.normal(0, 0.03), 0, 1)
+    ff[MARROW] = rng.uniform(0.3, 0.6)  # marrow fat rises with age
+    ff[OEDEMA] = ff[MARROW] * 0.35
+    rho, frac = pd[t], ff[t]
+    rho += rng.normal(0, 0.03, rho.shape).astype(np.float32)  # tissue texture
+    water, fat = rho * (1 - frac), rho * frac
+    # slice axis of the grid (S-I) and the world z of every slice
+    si = int(np.argmax(np.abs(geom.matrix[2])))
+    arr_axis = 2 - si  # array axes are (z, y, x) = grid axes reversed
+    n_sl = geom.shape[arr_axis]
+    idx = np.zeros((n_sl, 3))
+    idx[:, si] = np.arange(n_sl)
+    z_of_slice = (idx @ geom.matrix.T + np.asarray(geom.origin))[:, 2]
+    thorax = [v.center[2] for v in column if L.region_of(v.label) == "thoracic"]
+    t_hi, t_lo = (max(thorax), min(thorax)) if thorax else (0.0, 0.0)
+    breathing = np.clip(np.minimum(z_of_slice - t_lo, t_hi - z_of_slice) / 40.0, 0, 1).astype(np.float32)
+    shape_b = [1, 1, 1]
+    shape_b[arr_axis] = n_sl
+    breathing = breathing.reshape(shape_b)
+    # stations: equal lengths along S-I, each with its own gain per channel
+    station = np.minimum((np.arange(n_sl) * DIXON_STATIONS) // n_sl, DIXON_STATIONS - 1)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in geom.shape], indexing="ij")
+    c = rng.normal(0, 0.12, 4)
+    bias = np.exp(c[0] * xx + c[1] * yy + c[2] * zz + c[3] * xx * yy).astype(np.float32)
+    psf = [0.5 * sp for sp in geom.array_spacing]
+    moved = [0.5 * sp for sp in geom.array_spacing]
+    moved[arr_axis] += 4.0  # breathing smears the thorax along the body and front to back
+    ap_axis = 2 - int(np.argmax(np.abs(geom.matrix[1])))
+    moved[ap_axis] += 2.5
+    out = []
+    scale = 400.0
+    for img in (water, fat):
+        sharp = ndimage.gaussian_filter(img, [p / sp for p, sp in zip(psf, geom.array_spacing)])
+        blurred = ndimage.gaussian_filter(img, [m / sp for m, sp in zip(moved, geom.array_spacing)])
+        img = sharp * (1 - breathing) + blurred * breathing
+        gains = rng.uniform(0.88, 1.12, DIXON_STATIONS).astype(np.float32)
+        img = img * bias * gains[station].reshape(shape_b) * scale
+        out.append(img.astype(np.float32))
+    if cfg.channels == 4:
+        out += [out[0] + out[1], np.abs(out[0] - out[1])]
+    sd = rng.uniform(0.01, 0.025) * scale
+    noisy = []
+    for img in out:
+        n1 = rng.normal(0, sd, img.shape).astype(np.float32)
+        n2 = rng.normal(0, sd, img.shape).astype(np.float32)
+        noisy.append(np.clip(np.round(np.sqrt((img + n1) ** 2 + n2 ** 2)), 0, 32767).astype(np.int16))
+    return noisy
 
 
 def _world_grid(geom: Geometry, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -426,6 +557,8 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
     if modality == "MIXED":
         modality = "CT" if rng.random() < 0.5 else "MR"
     contrast = "CT" if modality == "CT" else ("T2" if rng.random() < 0.6 else "T1")
+    if cfg.protocol == "dixon":
+        contrast = "dixon"
     seq = _sequence(rng, cfg)
     # one hidden neighbour each side so that partial fields of view show cut vertebrae
     full = [v.label for v in L.VERTEBRAE if v.label != L.label_of("Cocc")]
@@ -440,12 +573,16 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
     column = _build_column(rng, ext, cfg)
     _assign_classes(rng, column, cfg)
     visible = [v for v in column if v.label in seq]
-    geom = _output_geometry(rng, visible, contrast, cfg)
+    geom = _dixon_geometry(rng, visible, cfg) if cfg.protocol == "dixon" else \
+        _output_geometry(rng, visible, contrast, cfg)
     tissue = _torso(geom, column, rng)
     labels = np.zeros(geom.shape, np.uint8)
     for i, vert in enumerate(column):
         _rasterise_vertebra(geom, vert, column[i + 1] if i + 1 < len(column) else None, labels, tissue)
-    image = _intensities(tissue, labels, contrast, geom, rng)
+    if cfg.protocol == "dixon":
+        images = _dixon_intensities(tissue, labels, geom, column, cfg, rng)
+    else:
+        images = [_intensities(tissue, labels, contrast, geom, rng)]
     present = set(int(x) for x in np.unique(labels)) - {0}
     centers = np.array([v.center for v in column])
     inside = geom.contains(centers, margin_voxels=0.0)
@@ -454,7 +591,8 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
     classes = {v.label: v.cls for v in column if v.label in present}
     info = {"seed": int(seed), "index": int(index), "contrast": contrast, "sequence": [L.name_of(x) for x in seq],
             "axis_codes": geom.axis_codes(), "spacing": list(geom.spacing)}
-    return Phantom(make_image(image, geom), make_image(labels, geom), landmarks, classes, contrast, info)
+    channels = [make_image(img, geom) for img in images]
+    return Phantom(channels[0], make_image(labels, geom), landmarks, classes, contrast, info, channels)
 
 
 def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config: PhantomConfig | None = None,
@@ -477,14 +615,16 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config
     for i in tqdm(range(n + n_unlabelled), desc="Synthesising phantoms", disable=not progress, unit="case"):
         labelled = i < n
         case = f"{prefix}_{i:03d}"
-        img_path = out / ("imagesTr" if labelled else "imagesUnlabelled") / f"{case}_0000.nii.gz"
+        folder = out / ("imagesTr" if labelled else "imagesUnlabelled")
         ph = make_phantom(seed, i, cfg)
         if labelled:
             write_image(ph.mask, out / "labelsTr" / f"{case}.nii.gz")
             write_spinelm_json(out / "centroidsTr" / f"{case}.json", ph.landmarks, source="spinelm synth",
                                phantom=ph.info)
             rows += [(case, lab, cls) for lab, cls in sorted(ph.classes.items(), key=lambda kv: L.cranio_caudal_rank(kv[0]))]
-        write_image(ph.image, img_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        for c, img in enumerate(ph.channels or [ph.image]):
+            write_image(img, folder / f"{case}_{c:04d}.nii.gz")
     if with_classes and n > 0:
         with atomic_path(out / "classesTr.csv") as tmp:
             with open(tmp, "w", newline="") as fh:
@@ -493,7 +633,8 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config
                 w.writerows(rows)
     write_json_atomic(out / "dataset.json", {
         "name": f"spinelm phantoms (seed {seed})",
-        "channel_names": {"0": channel if channel != "mixed" else "MR"},
+        "channel_names": ({str(c): DIXON_CHANNELS[c] for c in range(cfg.channels)} if cfg.protocol == "dixon"
+                          else {"0": channel if channel != "mixed" else "MR"}),
         "labels": {"background": 0, **{L.name_of(v.label): v.label for v in L.VERTEBRAE}},
         "numTraining": n,
         "file_ending": ".nii.gz",

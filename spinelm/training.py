@@ -522,6 +522,10 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
         dt = run.train_epoch(epoch, lr, iters, lambda: run.step(lambda: train_step(
             run.network, optimizer, scaler, loss_fn, next_batch(), device, autocast_dtype, channels_last)))
         out_of_time = budget_s is not None and run.elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
+        if is_ddp and budget_s is not None:  # every rank stops after the same epoch: rank 0's clock decides
+            flag = torch.tensor([float(out_of_time)], device=device)
+            torch.distributed.broadcast(flag, 0)
+            out_of_time = bool(flag.item())
         if main_rank and ((epoch + 1) % s.validate_every == 0 or epoch == epochs - 1 or out_of_time):
             summary = validate(run.predicting_network, cache, val_cases, plans, device, configuration, coarse)
             run.record_validation(epoch, summary)

@@ -95,3 +95,23 @@ def test_plan_and_train_reports_each_step_and_trains(phantom_dataset, tmp_path, 
     # validation, then the plan and its reasons, then the fold's figures, in that order
     assert out.index("0 error(s)") < out.index("spinelm plan (preset cpu") < out.index("fold_0: 1 epochs")
     assert "level-shifted" in out and (tmp_path / "m" / "fold_0" / "checkpoint_final.pt").is_file()
+
+
+def test_two_channel_dixon_phantoms_plan_train_and_predict_end_to_end(tmp_path, capsys):
+    """Water and fat on one grid: the plan normalises each channel, training and prediction take both."""
+    import csv
+
+    ds, m, out = tmp_path / "dixon", tmp_path / "m", tmp_path / "p"
+    assert main(["synth", str(ds), "--n", "4", "--seed", "5", "--protocol", "dixon", "--max-voxels", "300000",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (ds / "imagesTr").glob("phantom_000_*")) == ["phantom_000_0000.nii.gz",
+                                                                            "phantom_000_0001.nii.gz"]
+    assert main(["plan-and-train", str(ds), "-o", str(m), "--device", "cpu", "--epochs", "1", "--iterations", "1",
+                 "--no-progress"]) == 0
+    plans = json.loads((m / "plans.json").read_text())
+    assert plans["channel_names"] == {"0": "water", "1": "fat"}
+    assert len(plans["configurations"]["fine"]["normalization_schemes"]) == 2
+    assert main(["predict", "-i", str(ds / "imagesTr"), "-o", str(out), "-m", str(m), "--no-progress"]) == 0
+    with open(out / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and all(r["status"] == "done" and r["qc"] in ("ok", "review") for r in rows)

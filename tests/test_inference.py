@@ -109,3 +109,17 @@ def test_the_coarse_stage_outweighs_a_fine_label_that_saw_part_of_the_column():
     assert max(fuse_label_probs(fine, coarse, weight=0.0), key=fine.get) == 21
     # agreeing stages stay confident
     assert fuse_label_probs({21: 0.9, 22: 0.1}, {21: 0.9, 22: 0.1})[21] == pytest.approx(0.9, abs=1e-6)
+
+
+
+def test_a_noisy_heatmap_gives_at_most_max_candidates_strongest_first():
+    from spinelm.inference import MAX_CANDIDATES
+
+    rng = np.random.default_rng(0)
+    shape = (60, 60, 60)
+    hm = torch.as_tensor(rng.uniform(0.16, 0.2, shape), dtype=torch.float32)[None]  # an untrained model's noise
+    hm[0, 30, 30, 30] = 0.9
+    seg = torch.full((3, *shape), 1 / 3)
+    cands = decode_candidates({"heatmap": hm, "segmentation": seg}, HEADS, (1.0, 1.0, 1.0), 10.0)
+    assert MAX_CANDIDATES // 2 < len(cands) <= MAX_CANDIDATES  # humps sharing a centre merge
+    assert max(c.score for c in cands) == pytest.approx(0.9)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from spinelm import labels as L
@@ -40,3 +41,11 @@ def test_unknown_labels_raise_with_choices(bad):
         L.vertebra(bad)
     if not isinstance(bad, str):
         assert not L.is_valid_label(bad)
+
+
+def test_level_coordinate_counts_regular_vertebrae_with_variants_halfway():
+    coord = {v.name: L.level_coordinate(v.label) for v in L.VERTEBRAE}
+    assert coord["C1"] == 0 and coord["T1"] == 7 and coord["T12"] == 18 and coord["L1"] == 19 and coord["S1"] == 24
+    assert coord["T12"] < coord["T13"] < coord["L1"] and coord["L5"] < coord["L6"] < coord["S1"]
+    regular = [coord[v.name] for v in L.VERTEBRAE if not v.transitional]
+    assert np.all(np.diff(regular) == 1)  # neighbours one level apart

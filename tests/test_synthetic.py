@@ -77,3 +77,32 @@ def test_written_dataset_has_nnunet_layout_and_consistent_files(phantom_dataset)
     lms = read_landmarks(ds / "centroidsTr" / "phantom_001.json")
     g = Geometry.from_sitk(img)
     assert all(g.contains(lm.position_mm) for lm in lms)
+
+
+def test_dixon_phantoms_show_the_whole_column_in_water_and_fat_on_one_axial_grid():
+    cfg = PhantomConfig(protocol="dixon", channels=4, max_voxels=400_000)
+    ph = make_phantom(3, 0, cfg)
+    assert len(ph.channels) == 4 and ph.contrast == "dixon"
+    geoms = {Geometry.from_sitk(c) for c in ph.channels} | {Geometry.from_sitk(ph.mask)}
+    assert len(geoms) == 1  # every channel and the mask on one grid
+    names = [L.name_of(lm.label) for lm in ph.landmarks]
+    assert names[0] == "C1" and names[-1] == "S1" and {"T1", "T12", "L1", "L5"} <= set(names)
+    g = ph.geometry
+    si = int(np.argmax(np.abs(g.matrix[2])))
+    assert g.spacing[si] == max(g.spacing)  # axial slices: the thick axis runs head to foot
+    assert g.size[si] * g.spacing[si] > 700  # neck to thighs
+    water, fat, inphase, opposed = (sitk.GetArrayFromImage(c).astype(float) for c in ph.channels)
+    mask = sitk.GetArrayFromImage(ph.mask)
+    assert np.allclose(inphase, water + fat, atol=0.15 * inphase.max())
+    # marrow carries both signals; the body outline (subcutaneous fat) is bright in fat, dark in water
+    bone = mask > 0
+    assert fat[bone].mean() > 0.2 * water[bone].mean()
+    rim = (fat > np.percentile(fat, 97))
+    assert fat[rim].mean() > 3 * water[rim].mean()
+
+
+def test_bad_protocol_settings_are_refused_in_words():
+    with pytest.raises(ValueError, match="protocol"):
+        PhantomConfig(protocol="dwi")
+    with pytest.raises(ValueError, match="2 or 4 channel"):
+        PhantomConfig(protocol="dixon", channels=3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -215,3 +216,22 @@ def test_precision_choices_and_bf16_channels_last_step_computes_the_same_loss(mo
         weights.append(sum(float((p.detach() - b).abs().sum()) for p, b in zip(net.parameters(), before)))
     assert np.isfinite(losses[1]) and losses[1] == pytest.approx(losses[0], rel=0.03)
     assert weights[1] > 0  # the bfloat16 step updated the float32 weights
+
+
+def test_torchrun_world_size_two_with_gloo_trains_one_model(model_dir):
+    """Two CPU processes under torchrun (gloo) train one fold together; rank 0 writes the checkpoint."""
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "spinelm", "train", str(model_dir), "--fold", "0", "--epochs", "2",
+           "--iterations", "2", "--device", "cpu", "--no-progress", "--time-budget", "5"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((model_dir / "fold_0" / "checkpoint_final.json").read_text())["epoch"] == 1
+    log_text = (model_dir / "fold_0" / "training_log.txt").read_text()
+    assert "batch 1" in log_text  # the plan's batch of 2 split over the two ranks

@@ -40,6 +40,7 @@ class Landmark:
     label: int
     position_mm: tuple[float, float, float]
     score: float | None = field(default=None, compare=False)
+    confidence: float | None = field(default=None, compare=False)  # calibrated P(identified), predictions
 
     @property
     def name(self) -> str:
@@ -133,8 +134,9 @@ def _parse_spinelm(path: Path, data: dict) -> list[Landmark]:
         key = item.get("label", item.get("name"))
         label = _label(path, key, where)
         pos = np.asarray(_vector(path, item.get("position_mm"), where)) * flip
-        score = item.get("score")
-        out.append(Landmark(label, tuple(pos.tolist()), None if score is None else float(score)))
+        score, conf = item.get("score"), item.get("confidence")
+        out.append(Landmark(label, tuple(pos.tolist()), None if score is None else float(score),
+                            None if conf is None else float(conf)))
     return out
 
 
@@ -182,6 +184,8 @@ def write_spinelm_json(path: str | os.PathLike, landmarks: Iterable[Landmark], *
         item = {"label": lm.label, "name": lm.name, "position_mm": [round(v, 3) for v in lm.position_mm]}
         if lm.score is not None:
             item["score"] = round(float(lm.score), 4)
+        if lm.confidence is not None:
+            item["confidence"] = round(float(lm.confidence), 4)
         items.append(item)
     doc = {"format": "spinelm-centroids", "version": SPINELM_FORMAT_VERSION, "coordinate_system": "LPS",
            "unit": "mm", **extra, "vertebrae": items}
@@ -206,7 +210,8 @@ def write_slicer_markups(path: str | os.PathLike, landmarks: Iterable[Landmark])
     lms = sorted(landmarks, key=lambda x: L.cranio_caudal_rank(x.label))
     points = []
     for i, lm in enumerate(lms, start=1):
-        desc = "" if lm.score is None else f"score {lm.score:.3f}"
+        desc = ", ".join(([] if lm.confidence is None else [f"confidence {lm.confidence:.2f}"])
+                         + ([] if lm.score is None else [f"score {lm.score:.3f}"]))
         points.append({"id": str(i), "label": lm.name, "description": desc, "associatedNodeID": "",
                        "position": [round(v, 3) for v in lm.position_mm],
                        "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],

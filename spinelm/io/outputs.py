@@ -20,7 +20,7 @@ import numpy as np
 from spinelm.io.files import write_text_atomic
 from spinelm.io.image import Geometry
 
-SUMMARY_FIELDS = ["case", "status", "n_vertebrae", "labels", "seconds", "error", "input"]
+SUMMARY_FIELDS = ["case", "status", "n_vertebrae", "labels", "qc", "qc_reasons", "seconds", "error", "input"]
 
 
 def output_paths(out_dir: Path, case: str) -> dict[str, Path]:

@@ -1,0 +1,225 @@
+"""Per-vertebra confidence: the probability that a predicted vertebra is identified (right label
+within 20 mm, the VerSe criterion), from signals the pipeline already has, calibrated on the
+cross-validation folds.
+
+Signals of a kept vertebra (:func:`vertebra_features`):
+
+- ``heatmap``: its heatmap peak value (is there a vertebra here?);
+- ``label_prob``: the probability its own label has in the (fused) label evidence;
+- ``shift_margin``: how much better the whole run's labels explain the evidence than the same
+  run shifted one level up or down (log-likelihood per vertebra), the error users meet most;
+- ``spacing``: how far the distances to its labelled neighbours are from the expected ones
+  (``|log(observed / expected)|``, 0 when it has none).
+
+A logistic model on these (:class:`Calibration`) is fitted by ``spinelm calibrate MODEL`` (and at
+the end of training) on every fold's validation cases, run through the same predictor, and stored
+in ``MODEL/calibration.json``; prediction then writes ``confidence`` for every vertebra. Without a
+calibration file no confidence is written. No SimpleITK here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spinelm import labels as L
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("heatmap", "label_prob", "shift_margin", "spacing")
+#: L2 penalty of the logistic fit (on standardised features): a few hundred validation vertebrae
+#: must not give extreme weights.
+L2_PENALTY = 1.0
+#: Vertebrae below this confidence make a case ``review``.
+REVIEW_BELOW = 0.5
+#: Calibration file in the model folder.
+CALIBRATION_FILE = "calibration.json"
+
+
+def _log(p: float) -> float:
+    return float(np.log(max(p, 1e-4)))
+
+
+def vertebra_features(labelled, distance_mm: float) -> np.ndarray:
+    """Features (:data:`FEATURES`) of each kept vertebra of a :class:`spinelm.inference.Labelled`, head to foot."""
+    kept, labels = list(labelled.kept), list(labelled.labels)
+    n = len(kept)
+    if n == 0:
+        return np.zeros((0, len(FEATURES)))
+    cands = [labelled.candidates[i] for i in kept]
+    coords = {lab: L.level_coordinate(lab) for c in cands for lab in c.label_probs}
+    # run-level margin against the run shifted by one level (labels by level coordinate)
+    by_coord = {}
+    for lab, x in coords.items():
+        by_coord.setdefault(x, lab)
+
+    def run_loglik(offset: int) -> float:
+        total = 0.0
+        for c, lab in zip(cands, labels):
+            other = by_coord.get(L.level_coordinate(lab) + offset)
+            total += _log(c.label_probs.get(other, 0.0)) if other is not None else _log(0.0)
+        return total
+
+    own = run_loglik(0)
+    margin = (own - max(run_loglik(1), run_loglik(-1))) / n
+    pos = labelled.candidate_world_mm[kept]
+    feats = []
+    for i, (c, lab) in enumerate(zip(cands, labels)):
+        devs = []
+        for j in (i - 1, i + 1):
+            if 0 <= j < n:
+                steps = abs(L.level_coordinate(labels[j]) - L.level_coordinate(lab)) or 1.0
+                observed = float(np.linalg.norm(pos[j] - pos[i]))
+                devs.append(abs(np.log(max(observed, 1e-3) / (steps * distance_mm))))
+        feats.append([c.score, c.label_probs.get(lab, 0.0), margin, max(devs) if devs else 0.0])
+    return np.asarray(feats, dtype=np.float64)
+
+
+def identified_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0) -> np.ndarray:
+    """For each kept vertebra: is it identified (its label's ground truth within ``radius_mm`` and the
+    closest ground-truth vertebra to it)?"""
+    gt_labels = list(gt_mm)
+    gt_pos = np.asarray([gt_mm[k] for k in gt_labels], dtype=np.float64).reshape(-1, 3)
+    out = []
+    for i, lab in zip(labelled.kept, labelled.labels):
+        p = labelled.candidate_world_mm[i]
+        if lab not in gt_mm or not len(gt_pos):
+            out.append(False)
+            continue
+        closest = gt_labels[int(np.argmin(np.linalg.norm(gt_pos - p, axis=1)))]
+        out.append(bool(np.linalg.norm(p - gt_mm[lab]) <= radius_mm and closest == lab))
+    return np.asarray(out, dtype=bool)
+
+
+def expected_calibration_error(prob, outcome, bins: int = 10) -> float:
+    """ECE with equal-width bins: the mean |accuracy - confidence| weighted by bin size."""
+    prob, outcome = np.asarray(prob, float), np.asarray(outcome, float)
+    if not len(prob):
+        return float("nan")
+    idx = np.minimum((prob * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            ece += sel.mean() * abs(outcome[sel].mean() - prob[sel].mean())
+    return float(ece)
+
+
+def reliability_bins(prob, outcome, bins: int = 10) -> list[dict]:
+    """Per-bin mean confidence, accuracy and count (for a reliability diagram)."""
+    prob, outcome = np.asarray(prob, float), np.asarray(outcome, float)
+    idx = np.minimum((prob * bins).astype(int), bins - 1)
+    return [{"lo": b / bins, "hi": (b + 1) / bins, "n": int((idx == b).sum()),
+             "confidence": float(prob[idx == b].mean()) if (idx == b).any() else None,
+             "accuracy": float(outcome[idx == b].mean()) if (idx == b).any() else None} for b in range(bins)]
+
+
+@dataclass
+class Calibration:
+    """A logistic model ``p = sigmoid(w . (x - mean) / std + b)`` over :data:`FEATURES`."""
+
+    mean: list[float]
+    std: list[float]
+    weights: list[float]
+    bias: float
+    fitted_on: dict
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        x = (np.asarray(features, float).reshape(-1, len(FEATURES)) - self.mean) / self.std
+        return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
+
+    @classmethod
+    def fit(cls, features: np.ndarray, outcome: np.ndarray, **info) -> "Calibration":
+        """Penalised maximum likelihood (L-BFGS); all-right or all-wrong data give a constant model."""
+        from scipy.optimize import minimize
+
+        x = np.asarray(features, float).reshape(-1, len(FEATURES))
+        y = np.asarray(outcome, float)
+        if not len(y):
+            raise ValueError("no validation vertebra to calibrate on (are the folds trained?)")
+        mean, std = x.mean(0), x.std(0)
+        std[std < 1e-6] = 1.0
+        z = (x - mean) / std
+        rate = float(np.clip(y.mean(), 0.01, 0.99))
+
+        def loss(theta):
+            w, b = theta[:-1], theta[-1]
+            s = z @ w + b
+            nll = np.sum(np.logaddexp(0, s) - y * s)
+            p = 1 / (1 + np.exp(-s))
+            grad = np.append(z.T @ (p - y), np.sum(p - y))
+            return nll + 0.5 * L2_PENALTY * w @ w, grad + np.append(L2_PENALTY * w, 0.0)
+
+        theta0 = np.append(np.zeros(z.shape[1]), np.log(rate / (1 - rate)))
+        res = minimize(loss, theta0, jac=True, method="L-BFGS-B")
+        model = cls(mean.tolist(), std.tolist(), res.x[:-1].tolist(), float(res.x[-1]), {})
+        p = model(x)
+        model.fitted_on = {"vertebrae": int(len(y)), "identified_share": float(y.mean()),
+                           "ece": expected_calibration_error(p, y), **info}
+        return model
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from spinelm.io.files import write_json_atomic
+
+        return write_json_atomic(path, {"format": "spinelm-calibration", "version": 1, "features": list(FEATURES),
+                                        "mean": self.mean, "std": self.std, "weights": self.weights,
+                                        "bias": self.bias, "fitted_on": self.fitted_on})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration | None":
+        p = Path(path)
+        if not p.is_file():
+            return None
+        try:
+            raw = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable (%s); no confidences until 'spinelm calibrate %s' rewrites it", p, exc, p.parent)
+            return None
+        if raw.get("features") != list(FEATURES):
+            log.warning("%s: made for other features (%s); no confidences until 'spinelm calibrate %s' rewrites it",
+                        p, raw.get("features"), p.parent)
+            return None
+        return cls(raw["mean"], raw["std"], raw["weights"], float(raw["bias"]), raw.get("fitted_on", {}))
+
+
+def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True):
+    """Features and outcomes of every validation vertebra of the trained folds (each fold's final
+    checkpoint on its own validation cases, through the one predictor); also returns per-case
+    records ``(fold, case, confidence features, outcomes, n ground truth)``."""
+    from tqdm import tqdm
+
+    from spinelm.inference import Predictor
+    from spinelm.plans import ModelFolder
+    from spinelm.training import _cached_case
+
+    model = ModelFolder(model_dir)
+    splits = json.loads(model.splits_path.read_text())
+    folds = folds if folds is not None else [f for f in range(len(splits))
+                                             if model.checkpoint(f, "final").is_file()]
+    if not folds:
+        raise FileNotFoundError(f"{model_dir}: no trained fold (checkpoint_final.pt) to calibrate on")
+    records = []
+    for fold in folds:
+        pred = Predictor.from_model_folder(model.root, folds=[fold], device=device)
+        for case in tqdm(splits[fold]["val"], desc=f"calibrating on fold {fold}", disable=not progress):
+            data, frame, props = _cached_case(model.cache_dir(), case, pred.plans)
+            coarse = _cached_case(model.cache_dir("coarse"), case, pred.plans)[:2] if pred.uses_coarse else None
+            lab = pred.predict_preprocessed(data, frame, with_mask=False, coarse=coarse).labelled
+            gt = {int(lm["label"]): np.asarray(lm["position_mm"], float) for lm in props["landmarks"]}
+            records.append((fold, case, vertebra_features(lab, pred.plans.distance_mm), identified_flags(lab, gt),
+                            len(gt)))
+    return records
+
+
+def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True) -> Calibration:
+    """Fit and store ``calibration.json`` in the model folder."""
+    records = collect(model_dir, folds, device, progress)
+    x = np.vstack([r[2] for r in records if len(r[2])]) if any(len(r[2]) for r in records) else np.zeros((0, 4))
+    y = np.concatenate([r[3] for r in records]) if records else np.zeros(0)
+    cal = Calibration.fit(x, y, folds=sorted({r[0] for r in records}), cases=len(records), checkpoint="final")
+    cal.save(Path(model_dir) / CALIBRATION_FILE)
+    return cal

@@ -1,0 +1,114 @@
+"""Case checks: is the scan what the model expects, and does the labelled column agree with its header?
+
+Two groups, both giving plain-words reasons that end up in ``summary.csv`` (``qc`` = ``ok`` or
+``review``, ``qc_reasons``):
+
+- :func:`header_reasons`, before any heavy work, from the header alone: a physical extent far
+  outside the training data's (a header whose spacing is in cm or m, a single slice);
+- :func:`confidence_reasons`: a vertebra whose calibrated confidence (:mod:`spinelm.confidence`)
+  is low;
+- :func:`orientation_reasons`, after labelling, from where the vertebrae were found: a column that
+  runs across the header's cranio-caudal (S-I) axis (axes swapped in the header), label evidence
+  that increases towards the head (S-I flipped), or no column at all.
+
+The orientation checks read the label evidence of every candidate *before* the anatomical ordering
+(which always orders head to foot, so its output cannot show a flip): the expected level
+coordinate of each candidate (:func:`spinelm.labels.level_coordinate` weighted by its label
+probabilities) against its height in the body. No SimpleITK and no torch here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from spinelm import labels as L
+
+#: The column is "along S-I" when its main direction makes at most this angle (degrees) with the
+#: header's S-I axis (spines curve, scans are oblique: 45 degrees separates along from across).
+MAX_COLUMN_ANGLE_DEG = 45.0
+#: Rank correlation between the candidates' expected levels and their height (S-I, head up) above
+#: which the label evidence runs the wrong way (a flipped S-I axis). A correct column gives values
+#: near -1.
+MAX_LEVEL_HEIGHT_CORRELATION = 0.3
+#: Fewest candidates for the orientation checks to say anything.
+MIN_CANDIDATES = 3
+#: A scan whose extent along some axis is this many times smaller or larger than the training
+#: scans' range is flagged (spacing in the wrong unit, a single slice).
+EXTENT_FACTOR = 4.0
+
+
+def spearman(a, b) -> float:
+    """Rank correlation of two equally long sequences (0 when either is constant)."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(np.asarray(a, float)), rankdata(np.asarray(b, float))  # ties share their mean rank
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else 0.0
+
+
+def expected_levels(label_probs: list[dict[int, float]]) -> np.ndarray:
+    """Each candidate's expected level coordinate under its label probabilities."""
+    out = []
+    for p in label_probs:
+        total = sum(p.values()) or 1.0
+        out.append(sum(L.level_coordinate(lab) * v for lab, v in p.items()) / total)
+    return np.asarray(out, dtype=float)
+
+
+def column_angle_deg(world_mm: np.ndarray) -> float:
+    """Angle between the main direction of points (first principal axis) and the S-I axis."""
+    pts = np.asarray(world_mm, float).reshape(-1, 3)
+    centred = pts - pts.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return float(np.degrees(np.arccos(min(abs(vt[0][2]), 1.0))))
+
+
+def orientation_reasons(world_mm: np.ndarray, label_probs: list[dict[int, float]], kept: list[int]) -> list[str]:
+    """Reasons to review a labelled scan's orientation (empty when it looks right).
+
+    ``world_mm``: every candidate's position (LPS, head = +z); ``label_probs``: their label evidence
+    before ordering; ``kept``: the candidates the ordering labelled.
+    """
+    world_mm = np.asarray(world_mm, float).reshape(-1, 3)
+    if len(kept) < MIN_CANDIDATES:
+        return [f"only {len(kept)} vertebra(e) found: no column (wrong orientation in the header, another body "
+                "part, or a scan unlike the training data)"]
+    reasons = []
+    pts = world_mm[kept]
+    angle = column_angle_deg(pts)
+    if angle > MAX_COLUMN_ANGLE_DEG:
+        axis = "LPS"[int(np.argmax(np.abs(np.linalg.svd(pts - pts.mean(0), full_matrices=False)[2][0])))]
+        names = {"L": "left-right", "P": "front-back", "S": "head-foot"}
+        reasons.append(f"the vertebrae line up {angle:.0f} degrees off the header's head-foot axis, along its "
+                       f"{names[axis]} axis: image axes swapped in the header?")
+    rho = spearman(expected_levels([label_probs[i] for i in kept]), pts[:, 2])
+    if rho > MAX_LEVEL_HEIGHT_CORRELATION:
+        reasons.append(f"the label evidence increases towards the head (rank correlation {rho:+.2f} with height; "
+                       "a correct scan gives about -1): head-foot axis flipped in the header?")
+    return reasons
+
+
+def header_reasons(extent_mm, training_range: dict | None) -> list[str]:
+    """Reasons to review a scan from its physical extent (mm per axis, any order) against the
+    training scans' range (``plans["scan_extent_mm"]``: ``min`` and ``max`` per axis, axes sorted
+    by size)."""
+    if not training_range or "min" not in training_range:
+        return []
+    ext = np.sort(np.asarray(extent_mm, float))
+    tmin, tmax = np.asarray(training_range["min"], float), np.asarray(training_range["max"], float)
+    if np.all((ext >= tmin / EXTENT_FACTOR) & (ext <= tmax * EXTENT_FACTOR)):
+        return []
+    return [f"physical extent {' x '.join(f'{e:.0f}' for e in ext)} mm is far from the training scans' "
+            f"({' x '.join(f'{a:.0f}-{b:.0f}' for a, b in zip(tmin, tmax))} mm): spacing in the wrong unit, or a "
+            "single slice?"]
+
+
+def confidence_reasons(landmarks, below: float | None = None) -> list[str]:
+    """A reason to review when some vertebra's calibrated confidence is below ``below`` (default
+    :data:`spinelm.confidence.REVIEW_BELOW`); none without confidences."""
+    from spinelm.confidence import REVIEW_BELOW
+
+    below = REVIEW_BELOW if below is None else below
+    low = [f"{lm.name} {lm.confidence:.2f}" for lm in landmarks
+           if lm.confidence is not None and lm.confidence < below]
+    return [f"low confidence: {', '.join(low)}"] if low else []

@@ -1,0 +1,73 @@
+"""Per-vertebra confidence: features from the labelled run, a calibrated logistic model, ECE."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spinelm import labels as L
+from spinelm.confidence import Calibration, expected_calibration_error, identified_flags, vertebra_features
+from spinelm.inference import Candidate, Labelled
+from spinelm.sanity import confidence_reasons
+
+LUMBAR = [L.label_of(n) for n in ("T12", "L1", "L2", "L3", "L4", "L5")]
+
+
+def _labelled(evidence_offset: int = 0, sharp: float = 0.8) -> Labelled:
+    """Five candidates 35 mm apart labelled L1..L5; their label evidence points ``evidence_offset``
+    levels lower (1: each looks like the next vertebra down)."""
+    cands, labels = [], LUMBAR[1:]
+    for i, lab in enumerate(labels):
+        own = LUMBAR[min(LUMBAR.index(lab) + evidence_offset, len(LUMBAR) - 1)]
+        probs = {x: (sharp if x == own else (1 - sharp) / (len(LUMBAR) - 1)) for x in LUMBAR}
+        cands.append(Candidate(np.zeros(3), 0.9, probs))
+    world = np.stack([np.zeros(5), np.zeros(5), -35.0 * np.arange(5)], 1)
+    return Labelled(cands, world, list(range(5)), labels)
+
+
+def test_a_run_whose_evidence_points_one_level_lower_has_a_negative_shift_margin():
+    right = vertebra_features(_labelled(0), 35.0)
+    shifted = vertebra_features(_labelled(1), 35.0)
+    assert right.shape == (5, 4)
+    assert right[0, 2] > 1.0 and shifted[0, 2] < 0  # shift_margin, per vertebra of the run
+    assert right[0, 1] == pytest.approx(0.8) and shifted[0, 1] < 0.1  # own label's probability
+    assert np.allclose(right[:, 3], 0.0)  # neighbours exactly one distance apart
+
+
+def test_identified_flags_follow_the_verse_rule():
+    lab = _labelled(0)
+    gt = {l: lab.candidate_world_mm[i] + np.array([0, 0, 3.0]) for i, l in enumerate(lab.labels)}
+    assert identified_flags(lab, gt).all()
+    gt_shifted = {L.label_of("L2"): lab.candidate_world_mm[0]}  # the top candidate sits on L2, called L1
+    assert not identified_flags(lab, gt_shifted).any()
+
+
+def test_calibration_is_learned_from_the_features_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (600, 4))
+    p_true = 1 / (1 + np.exp(-(6 * x[:, 1] - 3)))  # identification depends on the label probability
+    y = rng.random(600) < p_true
+    cal = Calibration.fit(x, y, folds=[0])
+    p = cal(x)
+    assert expected_calibration_error(p, y) < 0.06
+    assert np.corrcoef(p, p_true)[0, 1] > 0.95
+    cal.save(tmp_path / "calibration.json")
+    again = Calibration.load(tmp_path / "calibration.json")
+    assert np.allclose(again(x), p)
+    assert Calibration.load(tmp_path / "missing.json") is None
+    with pytest.raises(ValueError, match="no validation vertebra"):
+        Calibration.fit(np.zeros((0, 4)), np.zeros(0))
+
+
+def test_ece_of_a_perfectly_calibrated_and_of_an_overconfident_model():
+    p = np.full(1000, 0.7)
+    y = np.arange(1000) < 700
+    assert expected_calibration_error(p, y) == pytest.approx(0.0, abs=1e-9)
+    assert expected_calibration_error(np.full(1000, 0.99), y) == pytest.approx(0.29, abs=1e-6)
+
+
+def test_a_low_confidence_vertebra_is_a_reason_to_review():
+    from spinelm.io.landmarks import Landmark
+
+    lms = [Landmark(20, (0, 0, 0), 0.9, 0.95), Landmark(21, (0, 0, -35), 0.9, 0.3)]
+    assert confidence_reasons(lms) == ["low confidence: L2 0.30"]
+    assert confidence_reasons([Landmark(20, (0, 0, 0), 0.9)]) == []  # no calibration, no confidence
