@@ -182,15 +182,21 @@ def plan_within_budget(fingerprint: dict, preset=None, device: str = "cpu", gpu_
         return c, min(COARSE_REQUIRED_STEPS * c["seconds_per_step"], COARSE_MAX_SHARE * usable_s)
 
     coarse, coarse_s = coarse_cost(raw)
+    coarse_spmv = None
     for _ in range(MAX_REFITS):
         fine_min = budget * (1 - coarse_s / usable_s)
-        if affordable_steps(fine_min, step["seconds_per_step"], BUDGET_USABLE_SHARE) >= STEPS_TOLERANCE * required:
+        fine_ok = affordable_steps(fine_min, step["seconds_per_step"], BUDGET_USABLE_SHARE) >= STEPS_TOLERANCE * required
+        coarse_ok = coarse is None or coarse_s / coarse["seconds_per_step"] >= STEPS_TOLERANCE * COARSE_REQUIRED_STEPS
+        if fine_ok and coarse_ok:
             break
+        if not coarse_ok:  # e.g. a whole-body field of view: cap the coarse patch too
+            coarse_spmv = coarse["seconds_per_mvoxel"]
         capped = plan(fingerprint, preset, device, gpu_memory_gb, time_budget_min, step["seconds_per_mvoxel"],
-                      fine_budget_min=fine_min)
-        if capped["configurations"]["fine"]["patch_size"] == raw["configurations"]["fine"]["patch_size"] and \
-                capped["configurations"].keys() == raw["configurations"].keys():
-            break  # the cap cannot shrink the patch any further
+                      fine_budget_min=fine_min, coarse_seconds_per_mvoxel=coarse_spmv)
+        if capped["configurations"].keys() == raw["configurations"].keys() and all(
+                capped["configurations"][c]["patch_size"] == raw["configurations"][c]["patch_size"]
+                for c in capped["configurations"]):
+            break  # the caps cannot shrink the patches any further
         raw, step = capped, measure(capped, device, precision, configuration="fine")
         coarse, coarse_s = coarse_cost(raw)
     shares = {"fine": 1 - coarse_s / usable_s}

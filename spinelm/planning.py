@@ -325,7 +325,7 @@ def _config_summary(cfg: dict) -> dict:
 
 
 def _nnunet_configuration(fingerprint: dict, heads: dict, preset: Preset, mem_gb: float, max_vox: int | None,
-                          why: list[str]):
+                          why: list[str], coarse_max_vox: int | None = None):
     """nnU-Net's planner on spinelm's terms: spacing (floored by the preset), transpose, patch, topology,
     batch and normalisation; appends its reasons to ``why``."""
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
@@ -361,8 +361,11 @@ def _nnunet_configuration(fingerprint: dict, heads: dict, preset: Preset, mem_gb
         norm, mask_norm = planner.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
         coarse = None
         if fine["patch_size"][cc] < WHOLE_VIEW_SHARE * median_shape_t[cc]:
-            coarse = _coarse_configuration(_make_planner(name, preset, mem_gb, output_channels(heads), None),
+            coarse = _coarse_configuration(_make_planner(name, preset, mem_gb, output_channels(heads), coarse_max_vox),
                                            fingerprint, spacing, tf, cc, distance, why)
+            if coarse_max_vox is not None:
+                why.append(f"coarse patch capped at {coarse_max_vox} voxels so that its required steps fit its share "
+                           "of the time budget")
     return fine, coarse, tf, tb, norm, mask_norm
 
 
@@ -403,7 +406,8 @@ def _coarse_configuration(planner, fingerprint: dict, fine_spacing: np.ndarray, 
 
 def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "cpu",
          gpu_memory_gb: float | None = None, time_budget_min: float | None = None,
-         seconds_per_mvoxel: float | None = None, fine_budget_min: float | None = None) -> dict:
+         seconds_per_mvoxel: float | None = None, fine_budget_min: float | None = None,
+         coarse_seconds_per_mvoxel: float | None = None) -> dict:
     """Plans for a dataset from its fingerprint; a pure function of its arguments.
 
     Args:
@@ -417,6 +421,10 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
             preset's ``min_iterations`` steps fit. Without it the patch is not capped.
         fine_budget_min: the part of the budget the fine stage trains for (the rest goes to the coarse
             stage); default the whole budget.
+        coarse_seconds_per_mvoxel: the coarse stage's measured step cost; with a time budget it caps the
+            coarse patch so that :data:`spinelm.budget.COARSE_REQUIRED_STEPS` fit in
+            :data:`spinelm.budget.COARSE_MAX_SHARE` of the budget (after coarsening to the fewest voxels
+            per vertebra has not made it cheap enough: a whole-body field of view).
     """
     import nnunetv2
 
@@ -428,7 +436,14 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
                                  seconds_per_mvoxel, preset.min_iterations)
     distance = consecutive_distance_mm(fingerprint)
     why: list[str] = []
-    fine, coarse, tf, tb, norm, mask_norm = _nnunet_configuration(fingerprint, heads, preset, mem_gb, max_vox, why)
+    coarse_max_vox = None
+    if coarse_seconds_per_mvoxel is not None:
+        from spinelm.budget import COARSE_MAX_SHARE, COARSE_REQUIRED_STEPS
+
+        coarse_max_vox = patch_voxel_budget(budget * COARSE_MAX_SHARE, preset.min_batch_size, coarse_seconds_per_mvoxel,
+                                            COARSE_REQUIRED_STEPS)
+    fine, coarse, tf, tb, norm, mask_norm = _nnunet_configuration(fingerprint, heads, preset, mem_gb, max_vox, why,
+                                                                  coarse_max_vox)
     cc = cranio_caudal_axis_after_transpose(tf)
     if max_vox is not None:
         # the cap counts patch voxels at the preset's batch size; nnU-Net would grow the batch of a

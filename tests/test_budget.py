@@ -60,3 +60,16 @@ def test_real_step_is_timed_on_this_machine_and_cached(phantom_dataset):
     assert again["cached"] and again["seconds_per_step"] == first["seconds_per_step"]
     assert first["machine"]["threads"] >= 1 and first["machine"]["name"]
     assert (B.cache_dir() / "step_times.json").is_file()
+
+
+def test_a_coarse_stage_too_slow_for_its_steps_gets_a_capped_patch():
+    """A whole-body field of view (1 m of column): the coarse patch that holds it would buy a few dozen
+    steps; the plan caps it so that its required steps fit its share of the budget."""
+    fp = _fingerprint([[3.0, 2.23, 2.23]] * 8, [[330, 175, 226]] * 8, distance=24.0)
+    calls = []
+    plans = B.plan_within_budget(fp, device="cpu", time_budget_min=20, measure=_measure_at(3.0, calls))
+    assert "coarse" in plans["configurations"]
+    b = plans["budget"]
+    assert b["affordable_steps_coarse"] >= B.STEPS_TOLERANCE * B.COARSE_REQUIRED_STEPS
+    assert b["stage_shares"]["coarse"] <= B.COARSE_MAX_SHARE + 1e-6
+    assert any("coarse patch capped" in r for r in plans["rationale"])
