@@ -73,3 +73,25 @@ def test_a_coarse_stage_too_slow_for_its_steps_gets_a_capped_patch():
     assert b["affordable_steps_coarse"] >= B.STEPS_TOLERANCE * B.COARSE_REQUIRED_STEPS
     assert b["stage_shares"]["coarse"] <= B.COARSE_MAX_SHARE + 1e-6
     assert any("coarse patch capped" in r for r in plans["rationale"])
+
+
+def test_a_capped_plan_that_buys_far_more_steps_than_needed_grows_its_patch():
+    """Small patches cost less per voxel than the uncapped one the first cap was computed from: the
+    plan is made once more with the capped patch's own cost, and the larger patch kept if it fits."""
+    def measure_growing(calls):
+        def measure(plans, device, precision, configuration="fine"):
+            cfg = plans["configurations"][configuration]
+            vox = int(cfg["batch_size"] * np.prod(cfg["patch_size"]))
+            spmv = 0.5 + 2.5 * min(vox / 2e6, 1.0)  # dearer per voxel as the patch grows
+            calls.append(cfg["patch_size"])
+            return {"seconds_per_step": spmv * vox / 1e6, "seconds_per_mvoxel": spmv, "batch_voxels": vox,
+                    "precision": "float32", "cached": False, "machine": {"threads": 2, "name": "test CPU"}}
+        return measure
+
+    fp = _fingerprint([[1.0, 1.0, 1.0]] * 8, [[300, 300, 300]] * 8)
+    shrink_only = B.plan_within_budget(fp, device="cpu", time_budget_min=20, measure=measure_growing([]), grow=False)
+    grown = B.plan_within_budget(fp, device="cpu", time_budget_min=20, measure=measure_growing([]))
+    vox = [np.prod(p["configurations"]["fine"]["patch_size"]) for p in (shrink_only, grown)]
+    assert shrink_only["budget"]["affordable_steps"] > B.GROW_MARGIN * shrink_only["budget"]["required_steps"]
+    assert vox[1] > vox[0]
+    assert grown["budget"]["affordable_steps"] >= B.STEPS_TOLERANCE * grown["budget"]["required_steps"]
