@@ -80,19 +80,13 @@ def vertebra_features(labelled, distance_mm: float) -> np.ndarray:
 
 
 def identified_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0) -> np.ndarray:
-    """For each kept vertebra: is it identified (its label's ground truth within ``radius_mm`` and the
-    closest ground-truth vertebra to it)?"""
-    gt_labels = list(gt_mm)
-    gt_pos = np.asarray([gt_mm[k] for k in gt_labels], dtype=np.float64).reshape(-1, 3)
-    out = []
-    for i, lab in zip(labelled.kept, labelled.labels):
-        p = labelled.candidate_world_mm[i]
-        if lab not in gt_mm or not len(gt_pos):
-            out.append(False)
-            continue
-        closest = gt_labels[int(np.argmin(np.linalg.norm(gt_pos - p, axis=1)))]
-        out.append(bool(np.linalg.norm(p - gt_mm[lab]) <= radius_mm and closest == lab))
-    return np.asarray(out, dtype=bool)
+    """For each kept vertebra: is it identified (``spinelm evaluate``'s VerSe rule,
+    :func:`spinelm.evaluation.identification`)?"""
+    from spinelm.evaluation import identification
+
+    pred = {lab: labelled.candidate_world_mm[i] for i, lab in zip(labelled.kept, labelled.labels)}
+    ok = set(identification(pred, gt_mm, radius_mm)["identified"]) if pred and gt_mm else set()
+    return np.asarray([lab in ok for lab in labelled.labels], dtype=bool)
 
 
 def expected_calibration_error(prob, outcome, bins: int = 10) -> float:
