@@ -92,7 +92,8 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
     prec = _precision_name(precision, device)
     key_src = {"machine": machine, "precision": prec, "architecture": cfg.architecture, "patch": cfg.patch_size,
                "batch": cfg.batch_size, "in": plans.n_channels, "out": plans.n_outputs,
-               "optimizer": plans.training.get("optimizer", "sgd")}
+               "optimizer": plans.training.get("optimizer", "sgd"),
+               "classification": plans.classification if configuration == "fine" else None}
     key = hashlib.sha1(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()
     path = cache_dir() / "step_times.json"
     cache = _read_cache(path) if use_cache else {}
@@ -114,6 +115,11 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
              "heatmap": torch.rand(cfg.batch_size, heads["heatmap"].channels, *cfg.patch_size)}
     if "segmentation" in heads:
         batch["seg"] = torch.randint(0, heads["segmentation"].channels, (shape[0], 1, *shape[1:]))
+    spec = plans.classification if configuration == "fine" else None
+    if spec is not None:  # the step also classifies masked vertebra crops (spinelm.classification)
+        n_cls = int(spec.get("batch_size", 2))
+        batch["class_image"] = torch.randn(n_cls, plans.n_channels, *[int(x) for x in spec["crop_size"]])
+        batch["class_target"] = torch.full((n_cls, len(spec["classes"])), 1.0 / len(spec["classes"]))
     times = []
     for i in range(WARMUP_STEPS + TIMED_STEPS):
         if dev.type == "cuda":

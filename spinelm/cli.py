@@ -33,6 +33,13 @@ def _positive(value: str) -> float:
     return v
 
 
+def _fraction(value: str) -> float:
+    v = float(value)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return v
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 
@@ -42,7 +49,7 @@ def cmd_synth(args) -> int:
     channels = args.channels if args.channels is not None else (2 if args.protocol == "dixon" else 1)
     cfg = PhantomConfig(modality=args.modality, min_vertebrae=args.min_vertebrae, max_vertebrae=args.max_vertebrae,
                         slice_thickness_mm=args.slice_thickness, protocol=args.protocol, channels=channels,
-                        max_voxels=args.max_voxels)
+                        max_voxels=args.max_voxels, last_label=args.last_label, p_class=args.abnormal / 2)
     t0 = time.time()
     out = synthesize_dataset(args.out, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled,
                              with_classes=not args.no_classes, progress=not args.no_progress)
@@ -181,12 +188,20 @@ def cmd_predict(args) -> int:
             print(f"SLURM array task: part {args.part_id} of {args.num_parts}")
     elif args.num_parts is None or args.part_id is None:
         raise ValueError("give both --num-parts and --part-id (or neither: a SLURM array sets them)")
+    if args.masks is not None:
+        if predictor.classifier is None:
+            raise ValueError(f"{args.model}: the model has no classification head; --masks grades the vertebrae of "
+                             "given masks with one (train on a dataset with classesTr.csv)")
+        if not Path(args.masks).is_dir():
+            raise FileNotFoundError(f"{args.masks}: --masks folder not found")
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     print(f"model {args.model}: folds {predictor.folds}, checkpoint {args.checkpoint}, device {device}"
-          f"{', mirroring TTA' if args.tta else ''}")
+          f"{', mirroring TTA' if args.tta else ''}"
+          f"{f', grading the vertebrae of the masks in {args.masks}' if args.masks else ''}")
     report = predict_directory(args.input, args.output, predictor, recursive=args.recursive, pattern=args.pattern,
                                continue_=args.continue_, num_parts=args.num_parts, part_id=args.part_id,
-                               qc=not args.no_qc, progress=not args.no_progress, arguments=arguments)
+                               qc=not args.no_qc, progress=not args.no_progress, arguments=arguments,
+                               masks=args.masks)
     print(f"{report.done} labelled, {report.skipped} already done, {len(report.failed)} failed; "
           f"summary: {report.summary_csv}")
     for case, msg in report.failed:
@@ -314,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-voxels", type=int, metavar="N",
                    help="largest grid per case; the spacing grows to respect it (default 2.5 million, Dixon 16 "
                         "million: its own resolution)")
+    s.add_argument("--last-label", metavar="NAME",
+                   help="end every run at this vertebra, e.g. S1 for a lumbar protocol (default: anywhere)")
+    s.add_argument("--abnormal", type=_fraction, default=0.16, metavar="FRACTION",
+                   help="share of vertebrae (not C1 or S1) with a class other than normal, half oedema (marrow "
+                        "signal: dark on T1, bright on T2, water-rich on Dixon) and half wedge fracture (anterior "
+                        "height lowered by up to 45%%) (default 0.16)")
     s.add_argument("--no-classes", action="store_true", help="do not write classesTr.csv")
     s.set_defaults(func=cmd_synth)
 
@@ -388,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Find and label the vertebrae of every image under INPUT (NIfTI, MHA, NRRD; "
                                    "multi-channel cases as CASE_0000, CASE_0001, ...). Writes per case CASE_ctd.json "
                                    "(LPS mm), CASE_verse_ctd.json, CASE.mrk.json (3D Slicer), CASE_seg.nii.gz "
-                                   "(instance mask on the input grid), CASE_qc.png, and summary.csv for the batch. A "
+                                   "(instance mask on the input grid), CASE_qc.png, CASE_classes.csv (with a classification "
+                                   "head), and summary.csv for the batch. A "
                                    "bad file is reported and skipped; the exit status is 1 when any case failed.")
     s.add_argument("-i", "--input", required=True, help="folder of scans, or one scan")
     s.add_argument("-o", "--output", required=True, help="output folder")
@@ -411,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN in a SLURM array, "
                                                "else 0)")
     s.add_argument("--no-qc", action="store_true", help="skip the QC pictures")
+    s.add_argument("--masks", metavar="DIR",
+                   help="grade the vertebrae of these instance masks (DIR/CASE.nii.gz, VerSe labels, on each scan's "
+                        "grid: ground truth or another tool's output) instead of predicted ones; centroids and "
+                        "labels come from the masks (needs a model with a classification head)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("merge", parents=[common], help="join the per-part summaries of a split batch",

@@ -71,7 +71,7 @@ class Case:
     images: tuple[Path, ...]
     mask: Path | None = None
     centroids: Path | None = None
-    classes: tuple[tuple[int, str], ...] = ()
+    classes: tuple[tuple[int, str, float], ...] = ()  # (label, class name, weight): classesTr.csv rows
 
     @property
     def annotated(self) -> bool:
@@ -161,8 +161,17 @@ def _find_by_case(folder: Path, suffixes: tuple[str, ...], problems: list[Proble
     return found
 
 
-def _read_classes(path: Path, problems: list[Problem]) -> dict[str, list[tuple[int, str]]]:
-    out: dict[str, list[tuple[int, str]]] = defaultdict(list)
+def _read_classes(path: Path, problems: list[Problem],
+                  names: dict[str, str] | None = None) -> dict[str, list[tuple[int, str, float]]]:
+    """``classesTr.csv`` -> ``{case: [(label, class name, weight), ...]}``.
+
+    Columns ``case,label,class`` and optionally ``rater`` and ``probability`` (any order after the
+    first three). Several rows for one vertebra are allowed when they come from different raters or
+    carry probabilities: together they form a soft target (each row weighs its probability, default
+    1; :func:`spinelm.classification.soft_targets` normalises). ``names`` (dataset.json ``classes``: ``{"0": "normal", ...}``)
+    turns class codes into names. A missing row means the class is unknown.
+    """
+    out: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
     if not path.is_file():
         return out
     try:
@@ -175,16 +184,25 @@ def _read_classes(path: Path, problems: list[Problem]) -> dict[str, list[tuple[i
         return out
     header = [h.strip().lower() for h in rows[0]]
     if header[:3] != ["case", "label", "class"]:
-        problems.append(Problem("error", str(path), f"expected the header 'case,label,class', found "
-                                f"{','.join(rows[0])!r}", "add the header line case,label,class"))
+        problems.append(Problem("error", str(path), f"expected the header 'case,label,class' (then optionally "
+                                f"'rater' and/or 'probability'), found {','.join(rows[0])!r}",
+                                "add the header line case,label,class"))
         return out
-    seen = set()
+    extra = [h for h in header[3:] if h not in ("rater", "probability")]
+    if extra:
+        problems.append(Problem("error", str(path), f"unknown column(s) {', '.join(extra)}; expected case, label, "
+                                f"class, then optionally rater and probability", "rename or delete the column(s)"))
+        return out
+    rater_col = header.index("rater") if "rater" in header else None
+    prob_col = header.index("probability") if "probability" in header else None
+    names = {str(k): str(v) for k, v in (names or {}).items()}
+    seen: dict[tuple[str, int, str], int] = {}
     for n, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
-        if len(row) < 3:
-            problems.append(Problem("error", f"{path}:{n}", f"expected 3 columns case,label,class, found "
-                                    f"{len(row)}", "complete or delete the row"))
+        if len(row) < len(header):
+            problems.append(Problem("error", f"{path}:{n}", f"expected {len(header)} columns {','.join(header)}, "
+                                    f"found {len(row)}", "complete or delete the row"))
             continue
         case, lab, cls = (c.strip() for c in row[:3])
         try:
@@ -193,12 +211,32 @@ def _read_classes(path: Path, problems: list[Problem]) -> dict[str, list[tuple[i
             problems.append(Problem("error", f"{path}:{n}", f"unknown vertebra {lab!r}; expected a VerSe label "
                                     f"1-{L.MAX_LABEL} or a name such as 'L1'", "fix the label column", case))
             continue
-        if (case, label) in seen:
-            problems.append(Problem("error", f"{path}:{n}", f"duplicated row for case {case!r}, "
-                                    f"{L.name_of(label)}", "keep one class per vertebra", case))
+        if not cls:
+            problems.append(Problem("error", f"{path}:{n}", f"empty class for case {case!r}, {L.name_of(label)}",
+                                    "give a class or delete the row (a missing row means unknown)", case))
             continue
-        seen.add((case, label))
-        out[case].append((label, cls))
+        cls = names.get(cls, cls)
+        weight = 1.0
+        if prob_col is not None and row[prob_col].strip():
+            try:
+                weight = float(row[prob_col])
+            except ValueError:
+                weight = float("nan")
+            if not 0.0 <= weight <= 1.0:
+                problems.append(Problem("error", f"{path}:{n}", f"probability {row[prob_col].strip()!r} is not a "
+                                        f"number between 0 and 1", "fix the probability column", case))
+                continue
+        rater = row[rater_col].strip() if rater_col is not None else ""
+        key = (case, label, rater if prob_col is None else f"{rater}\0{cls}")
+        if key in seen:
+            who = f" by rater {rater!r}" if rater else ""
+            problems.append(Problem("error", f"{path}:{n}", f"conflicting rows for case {case!r}, "
+                                    f"{L.name_of(label)}{who} (also row {seen[key]})",
+                                    "keep one row per vertebra and rater (add a 'rater' or 'probability' column "
+                                    "for several opinions)", case))
+            continue
+        seen[key] = n
+        out[case].append((label, cls, weight))
     return out
 
 
@@ -241,7 +279,7 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
     unlabelled = _cases_from(by_case_u, n_ch, problems, unl_dir)
     masks = _find_by_case(root / "labelsTr", tuple(IMAGE_ENDINGS), problems, "mask")
     centroids = _find_by_case(root / "centroidsTr", CENTROID_SUFFIXES, problems, "centroid")
-    classes = _read_classes(root / "classesTr.csv", problems)
+    classes = _read_classes(root / "classesTr.csv", problems, djson.get("classes") if isinstance(djson.get("classes"), dict) else None)
     for case, path in masks.items():
         if case not in images and case not in by_case:
             problems.append(Problem("error", str(path), f"mask without image: no imagesTr/{case}_0000*",

@@ -1,4 +1,6 @@
-"""``spinelm evaluate``: VerSe identification rate, localisation error and Dice.
+"""``spinelm evaluate``: VerSe identification rate, localisation error, Dice, and per-vertebra classes
+(accuracy, balanced accuracy, per-class sensitivity/specificity, AUC, confusion matrix) when the
+ground truth has ``classesTr.csv`` and the predictions have classes.
 
 The metrics are pure functions on ``{label: position_mm}`` maps and label arrays; the folder
 functions read predictions (``CASE_ctd.json``) and ground truth (a dataset folder or centroid
@@ -125,6 +127,39 @@ def dice_per_label(pred: np.ndarray, gt: np.ndarray) -> dict[int, float]:
 _PRED_SUFFIXES = ("_ctd.json", ".mrk.json", ".json")
 
 
+def match_classes(pred_lms: list, gt: dict[int, np.ndarray], gt_classes, names: list[str],
+                  radius_mm: float = IDENTIFICATION_RADIUS_MM) -> tuple[list[str], list[dict], int]:
+    """Pair every vertebra with a ground-truth class with the predicted vertebra on it (the closest
+    prediction within ``radius_mm`` whose closest ground-truth vertebra it is, whatever its label: a
+    class is judged on the vertebra it was computed from, even when the level is wrong).
+
+    Returns ``(true class names, predicted probabilities, annotated vertebrae with no prediction)``.
+    """
+    from spinelm.classification import soft_targets
+
+    targets = soft_targets(gt_classes, names)
+    gt_labels = [lab for lab in gt]
+    gt_pos = np.asarray([gt[k] for k in gt_labels], dtype=np.float64).reshape(-1, 3)
+    owner: dict[int, tuple[float, object]] = {}
+    for lm in pred_lms:
+        if not lm.class_probabilities or not len(gt_pos):
+            continue
+        d = np.linalg.norm(gt_pos - np.asarray(lm.position_mm), axis=1)
+        i = int(np.argmin(d))
+        if d[i] <= radius_mm and (gt_labels[i] not in owner or d[i] < owner[gt_labels[i]][0]):
+            owner[gt_labels[i]] = (float(d[i]), lm)
+    truth, probs, missed = [], [], 0
+    for lab, t in targets.items():
+        if lab not in gt:
+            continue
+        if lab in owner:
+            truth.append(names[int(np.argmax(t))])
+            probs.append(owner[lab][1].class_probabilities)
+        else:
+            missed += 1
+    return truth, probs, missed
+
+
 def _prediction_files(pred_dir: Path) -> dict[str, Path]:
     """``{case: centroid file}`` for a prediction folder (``CASE_ctd.json`` first, then Slicer/JSON)."""
     found: dict[str, Path] = {}
@@ -147,7 +182,8 @@ def _ground_truth(gt_dir: Path) -> dict[str, dict]:
     if any((gt_dir / d).is_dir() for d in ("imagesTr", "labelsTr", "centroidsTr")):
         for case in discover_dataset(gt_dir).cases:
             if case.annotated:
-                out[case.case_id] = {"landmarks": as_dict(ground_truth_landmarks(case)[0]), "mask": case.mask}
+                out[case.case_id] = {"landmarks": as_dict(ground_truth_landmarks(case)[0]), "mask": case.mask,
+                                     "classes": list(case.classes)}
         return out
     for case, p in _prediction_files(gt_dir).items():
         out[case] = {"landmarks": as_dict(read_landmarks(p)), "mask": None}
@@ -192,9 +228,17 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     if not wanted:
         raise ValueError(f"{pred_dir}: no prediction matches a ground-truth case of {gt_dir} (case names differ?)")
     cases, results, dices = [], [], []
+    cls_truth, cls_probs, cls_unmatched, cls_names = [], [], 0, None
     for case in sorted(wanted):
         gt = gts[case]["landmarks"]
-        pred = as_dict(read_landmarks(preds[case])) if case in preds else {}
+        pred_lms = read_landmarks(preds[case]) if case in preds else []
+        pred = as_dict(pred_lms)
+        if gts[case].get("classes") and any(lm.class_probabilities for lm in pred_lms):
+            cls_names = cls_names or list(next(lm for lm in pred_lms if lm.class_probabilities).class_probabilities)
+            t, p, missed = match_classes(pred_lms, gt, gts[case]["classes"], cls_names, radius_mm)
+            cls_truth += t
+            cls_probs += p
+            cls_unmatched += missed
         r = identification(pred, gt, radius_mm)
         row = {"case": case, "predicted": case in preds, **r}
         seg = pred_dir / f"{case}_seg.nii.gz"
@@ -211,6 +255,11 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     overall["n_ground_truth_cases_not_evaluated"] = len(gts) - len(wanted)
     overall["n_cases_without_prediction"] = sum(not c["predicted"] for c in cases)
     overall["dice_mean"] = float(np.mean(dices)) if dices else None
+    if cls_names:
+        from spinelm.classification import class_metrics
+
+        overall["classification"] = {**class_metrics(cls_truth, cls_probs, cls_names),
+                                     "n_annotated_not_found": cls_unmatched}
     return {"format": "spinelm-evaluation", "version": 1, "prediction": str(pred_dir.resolve()),
             "ground_truth": str(gt_dir.resolve()), "radius_mm": radius_mm, "overall": overall,
             "cases": cases, "predictions_without_ground_truth": sorted(set(preds) - set(gts))}
@@ -266,6 +315,15 @@ def format_table(report: dict) -> str:
                  f"label(s){dice}; {o['n_cases']} case(s), {o['n_cases_without_prediction']} without prediction"
                  + (f"; {o['n_ground_truth_cases_not_evaluated']} ground-truth case(s) not predicted and not "
                     f"evaluated (--all-gt counts them)" if o.get("n_ground_truth_cases_not_evaluated") else ""))
+    c = o.get("classification")
+    if c and c.get("n"):
+        per = ", ".join(f"{k} {v['n']}: sensitivity {v['sensitivity']:.3f}, specificity {v['specificity']:.3f}"
+                        for k, v in c["per_class"].items())
+        lines.append(f"classes of {c['n']} vertebrae ({c['n_annotated_not_found']} annotated not found): accuracy "
+                     f"{c['accuracy']:.3f}, balanced accuracy {c['balanced_accuracy']:.3f}, AUC {c['auc']:.3f} "
+                     f"(abnormal vs {c['classes'][0]} {c['auc_abnormal']:.3f}); {per}")
+        lines.append("confusion (rows true, columns predicted: " + ", ".join(c["classes"]) + "): "
+                     + " | ".join(" ".join(str(x) for x in row) for row in c["confusion_matrix"]["counts"]))
     if len(o.get("by_region", {})) > 1:
         lines.append("by region: " + ", ".join(f"{k} {v['id_rate']:.3f} ({v['n_identified']}/{v['n_gt']})"
                                                for k, v in o["by_region"].items()))

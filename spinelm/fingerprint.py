@@ -107,6 +107,45 @@ def _pair_statistics(per_case: list[dict]) -> dict:
     return out
 
 
+def class_names(ds: Dataset) -> list[str]:
+    """Class names in a stable order: dataset.json ``classes`` (by code) first, then the others sorted."""
+    mapping = ds.dataset_json.get("classes") if isinstance(ds.dataset_json.get("classes"), dict) else {}
+
+    def code(k):
+        return (0, int(k), "") if str(k).lstrip("-").isdigit() else (1, 0, str(k))
+
+    ordered = [str(mapping[k]) for k in sorted(mapping, key=code)]
+    seen = {cls for c in ds.cases for _, cls, _ in c.classes}
+    return ordered + sorted(seen - set(ordered))
+
+
+def class_statistics(ds: Dataset, case_ids: list[str]) -> dict:
+    """Per-vertebra classes of ``classesTr.csv``: names, how many vertebrae have each (by the most
+    probable class of their rows), per label, and how many vertebrae have soft targets."""
+    from spinelm.classification import soft_targets
+
+    names = class_names(ds)
+    if not names:
+        return {}
+    keep = set(case_ids)
+    total: dict[str, int] = defaultdict(int)
+    per_label: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    soft = n_cases = 0
+    for c in ds.cases:
+        if c.case_id not in keep or not c.classes:
+            continue
+        n_cases += 1
+        for lab, t in soft_targets(c.classes, names).items():
+            cls = names[int(np.argmax(t))]
+            total[cls] += 1
+            per_label[lab][cls] += 1
+            soft += int(t.max() < 1.0)
+    return {"names": names, "cases": n_cases, "vertebrae": int(sum(total.values())),
+            "counts": {n: int(total.get(n, 0)) for n in names}, "soft_targets": soft,
+            "per_label": {L.name_of(lab): dict(v) for lab, v in sorted(per_label.items(),
+                                                                        key=lambda kv: L.cranio_caudal_rank(kv[0]))}}
+
+
 def _infer_channel_names(ds: Dataset, per_case: list[dict]) -> dict[str, str]:
     """Named channels are kept; an unnamed one that holds air at about -1000 is CT (HU), else MR."""
     names = dict(ds.channel_names)
@@ -156,6 +195,7 @@ def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int |
     extent_stats = {L.name_of(lab): {k: float(np.mean([e[k] for e in es])) for k in ("si", "ap", "lr", "volume_ml")}
                     | {"n": len(es)} for lab, es in sorted(extents.items(), key=lambda kv: L.cranio_caudal_rank(kv[0]))}
     pairs = _pair_statistics(per_case)
+    class_stats = class_statistics(ds, [rec["case"] for rec in per_case])
     all_dists = [p["distance_mm_mean"] for p in pairs.values() for _ in range(p["n"])]
     seg_labels = sorted({int(lab) for rec in per_case if rec["has_mask"] for lab in rec["extents"]})
     fp = {
@@ -189,6 +229,8 @@ def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int |
             "median_fov_mm": np.median([r["fov_mm"] for r in per_case], 0).tolist(),
         },
     }
+    if class_stats:
+        fp["classes"] = class_stats
     return fp
 
 

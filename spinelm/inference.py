@@ -429,6 +429,12 @@ class Predictor:
         self.mirror = mirror
         self.step_size = step_size
         self.info = info or {}
+        self.classifier = None
+        if self.plans.classification is not None and configuration == "fine":
+            from spinelm.classification import Classifier
+
+            self.classifier = Classifier(self.networks, self.plans.classification,
+                                         self.plans.configuration().spacing, self.device) or None
 
     @classmethod
     def from_network(cls, network: torch.nn.Module, plans, device: str | torch.device = "cpu",
@@ -505,6 +511,8 @@ class Predictor:
             vox = np.asarray([c.position for c in lab.candidates]).reshape(-1, 3)
             mask = self._instances(pred["segmentation"], vox[lab.kept] * spacing, lab.labels, spacing)
         landmarks = lab.landmarks()
+        if self.classifier is not None and mask is not None:
+            landmarks = self.classify(landmarks, data, mask)
         if self.calibration is not None and landmarks:
             from spinelm.confidence import vertebra_features
 
@@ -513,6 +521,35 @@ class Predictor:
             conf = self.calibration(vertebra_features(lab, self.plans.distance_mm))
             landmarks = [replace(lm, confidence=float(c)) for lm, c in zip(landmarks, conf)]
         return CaseResult(landmarks, mask, len(lab.candidates), time.perf_counter() - t0, lab)
+
+    def classify(self, landmarks: list, data, instance_mask: np.ndarray) -> list:
+        """``landmarks`` with the class probabilities of their vertebrae in ``instance_mask`` (VerSe labels,
+        on the grid of the preprocessed ``data``), each from that vertebra's own voxels."""
+        from dataclasses import replace
+
+        if self.classifier is None:
+            return landmarks
+        probs = self.classifier(data, instance_mask, [lm.label for lm in landmarks])
+        return [replace(lm, class_probabilities=probs[lm.label]) if lm.label in probs else lm for lm in landmarks]
+
+    def grade_masks(self, image: np.ndarray, geometry, mask: np.ndarray, path: str = "scan") -> CaseResult:
+        """Classify the vertebrae of a user's instance mask (canonical (z, y, x), VerSe labels, on the
+        scan's grid) instead of predicted ones: centroids and labels come from the mask."""
+        from spinelm.io.landmarks import centroids_from_mask
+        from spinelm.nnunet import run_preprocessor
+
+        t0 = time.perf_counter()
+        if self.classifier is None:
+            raise ValueError("this model has no classification head; --masks grades vertebrae with one (plan a "
+                             "dataset that has classesTr.csv)")
+        if tuple(mask.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"{path}: the mask's grid {tuple(mask.shape)} differs from the scan's "
+                             f"{tuple(image.shape[1:])}; --masks needs masks on the scan's own grid")
+        landmarks = centroids_from_mask(mask, geometry)
+        data, seg, _ = run_preprocessor(image, geometry.array_spacing, self.plans, self.configuration,
+                                        np.clip(mask, 0, None)[None].astype(np.int16))
+        landmarks = self.classify(landmarks, data, np.asarray(seg[0]))
+        return CaseResult(landmarks, np.asarray(mask).astype(np.int16), 0, time.perf_counter() - t0)
 
     def check_memory(self, geometry, path: str = "scan") -> None:
         """Refuse, before any resampling, a scan whose prediction would not fit in memory."""

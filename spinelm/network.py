@@ -1,8 +1,10 @@
 """The network: nnU-Net's U-Net from the plan, one output tensor split into named heads.
 
 Heads are plan fields (``plans["heads"]``, in order): ``segmentation`` (background + one channel
-per vertebra label), ``heatmap`` (centroid heatmaps), and later others (classification, auxiliary
-structures) plug in by adding an entry with its channel count; no new network or trainer class.
+per vertebra label), ``heatmap`` (centroid heatmaps), and later others (auxiliary structures) plug
+in by adding an entry with its channel count; no new network or trainer class. The per-vertebra
+classification head (``plans["classification"]``) is a module of the fine network fed by its encoder
+(:mod:`spinelm.classification`).
 No SimpleITK here: this module runs on training machines.
 """
 from __future__ import annotations
@@ -27,9 +29,14 @@ def build_network(plans, deep_supervision: bool = True, configuration: str = "fi
 
     plans = as_plans(plans)
     arch = plans.configuration(configuration).architecture
-    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                  plans.n_channels, plans.n_outputs, allow_init=True,
-                                  deep_supervision=deep_supervision)
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                 plans.n_channels, plans.n_outputs, allow_init=True,
+                                 deep_supervision=deep_supervision)
+    if plans.classification is not None and configuration == "fine":
+        from spinelm.classification import attach_head
+
+        attach_head(net, plans.classification)  # per-vertebra classes through the shared encoder
+    return net
 
 
 def split_heads(output: torch.Tensor, heads: dict) -> dict[str, torch.Tensor]:

@@ -465,6 +465,12 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
     why.append("heads: " + ", ".join(f"{k} ({v['channels']} channel{'s' if v['channels'] > 1 else ''})"
                                      for k, v in heads.items()))
     fine_cfg = configs["fine"]
+    from spinelm.classification import plan_classification
+
+    classification = plan_classification(fingerprint, fine_cfg["spacing"], fine_cfg["architecture"]["arch_kwargs"]["strides"], tf)
+    if classification is not None:
+        why.append(f"classification head: classes {', '.join(classification['classes'])}; "
+                   + classification["rationale"])
     why.append(f"network {preset.network_class.rsplit('.', 1)[-1]}, "
                f"{fine_cfg['architecture']['arch_kwargs']['n_stages']} stages, features "
                f"{list(fine_cfg['architecture']['arch_kwargs']['features_per_stage'])}, batch {fine_cfg['batch_size']} "
@@ -498,6 +504,8 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
         "scan_extent_mm": scan_extent_range(fingerprint),
         "rationale": why,
     }
+    if classification is not None:
+        plans["classification"] = classification
     recursive_fix_for_json_export(plans)
     return json.loads(json.dumps(plans))  # exactly what plans.json holds (tuples become lists)
 

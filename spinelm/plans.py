@@ -161,6 +161,11 @@ class Plans:
         return float(self.raw["spine"]["median_consecutive_distance_mm"])
 
     @property
+    def classification(self) -> dict | None:
+        """The per-vertebra classification head (:mod:`spinelm.classification`), when the plan has one."""
+        return self.raw.get("classification")
+
+    @property
     def training(self) -> dict:
         return self.raw["training"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from spinelm.inference import CaseResult, Predictor
 from spinelm.io.files import write_json_atomic
 from spinelm.io.image import IMAGE_ENDINGS
-from spinelm.io.outputs import output_paths, read_summary, write_case_outputs, write_summary
+from spinelm.io.outputs import class_counts, output_paths, read_summary, write_case_outputs, write_summary
 from spinelm.io.scan import ScanError, ScanInput, collect_inputs, read_scan
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,12 @@ class BatchReport:
 def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike, predictor: Predictor,
                       recursive: bool = False, pattern: str | None = None, continue_: bool = False,
                       num_parts: int = 1, part_id: int = 0, qc: bool = True, progress: bool = True,
-                      arguments: dict | None = None) -> BatchReport:
-    """Label every scan under ``input_path``; see the module docstring for the outputs."""
+                      arguments: dict | None = None, masks: str | os.PathLike | None = None) -> BatchReport:
+    """Label every scan under ``input_path``; see the module docstring for the outputs.
+
+    ``masks``: a folder of instance masks (``CASE.nii.gz``, VerSe labels, on each scan's grid) to grade
+    instead of predicted vertebrae (needs a model with a classification head); a scan without one fails.
+    """
     from tqdm import tqdm
 
     if not 0 <= part_id < num_parts:
@@ -72,7 +76,11 @@ def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike,
             if scan.error:
                 raise ScanError(scan.error)
             image, geom, original = read_scan(scan.paths)
-            result = predictor.predict_array(image, geom, str(scan.paths[0]))
+            if masks is not None:
+                result = predictor.grade_masks(image, geom, _read_user_mask(masks, scan.case_id, geom),
+                                               str(scan.paths[0]))
+            else:
+                result = predictor.predict_array(image, geom, str(scan.paths[0]))
             write_case_outputs(out, scan.case_id, result, image, geom, original, scan.paths, run_info, qc)
         except (ScanError, OSError, ValueError, RuntimeError, MemoryError) as exc:
             msg = str(exc).replace("\n", " ")
@@ -85,6 +93,7 @@ def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike,
             report.done += 1
             rows[scan.case_id] = {"case": scan.case_id, "status": "done", "n_vertebrae": len(result.landmarks),
                                   "labels": " ".join(lm.name for lm in result.landmarks),
+                                  "classes": class_counts(result.landmarks),
                                   "qc": "review" if result.qc_reasons else "ok",
                                   "qc_reasons": "; ".join(result.qc_reasons),
                                   "seconds": f"{time.perf_counter() - t0:.2f}", "error": "",
@@ -93,6 +102,24 @@ def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike,
     bar.close()
     write_summary(summary_path, rows)
     return report
+
+
+def _read_user_mask(folder: str | os.PathLike, case: str, geometry):
+    """A user's instance mask for ``case`` (any supported image ending), canonical (z, y, x) int16, checked
+    to lie on the scan's grid (``geometry``: the scan's canonical geometry)."""
+    import numpy as np
+
+    from spinelm.io.image import load_volume
+
+    folder = Path(folder)
+    found = [folder / f"{case}{e}" for e in IMAGE_ENDINGS if (folder / f"{case}{e}").is_file()]
+    if not found:
+        raise ScanError(f"{folder}: no mask {case}.nii.gz (or another image ending) for scan {case!r} (--masks)")
+    mask, mgeom = load_volume(found[0], canonical=True, dtype=None)
+    if not mgeom.same_as(geometry):
+        raise ScanError(f"{found[0]}: the mask is not on the scan's grid ({'; '.join(mgeom.differences(geometry))}); "
+                        "--masks needs masks with the scan's size, spacing, origin and direction")
+    return np.rint(mask).astype(np.int16) if mask.dtype.kind == "f" else mask.astype(np.int16)
 
 
 def slurm_array_part(environ=None) -> tuple[int, int] | None:

@@ -35,7 +35,7 @@ from spinelm.parallel import parallel_map
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: classes rows carry a weight
 
 
 def label_lookup(plans: dict) -> np.ndarray:
@@ -48,12 +48,13 @@ def label_lookup(plans: dict) -> np.ndarray:
 
 
 def source_signature(case: Case) -> str:
-    """Changes when any source file of the case changes (path, size, modification time)."""
+    """Changes when any source file of the case (path, size, modification time) or its classes change."""
     parts = []
     for p in list(case.images) + [case.mask, case.centroids]:
         if p is not None:
             st = Path(p).stat()
             parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    parts.append(repr(sorted(case.classes)))  # an edited classesTr.csv refreshes the case
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
 
@@ -91,7 +92,7 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
         "shape_after_cropping": shape_after_crop,
         "shape": new_shape,
         "spacing": list(as_plans(plans).configuration(configuration).spacing),
-        "classes": [[int(lab), cls] for lab, cls in case.classes],
+        "classes": [[int(lab), cls, float(w)] for lab, cls, w in case.classes],
     }
     seg_out = seg_out.astype(np.int8 if len(label_lookup(plans)) < 127 else np.int16)
     return data, seg_out, properties

@@ -1,4 +1,4 @@
-"""Quality-control pictures: a sagittal and a coronal slice with the vertebra labels drawn."""
+"""Quality-control pictures: a sagittal and a coronal slice with the vertebra labels (and classes) drawn."""
 from __future__ import annotations
 
 import os
@@ -54,7 +54,13 @@ def save_qc_png(path: str | os.PathLike, volume: np.ndarray, geometry: Geometry,
             ax.plot(x, y, "o", ms=4, color=cmap(lm.label % 20), mec="k")
             low = lm.confidence is not None and lm.confidence < REVIEW_BELOW
             text = lm.name if lm.confidence is None else f"{lm.name} {lm.confidence:.2f}"
-            ax.text(x + 4 * col_spacing, y, text, color="red" if low else "yellow", fontsize=8, va="center",
+            cls = lm.class_name
+            if cls is not None:
+                text += f" {cls} {lm.class_probabilities[cls]:.2f}"
+            # red: review the label; cyan: a class other than the first (normal) one
+            colour = "red" if low else ("cyan" if cls is not None and cls != next(iter(lm.class_probabilities))
+                                        else "yellow")
+            ax.text(x + 4 * col_spacing, y, text, color=colour, fontsize=8, va="center",
                     bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "lw": 0})
         ax.set_title(f"{name} ({'posterior' if name == 'sagittal' else 'left'} to the right)", fontsize=9)
         ax.set_xticks([])

@@ -588,7 +588,8 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
     inside = geom.contains(centers, margin_voxels=0.0)
     landmarks = [Landmark(v.label, tuple(float(c) for c in v.center)) for v, ok in zip(column, inside)
                  if ok and v.label in present]
-    classes = {v.label: v.cls for v in column if v.label in present}
+    # a class only for a vertebra whose centre is in view: a sliver at the edge cannot be graded
+    classes = {v.label: v.cls for v, ok in zip(column, inside) if ok and v.label in present}
     info = {"seed": int(seed), "index": int(index), "contrast": contrast, "sequence": [L.name_of(x) for x in seq],
             "axis_codes": geom.axis_codes(), "spacing": list(geom.spacing)}
     channels = [make_image(img, geom) for img in images]

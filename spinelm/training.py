@@ -181,6 +181,14 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         outputs = network(x)
         loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm)
+        if "class_image" in batch:  # masked vertebra crops through the shared encoder and the class head
+            from spinelm.classification import class_logits, soft_cross_entropy
+
+            xc = batch["class_image"].to(device, non_blocking=True)
+            if channels_last:
+                xc = xc.contiguous(memory_format=torch.channels_last_3d)
+            loss = loss + batch.get("class_weight", 1.0) * soft_cross_entropy(
+                class_logits(network, xc), batch["class_target"].to(device, non_blocking=True))
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -241,11 +249,41 @@ def validate(network, cache: Path, case_ids: list[str], plans, device, configura
         for i in lab.kept:  # and is each kept peak on some vertebra?
             precise.append(bool(len(gts)) and float(np.min(np.linalg.norm(gts - cands[i], axis=1))) <= 0.5 * distance)
     out = summarise(results)
+    if predictor.classifier is not None:
+        out.update(_validate_classes(predictor, cache, case_ids))
     nearest = np.asarray(nearest)
     out["peak_hit_rate"] = float(np.mean(nearest <= 0.5 * distance)) if len(nearest) else float("nan")
     out["peak_error_median_mm"] = float(np.median(nearest)) if len(nearest) else float("nan")
     out["peak_precision"] = float(np.mean(precise)) if precise else float("nan")
     return out
+
+
+def _validate_classes(predictor, cache: Path, case_ids: list[str]) -> dict:
+    """Classification of the validation cases' annotated vertebrae from their ground-truth masks (what
+    ``spinelm predict --masks`` does): balanced accuracy and AUC of the abnormal classes."""
+    from spinelm.classification import class_metrics, soft_targets
+
+    plans = predictor.plans
+    names = predictor.classifier.names
+    seg_labels = np.asarray([0, *plans.heads["segmentation"].labels], np.int16)
+    truth, probs = [], []
+    for case in case_ids:
+        data, _, props = _cached_case(cache, case, plans)
+        rows = [(int(r[0]), str(r[1]), float(r[2]) if len(r) > 2 else 1.0) for r in props.get("classes", [])]
+        targets = soft_targets(rows, names)
+        if not props.get("has_mask") or not targets:
+            continue
+        seg = np.load(cache / f"{case}_seg.npy")[0]
+        instances = np.where(seg > 0, seg_labels[np.clip(seg, 0, len(seg_labels) - 1)], 0)
+        found = predictor.classifier(data, instances, sorted(targets))
+        for lab, p in found.items():
+            truth.append(names[int(np.argmax(targets[lab]))])
+            probs.append(p)
+    if not truth:
+        return {}
+    m = class_metrics(truth, probs, names)
+    return {"class_n": m["n"], "class_balanced_accuracy": m["balanced_accuracy"], "class_auc": m["auc"],
+            "class_auc_abnormal": m["auc_abnormal"]}
 
 
 class WeightAverage:
@@ -410,6 +448,10 @@ class _Run:
                  "of vertebrae, median %.1f mm off, %.0f%% of peaks on a vertebra", epoch, self.log.train_loss[-1],
                  summary["id_rate"], summary["d_mean_mm"], summary["n_identified"], summary["n_gt"],
                  100 * summary["peak_hit_rate"], summary["peak_error_median_mm"], 100 * summary["peak_precision"])
+        if "class_n" in summary:
+            log.info("epoch %d: classes of %d vertebrae (ground-truth masks): balanced accuracy %.3f, AUC %.3f "
+                     "(abnormal vs normal %.3f)", epoch, summary["class_n"], summary["class_balanced_accuracy"],
+                     summary["class_auc"], summary["class_auc_abnormal"])
 
 
 def _fold_logger(out: Path) -> logging.Handler:
@@ -429,6 +471,37 @@ def _batches(sampler: PatchSampler, s: TrainSettings, batch_size: int, rng, devi
                                                   pin_memory=device.type == "cuda", persistent_workers=True))
         return lambda: next(loader)
     return lambda: sampler.batch(rng, batch_size)
+
+
+def _with_class_crops(next_batch, plans, cache: Path, train_cases: list[str], configuration: str, rng,
+                      main_rank: bool = True):
+    """``next_batch`` plus class-balanced masked vertebra crops, when the plan has a classification head
+    and the training cases have classes and masks."""
+    if plans.classification is None or configuration != "fine":
+        return next_batch
+    from spinelm.classification import ClassCropSampler
+
+    sampler = ClassCropSampler(cache, train_cases, plans)
+    if not len(sampler):
+        if main_rank:
+            log.warning("the plan has a classification head but no training case has both a mask and classes: "
+                        "the head is not trained")
+        return next_batch
+    if main_rank:
+        log.info("classification: %d annotated vertebrae (%s; %d more have a class but no voxels in the mask), "
+                 "%d masked crops %s per step", len(sampler),
+                 ", ".join(f"{plans.classification['classes'][int(np.argmax(sampler.items[g[0]][2]))]} "
+                           f"{len(g)}" for g in sampler.by_class), sampler.not_in_mask,
+                 int(plans.classification.get("batch_size", 2)), list(sampler.crop_size))
+    weight = float(plans.classification.get("loss_weight", 1.0))
+
+    def both():
+        batch = next_batch()
+        batch.update(sampler.batch(rng))
+        batch["class_weight"] = weight
+        return batch
+
+    return both
 
 
 def _fold_cases(model: ModelFolder, fold: int, configuration: str = "fine") -> tuple[Path, dict]:
@@ -506,6 +579,7 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     coarse = _coarse_for_validation(model, s.fold, device) if configuration != "coarse" else None
     next_batch = _batches(PatchSampler(cache, split["train"], plans, augment=True, configuration=configuration), s, batch_size, run.rng, device,
                           rank, run.start_epoch)
+    next_batch = _with_class_crops(next_batch, plans, cache, split["train"], configuration, run.rng, main_rank)
     val_cases = split["val"][: s.max_validation_cases] if s.max_validation_cases else split["val"]
     if main_rank:
         log.info("fold %d, %s stage: %d training, %d validation cases; %s (%s%s); patch %s, batch %d, up to %d "

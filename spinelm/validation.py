@@ -188,7 +188,7 @@ def _check_case(case: Case, labelled: bool) -> tuple[list[Problem], str | None]:
                 shown = {lm.label for lm in read_landmarks(case.centroids, geom0)}
             except (ValueError, FileNotFoundError):
                 shown = None
-        for label, _ in case.classes:
+        for label in sorted({row[0] for row in case.classes}):
             if shown is not None and label not in shown:
                 probs.append(Problem("warning", "classesTr.csv", f"case {case.case_id!r}: class given for "
                                      f"{L.name_of(label)}, which the case does not annotate",

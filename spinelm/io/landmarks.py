@@ -41,10 +41,18 @@ class Landmark:
     position_mm: tuple[float, float, float]
     score: float | None = field(default=None, compare=False)
     confidence: float | None = field(default=None, compare=False)  # calibrated P(identified), predictions
+    class_probabilities: dict | None = field(default=None, compare=False)  # {class name: p}, with a class head
 
     @property
     def name(self) -> str:
         return L.name_of(self.label)
+
+    @property
+    def class_name(self) -> str | None:
+        """The most probable class, when the vertebra was classified."""
+        if not self.class_probabilities:
+            return None
+        return max(self.class_probabilities, key=self.class_probabilities.get)
 
 
 def landmarks_from_arrays(labels: Sequence[int], positions: np.ndarray,
@@ -134,9 +142,10 @@ def _parse_spinelm(path: Path, data: dict) -> list[Landmark]:
         key = item.get("label", item.get("name"))
         label = _label(path, key, where)
         pos = np.asarray(_vector(path, item.get("position_mm"), where)) * flip
-        score, conf = item.get("score"), item.get("confidence")
+        score, conf, cp = item.get("score"), item.get("confidence"), item.get("class_probabilities")
         out.append(Landmark(label, tuple(pos.tolist()), None if score is None else float(score),
-                            None if conf is None else float(conf)))
+                            None if conf is None else float(conf),
+                            {str(k): float(v) for k, v in cp.items()} if isinstance(cp, dict) else None))
     return out
 
 
@@ -186,6 +195,9 @@ def write_spinelm_json(path: str | os.PathLike, landmarks: Iterable[Landmark], *
             item["score"] = round(float(lm.score), 4)
         if lm.confidence is not None:
             item["confidence"] = round(float(lm.confidence), 4)
+        if lm.class_probabilities:
+            item["class"] = lm.class_name
+            item["class_probabilities"] = {k: round(float(v), 4) for k, v in lm.class_probabilities.items()}
         items.append(item)
     doc = {"format": "spinelm-centroids", "version": SPINELM_FORMAT_VERSION, "coordinate_system": "LPS",
            "unit": "mm", **extra, "vertebrae": items}
@@ -210,7 +222,9 @@ def write_slicer_markups(path: str | os.PathLike, landmarks: Iterable[Landmark])
     lms = sorted(landmarks, key=lambda x: L.cranio_caudal_rank(x.label))
     points = []
     for i, lm in enumerate(lms, start=1):
-        desc = ", ".join(([] if lm.confidence is None else [f"confidence {lm.confidence:.2f}"])
+        desc = ", ".join(([] if lm.class_name is None else
+                          [f"class {lm.class_name} ({lm.class_probabilities[lm.class_name]:.2f})"])
+                         + ([] if lm.confidence is None else [f"confidence {lm.confidence:.2f}"])
                          + ([] if lm.score is None else [f"score {lm.score:.3f}"]))
         points.append({"id": str(i), "label": lm.name, "description": desc, "associatedNodeID": "",
                        "position": [round(v, 3) for v in lm.position_mm],

@@ -4,8 +4,9 @@
     CASE_verse_ctd.json  VerSe centroid format (voxels of the input reoriented to P, I, R)
     CASE.mrk.json        3D Slicer markups (LPS)
     CASE_seg.nii.gz      instance mask (VerSe labels) on the input's own grid
-    CASE_qc.png          sagittal and coronal views with the labels drawn
-    summary.csv          one row per case of a batch
+    CASE_qc.png          sagittal and coronal views with the labels (and classes) drawn
+    CASE_classes.csv     with a classification head: one row per vertebra (class, probabilities)
+    summary.csv          one row per case of a batch (with vertebrae per class)
 
 ``CASE_ctd.json`` is written last and marks a case as done for ``--continue``.
 """
@@ -20,13 +21,35 @@ import numpy as np
 from spinelm.io.files import write_text_atomic
 from spinelm.io.image import Geometry
 
-SUMMARY_FIELDS = ["case", "status", "n_vertebrae", "labels", "qc", "qc_reasons", "seconds", "error", "input"]
+SUMMARY_FIELDS = ["case", "status", "n_vertebrae", "labels", "classes", "qc", "qc_reasons", "seconds", "error",
+                  "input"]
 
 
 def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
     return {"ctd": out_dir / f"{case}_ctd.json", "verse": out_dir / f"{case}_verse_ctd.json",
             "mrk": out_dir / f"{case}.mrk.json", "seg": out_dir / f"{case}_seg.nii.gz",
-            "qc": out_dir / f"{case}_qc.png"}
+            "qc": out_dir / f"{case}_qc.png", "classes": out_dir / f"{case}_classes.csv"}
+
+
+def class_counts(landmarks) -> str:
+    """``"normal:5 oedema:1"``: vertebrae per most probable class (empty without classes)."""
+    from collections import Counter
+
+    counts = Counter(lm.class_name for lm in landmarks if lm.class_name is not None)
+    return " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+
+
+def write_classes_csv(path: Path, case: str, landmarks) -> None:
+    """``case,label,name,class,p_<class>...``: one row per classified vertebra, head to foot."""
+    rows = [lm for lm in landmarks if lm.class_probabilities]
+    names = list(rows[0].class_probabilities) if rows else []
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case", "label", "name", "class", *[f"p_{n}" for n in names]])
+    for lm in rows:
+        w.writerow([case, lm.label, lm.name, lm.class_name,
+                    *[f"{lm.class_probabilities.get(n, 0.0):.4f}" for n in names]])
+    write_text_atomic(path, buf.getvalue())
 
 
 def write_case_outputs(out_dir: Path, case: str, result, canonical_image: np.ndarray,
@@ -48,6 +71,8 @@ def write_case_outputs(out_dir: Path, case: str, result, canonical_image: np.nda
     if qc:
         save_qc_png(paths["qc"], canonical_image[0], canonical_geometry, result.landmarks, result.instance_mask,
                     title=case)
+    if any(lm.class_probabilities for lm in result.landmarks):
+        write_classes_csv(paths["classes"], case, result.landmarks)
     write_verse_json(paths["verse"], result.landmarks, original_geometry)
     write_slicer_markups(paths["mrk"], result.landmarks)
     write_spinelm_json(paths["ctd"], result.landmarks, source=[str(p) for p in source], **run_info)

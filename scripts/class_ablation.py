@@ -1,0 +1,124 @@
+"""Ablation of the classification head at one training budget: each row trains a model on a variant
+of the training set with ``spinelm plan-and-train`` (as a user runs it), labels the held-out set
+with ``spinelm predict`` and scores it with ``spinelm evaluate``.
+
+Rows (``--rows``, default all):
+  head       the training set as it is (classes of every vertebra)
+  labels25   25 % of the class rows kept (drawn by ``--seed``), every mask and centroid kept
+  no_head    no classesTr.csv: no classification head (identification without the head)
+
+    python scripts/class_ablation.py TRAIN HELD_OUT OUT [--rows head,no_head] [--time-budget 20]
+        [--precision fp32] [--device cpu]
+
+Variants are folders of symbolic links to TRAIN's files under ``OUT/<row>/data``; models, predictions and
+``evaluation.json`` under ``OUT/<row>/``; the table (Markdown) is printed and written to
+``OUT/ablation.md``, the figures to ``OUT/ablation.json``. A row whose ``evaluation.json`` exists is
+not rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROWS = ("head", "labels25", "no_head")
+
+
+def make_variant(train: Path, dst: Path, row: str, seed: int) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for sub in ("imagesTr", "labelsTr", "centroidsTr"):
+        if (train / sub).is_dir() and not (dst / sub).exists():
+            os.symlink((train / sub).resolve(), dst / sub)
+    if (train / "dataset.json").is_file():
+        (dst / "dataset.json").write_text((train / "dataset.json").read_text())
+    classes = train / "classesTr.csv"
+    if row == "no_head" or not classes.is_file():
+        (dst / "classesTr.csv").unlink(missing_ok=True)
+        return dst
+    with open(classes, newline="") as fh:
+        rows = list(csv.reader(fh))
+    header, body = rows[0], rows[1:]
+    if row == "labels25":
+        keep = np.random.default_rng(seed).permutation(len(body))[: max(1, round(0.25 * len(body)))]
+        body = [body[i] for i in sorted(keep)]
+    with open(dst / "classesTr.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *body])
+    return dst
+
+
+def run(cmd: list[str], log: Path) -> float:
+    t0 = time.time()
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}; see {log}")
+    return time.time() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("train")
+    p.add_argument("held_out")
+    p.add_argument("out")
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--time-budget", type=float, default=20.0)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    train, held, out = Path(args.train), Path(args.held_out), Path(args.out)
+    spinelm = [sys.executable, "-m", "spinelm"]
+    table = {}
+    for row in args.rows.split(","):
+        if row not in ROWS:
+            raise SystemExit(f"unknown row {row!r}; expected {', '.join(ROWS)}")
+        base = out / row
+        ev = base / "pred" / "evaluation.json"
+        if not ev.is_file():
+            data = make_variant(train, base / "data", row, args.seed)
+            log = base / "log.txt"
+            minutes = run([*spinelm, "plan-and-train", str(data), "-o", str(base / "model"), "--device", args.device,
+                           "--time-budget", str(args.time_budget), "--precision", args.precision, "--no-progress"],
+                          log) / 60
+            run([*spinelm, "predict", "-i", str(held / "imagesTr"), "-o", str(base / "pred"), "-m",
+                 str(base / "model"), "--device", args.device, "--no-progress"], log)
+            run([*spinelm, "evaluate", str(base / "pred"), str(held), "--all-gt"], log)
+            (base / "minutes.txt").write_text(f"{minutes:.1f}\n")
+        o = json.loads(ev.read_text())["overall"]
+        c = o.get("classification") or {}
+        table[row] = {"id_rate": o["id_rate"], "d_mean_mm": o["d_mean_mm"], "shifted": o["n_cases_level_shifted"],
+                      "n_cases": o["n_cases"], "balanced_accuracy": c.get("balanced_accuracy"),
+                      "auc": c.get("auc"), "auc_abnormal": c.get("auc_abnormal"), "n_classified": c.get("n"),
+                      "per_class": {k: [v["sensitivity"], v["specificity"]] for k, v in c.get("per_class", {}).items()},
+                      "train_minutes": float((base / "minutes.txt").read_text()) if (base / "minutes.txt").is_file()
+                      else None}
+
+    def f(x, fmt="{:.3f}"):
+        return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
+
+    lines = ["| row | identification | d_mean (mm) | shifted | balanced accuracy | AUC (mean one-vs-rest) | "
+             "AUC abnormal vs normal | sensitivity per class | wall (min) |", "|---" * 9 + "|"]
+    for row, t in table.items():
+        sens = ", ".join(f"{k} {f(v[0], '{:.2f}')}" for k, v in t["per_class"].items())
+        lines.append(f"| {row} | {f(t['id_rate'])} | {f(t['d_mean_mm'], '{:.2f}')} | {t['shifted']}/{t['n_cases']} | "
+                     f"{f(t['balanced_accuracy'])} | {f(t['auc'])} | {f(t['auc_abnormal'])} | {sens or '-'} | "
+                     f"{f(t['train_minutes'], '{:.1f}')} |")
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.md").write_text(text + "\n")
+    (out / "ablation.json").write_text(json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

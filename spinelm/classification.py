@@ -1,0 +1,389 @@
+"""Per-vertebra classes computed from each vertebra's own voxels only (the locality guarantee).
+
+A vertebra is classified from a crop around it in which every voxel outside its instance mask,
+dilated by :data:`MARGIN_MM`, is replaced by the constant :data:`OUTSIDE_VALUE` (the mean of the
+normalised intensities). The crop passes through the shared U-Net encoder (the same weights that
+segment and find the vertebrae) and a small head (:class:`ClassHead`: average and maximum pooling of
+the two deepest encoder stages, then two linear layers). The crop's position is the centre of the
+mask, so the class probabilities are a function of the mask and of the image inside the dilated
+mask alone: changing any voxel outside it (a neighbour's oedema, the pelvis, another tool's output)
+leaves them unchanged to the last bit (``tests/test_classification.py`` checks it).
+
+At training time the mask is the ground-truth mask of the preprocessing cache; at prediction the
+predicted instance mask, or one the user gives (``spinelm predict --masks DIR``).
+
+The plan decides (``plans["classification"]``, :func:`plan_classification`): class names, crop size
+(the largest mean vertebra extent of the fingerprint, with the margin, at the fine spacing), margin,
+loss weight and how many vertebrae each training step classifies. No SimpleITK here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+#: Dilation of a vertebra's mask before everything outside it is blanked (mm). Enough to keep the
+#: cortex and the endplates of a mask that is a voxel or two short (a predicted mask), far less
+#: than a disc (5-10 mm), so a neighbour's marrow stays out.
+MARGIN_MM = 3.0
+#: Value of every voxel outside the dilated mask (normalised intensities have mean 0).
+OUTSIDE_VALUE = 0.0
+#: The crop holds this multiple of the largest mean vertebra extent (mm) of the fingerprint, per axis,
+#: plus twice the margin: room for a larger than average vertebra and for the mask's centre lying
+#: off the middle of its bounding box.
+CROP_EXTENT_FACTOR = 1.3
+#: Vertebrae classified per training step, drawn class-balanced (each class equally often), so that a
+#: class of 5 % of the vertebrae is seen as often as the normal ones. Measured on phantoms (fine patch
+#: 32 x 56 x 40, batch 2, crops 40 x 32 x 40, float32, 2 cores): a step costs 16 % more with 2 crops,
+#: 36 % more with 4; 2 crops over a 3,000-step run show each abnormal vertebra hundreds of times.
+#: The budget's measured step includes them (:func:`spinelm.budget.measure_step`).
+CLASS_BATCH_SIZE = 2
+#: Weight of the classification loss (soft cross-entropy) next to segmentation + heatmap.
+CLASS_LOSS_WEIGHT = 1.0
+#: Hidden units of the head.
+HIDDEN_UNITS = 64
+#: Encoder stages the head pools (the deepest ones).
+POOLED_STAGES = 2
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def plan_classification(fingerprint: dict, spacing, strides, transpose_forward) -> dict | None:
+    """The ``classification`` plan field, or None when the dataset has fewer than two classes or no
+    vertebra masks (the head needs masks to learn from a vertebra's own voxels).
+
+    Args:
+        fingerprint: with ``classes`` (:func:`spinelm.fingerprint.class_statistics`) and
+            ``spine.vertebra_extent_mm`` (canonical axes: si, ap, lr).
+        spacing: the fine configuration's spacing, network axes (mm).
+        strides: the fine configuration's pooling per stage (network axes).
+        transpose_forward: canonical -> network axis order.
+    """
+    classes = fingerprint.get("classes") or {}
+    names = list(classes.get("names", []))
+    extents = fingerprint.get("spine", {}).get("vertebra_extent_mm") or {}
+    if len(names) < 2 or not extents:
+        return None
+    ext = np.array([max(float(e[k]) for e in extents.values()) for k in ("si", "ap", "lr")])
+    crop_mm = CROP_EXTENT_FACTOR * ext + 2 * MARGIN_MM
+    factor = np.prod(np.asarray(strides, dtype=np.int64), axis=0)
+    crop = []
+    for i, axis in enumerate(transpose_forward):
+        n = int(np.ceil(crop_mm[axis] / float(spacing[i])))
+        crop.append(int(max(np.ceil(n / factor[i]), 1) * factor[i]))
+    return {"classes": names, "crop_size": crop, "margin_mm": MARGIN_MM, "outside_value": OUTSIDE_VALUE,
+            "loss_weight": CLASS_LOSS_WEIGHT, "batch_size": CLASS_BATCH_SIZE, "hidden_units": HIDDEN_UNITS,
+            "pooled_stages": POOLED_STAGES,
+            "rationale": f"crop {crop} voxels = {CROP_EXTENT_FACTOR:g} x the largest mean vertebra extent "
+                         f"{[round(float(x)) for x in ext]} mm (si, ap, lr) + 2 x {MARGIN_MM:g} mm margin, at the "
+                         f"fine spacing, a multiple of the encoder's pooling"}
+
+
+def soft_targets(rows, class_names: list[str]) -> dict[int, np.ndarray]:
+    """Per vertebra, the class distribution of its ``classesTr.csv`` rows (``(label, class, weight)``).
+
+    Rows of several raters become their vote shares; probabilities are used as given and, when a
+    vertebra's rows sum to less than 1, the rest is spread evenly over the classes it did not name.
+    Classes not in ``class_names`` are ignored; a vertebra left with nothing is unknown (absent).
+    """
+    acc: dict[int, np.ndarray] = {}
+    for label, cls, weight in rows:
+        if cls not in class_names:
+            continue
+        acc.setdefault(int(label), np.zeros(len(class_names)))[class_names.index(cls)] += float(weight)
+    out = {}
+    for label, v in acc.items():
+        total = v.sum()
+        if total <= 0:
+            continue
+        if total < 1.0 - 1e-6 and (v == 0).any():
+            v = v + (v == 0) * (1.0 - total) / int((v == 0).sum())
+        out[label] = v / v.sum()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the head
+
+
+class ClassHead(torch.nn.Module):
+    """Average and maximum pooling of the deepest encoder stages, a hidden layer, class logits."""
+
+    def __init__(self, stage_channels: list[int], n_classes: int, hidden: int = HIDDEN_UNITS,
+                 pooled_stages: int = POOLED_STAGES):
+        super().__init__()
+        self.pooled_stages = int(pooled_stages)
+        n_in = 2 * sum(int(c) for c in stage_channels[-self.pooled_stages:])
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.LeakyReLU(0.01),
+                                       torch.nn.Dropout(0.2), torch.nn.Linear(hidden, n_classes))
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        feats = []
+        for f in skips[-self.pooled_stages:]:
+            f = f.float()
+            feats += [f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))]
+        return self.mlp(torch.cat(feats, 1))
+
+
+def attach_head(network: torch.nn.Module, spec: dict) -> torch.nn.Module:
+    """Give a U-Net its classification head (``network.class_head``, saved with its weights)."""
+    network.class_head = ClassHead(list(network.encoder.output_channels), len(spec["classes"]),
+                                   int(spec.get("hidden_units", HIDDEN_UNITS)),
+                                   int(spec.get("pooled_stages", POOLED_STAGES)))
+    return network
+
+
+def class_logits(network: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """(B, n_classes) logits for masked crops (B, C, X, Y, Z) through the shared encoder and the head."""
+    net = network.module if hasattr(network, "module") else network
+    return net.class_head(net.encoder(crops))
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class distributions (B, n_classes): one-hot for one rater, vote shares or
+    probabilities for uncertain ones."""
+    return -(target * F.log_softmax(logits.float(), 1)).sum(1).mean()
+
+
+# ------------------------------------------------------------------------------------------ crops
+
+
+def dilation_structure(margin_mm: float, spacing) -> np.ndarray:
+    """A boolean ellipsoid of radius ``margin_mm`` on a grid of ``spacing`` (mm per axis)."""
+    r = np.floor(float(margin_mm) / np.asarray(spacing, dtype=np.float64)).astype(int)
+    grids = np.meshgrid(*[np.arange(-k, k + 1) * s for k, s in zip(r, spacing)], indexing="ij")
+    return sum(g ** 2 for g in grids) <= float(margin_mm) ** 2 + 1e-9
+
+
+def vertebra_crop(data: np.ndarray, own: np.ndarray, crop_size, structure: np.ndarray,
+                  outside: float = OUTSIDE_VALUE, offset=(0, 0, 0), return_mask: bool = False):
+    """The masked crop of one vertebra: (C, *crop_size) float32.
+
+    ``data`` (C, X, Y, Z) preprocessed image; ``own`` (X, Y, Z) bool, the vertebra's voxels. The crop is
+    centred on the mean position of ``own``; voxels outside ``own`` dilated by ``structure`` (and
+    outside the image) are ``outside``. Nothing but ``own`` and the image inside its dilation is read.
+    ``offset`` (voxels) moves the crop window (training jitter); ``return_mask`` also returns the kept voxels.
+    """
+    idx = np.argwhere(own)
+    if not len(idx):
+        raise ValueError("empty vertebra mask")
+    size = np.asarray(crop_size, dtype=int)
+    lo = np.round(idx.mean(0) - size / 2).astype(int) + np.asarray(offset, dtype=int)
+    hi = lo + size
+    shape = np.asarray(own.shape)
+    src_lo, src_hi = np.maximum(lo, 0), np.minimum(hi, shape)
+    dst_lo = src_lo - lo
+    dst_hi = dst_lo + (src_hi - src_lo)
+    box = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+    dbox = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))
+    keep = np.zeros(tuple(size), bool)
+    keep[dbox] = own[box]
+    keep = ndimage.binary_dilation(keep, structure=structure)
+    out = np.full((data.shape[0], *size), outside, np.float32)
+    region = np.asarray(data[(slice(None), *box)], dtype=np.float32)
+    inside = keep[dbox]
+    out[(slice(None), *dbox)] = np.where(inside[None], region, np.float32(outside))
+    if return_mask:
+        full = np.zeros(tuple(size), bool)
+        full[dbox] = inside
+        return out, full
+    return out
+
+
+class Classifier:
+    """Classifies the vertebrae of an instance mask with one or more networks (folds, averaged).
+
+    Args:
+        networks: U-Nets with ``class_head``.
+        spec: the plan's ``classification`` field.
+        spacing: the fine configuration's spacing (network axes, mm).
+    """
+
+    def __init__(self, networks: list, spec: dict, spacing, device: str | torch.device = "cpu"):
+        self.networks = [n for n in networks if hasattr(n, "class_head")]
+        self.spec = spec
+        self.names = list(spec["classes"])
+        self.crop_size = [int(x) for x in spec["crop_size"]]
+        self.structure = dilation_structure(float(spec.get("margin_mm", MARGIN_MM)), spacing)
+        self.outside = float(spec.get("outside_value", OUTSIDE_VALUE))
+        self.device = torch.device(device)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def crops(self, data: np.ndarray, instance_mask: np.ndarray, labels) -> tuple[list[int], np.ndarray]:
+        """Masked crops of every label of ``labels`` that has voxels in ``instance_mask``."""
+        kept, crops = [], []
+        for lab in labels:
+            own = instance_mask == lab
+            if own.any():
+                kept.append(int(lab))
+                crops.append(vertebra_crop(data, own, self.crop_size, self.structure, self.outside))
+        return kept, (np.stack(crops) if crops else np.zeros((0, data.shape[0], *self.crop_size), np.float32))
+
+    @torch.no_grad()
+    def probabilities(self, crops: np.ndarray, batch: int = 8) -> np.ndarray:
+        """(N, n_classes) class probabilities of masked crops, averaged over the networks."""
+        out = np.zeros((len(crops), len(self.names)))
+        if not len(crops):
+            return out
+        for net in self.networks:
+            was = net.training
+            net.eval()
+            for i in range(0, len(crops), batch):
+                x = torch.from_numpy(crops[i:i + batch]).to(self.device)
+                out[i:i + batch] += torch.softmax(class_logits(net, x).float(), 1).cpu().numpy()
+            net.train(was)
+        return out / len(self.networks)
+
+    def __call__(self, data: np.ndarray, instance_mask: np.ndarray, labels) -> dict[int, dict[str, float]]:
+        """``{label: {class name: probability}}`` for the vertebrae of ``instance_mask`` (preprocessed grid)."""
+        kept, crops = self.crops(np.asarray(data), np.asarray(instance_mask), labels)
+        probs = self.probabilities(crops)
+        return {lab: {n: float(p) for n, p in zip(self.names, row)} for lab, row in zip(kept, probs)}
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class ClassCropSampler:
+    """Class-balanced masked crops of annotated vertebrae from the preprocessing cache (ground-truth masks).
+
+    Args:
+        cache: one configuration's cache (the fine one: the crop size is in its voxels).
+        case_ids: training cases; those with a mask and classes contribute.
+        plans: spinelm plans with a ``classification`` field.
+        augment: mirroring (the plan's mirror axes), intensity scale and shift, a jitter of the centre.
+    """
+
+    def __init__(self, cache: str | Path, case_ids: list[str], plans, augment: bool = True):
+        from spinelm.plans import as_plans
+
+        plans = as_plans(plans)
+        self.spec = plans.raw["classification"]
+        self.names = list(self.spec["classes"])
+        self.cache = Path(cache)
+        self.augment = augment
+        self.mirror_axes = plans.mirror_axes
+        cfg = plans.configuration()
+        self.crop_size = [int(x) for x in self.spec["crop_size"]]
+        self.structure = dilation_structure(float(self.spec.get("margin_mm", MARGIN_MM)), cfg.spacing)
+        self.outside = float(self.spec.get("outside_value", OUTSIDE_VALUE))
+        channel_of = {lab: i for i, lab in enumerate(plans.heads["segmentation"].labels, start=1)} \
+            if "segmentation" in plans.heads else {}
+        self.items: list[tuple[str, int, np.ndarray]] = []
+        self.not_in_mask = 0  # vertebrae with a class but no voxels in the (resampled) mask
+        for case in case_ids:
+            props = json.loads((self.cache / f"{case}.json").read_text())
+            if not props.get("has_mask"):
+                continue
+            rows = [(int(r[0]), str(r[1]), float(r[2]) if len(r) > 2 else 1.0) for r in props.get("classes", [])]
+            targets = soft_targets(rows, self.names)
+            if not targets:
+                continue
+            shown = set(np.unique(np.load(self.cache / f"{case}_seg.npy", mmap_mode="r")).tolist())
+            for lab, target in targets.items():
+                if channel_of.get(lab) in shown:
+                    self.items.append((case, channel_of[lab], target))
+                else:
+                    self.not_in_mask += 1
+        self.by_class = [[i for i, it in enumerate(self.items) if int(np.argmax(it[2])) == k]
+                         for k in range(len(self.names))]
+        self.by_class = [b for b in self.by_class if b]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        group = self.by_class[int(rng.integers(len(self.by_class)))]
+        case, channel, target = self.items[group[int(rng.integers(len(group)))]]
+        data = np.load(self.cache / f"{case}_data.npy", mmap_mode="r")
+        seg = np.load(self.cache / f"{case}_seg.npy", mmap_mode="r")
+        own = np.asarray(seg[0]) == channel
+        offset = rng.integers(-2, 3, 3) if self.augment else (0, 0, 0)  # the window moves by up to 2 voxels
+        crop, inside = vertebra_crop(data, own, self.crop_size, self.structure, self.outside, offset, return_mask=True)
+        if self.augment:
+            crop = np.where(inside[None], crop * rng.uniform(0.85, 1.15) + rng.uniform(-0.15, 0.15),
+                            crop).astype(np.float32)
+            for ax in self.mirror_axes:
+                if rng.random() < 0.5:
+                    crop = np.flip(crop, ax + 1)
+        return np.ascontiguousarray(crop), target.astype(np.float32)
+
+    def batch(self, rng: np.random.Generator, size: int | None = None) -> dict[str, torch.Tensor]:
+        items = [self.sample(rng) for _ in range(size or int(self.spec.get("batch_size", CLASS_BATCH_SIZE)))]
+        return {"class_image": torch.from_numpy(np.stack([c for c, _ in items])),
+                "class_target": torch.from_numpy(np.stack([t for _, t in items]))}
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half); NaN without both kinds."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def class_metrics(truth: list[str], probs: list[dict[str, float]], names: list[str]) -> dict:
+    """Accuracy, balanced accuracy, per-class sensitivity/specificity, AUC and the confusion matrix.
+
+    ``truth``: the true class name per vertebra; ``probs``: predicted probabilities per vertebra (by
+    class name). The AUC is one-vs-rest per class; ``auc_abnormal`` ranks ``1 - p(first class)`` (with
+    the first class, e.g. ``normal``, against all others) and ``auc`` is the mean over classes
+    that occur.
+    """
+    n = len(truth)
+    out: dict = {"n": n, "classes": list(names)}
+    if n == 0:
+        return out
+    pred = [max(p, key=p.get) for p in probs]
+    cm = np.zeros((len(names), len(names)), int)
+    for t, p in zip(truth, pred):
+        if t in names and p in names:
+            cm[names.index(t), names.index(p)] += 1
+    out["accuracy"] = float(np.trace(cm) / max(cm.sum(), 1))
+    per_class, sens = {}, []
+    for k, name in enumerate(names):
+        pos = cm[k].sum()
+        neg = cm.sum() - pos
+        tp, fp = cm[k, k], cm[:, k].sum() - cm[k, k]
+        auc = roc_auc([p.get(name, 0.0) for p in probs], [t == name for t in truth])
+        per_class[name] = {"n": int(pos), "sensitivity": float(tp / pos) if pos else float("nan"),
+                           "specificity": float((neg - fp) / neg) if neg else float("nan"), "auc": auc}
+        if pos:
+            sens.append(tp / pos)
+    out["balanced_accuracy"] = float(np.mean(sens)) if sens else float("nan")
+    aucs = [v["auc"] for v in per_class.values() if np.isfinite(v["auc"])]
+    out["auc"] = float(np.mean(aucs)) if aucs else float("nan")
+    out["auc_abnormal"] = roc_auc([1.0 - p.get(names[0], 0.0) for p in probs], [t != names[0] for t in truth])
+    out["per_class"] = per_class
+    out["confusion_matrix"] = {"rows_true_columns_predicted": list(names), "counts": cm.tolist()}
+    return out
+
+
+__all__ = ["CLASS_BATCH_SIZE", "CLASS_LOSS_WEIGHT", "ClassCropSampler", "ClassHead", "Classifier", "MARGIN_MM",
+           "OUTSIDE_VALUE", "attach_head", "class_logits", "class_metrics", "dilation_structure",
+           "plan_classification", "roc_auc", "soft_cross_entropy", "soft_targets", "vertebra_crop"]
