@@ -6,9 +6,11 @@ Rows (``--rows``, default all):
   head       the training set as it is (classes of every vertebra)
   labels25   25 % of the class rows kept (drawn by ``--seed``), every mask and centroid kept
   no_head    no classesTr.csv: no classification head (identification without the head)
+  loose      ``--loose-train DIR``: the same phantoms with loose annotations for some cases
+             (``spinelm synth ... --loose 0.5``: half the cases with a partial mask or centroids only)
 
-    python scripts/class_ablation.py TRAIN HELD_OUT OUT [--rows head,no_head] [--time-budget 20]
-        [--precision fp32] [--device cpu]
+    python scripts/class_ablation.py TRAIN HELD_OUT OUT [--rows head,labels25,no_head,loose]
+        [--loose-train DIR] [--time-budget 20] [--precision fp32] [--device cpu]
 
 Variants are folders of symbolic links to TRAIN's files under ``OUT/<row>/data``; models, predictions and
 ``evaluation.json`` under ``OUT/<row>/``; the table (Markdown) is printed and written to
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = ("head", "labels25", "no_head")
+ROWS = ("head", "labels25", "no_head", "loose")
 
 
 def make_variant(train: Path, dst: Path, row: str, seed: int) -> Path:
@@ -69,11 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("train")
     p.add_argument("held_out")
     p.add_argument("out")
-    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--rows", default="head,labels25,no_head")
     p.add_argument("--time-budget", type=float, default=20.0)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loose-train", help="the training set with loose annotations (row 'loose')")
     args = p.parse_args(argv)
     train, held, out = Path(args.train), Path(args.held_out), Path(args.out)
     spinelm = [sys.executable, "-m", "spinelm"]
@@ -84,7 +87,9 @@ def main(argv=None) -> int:
         base = out / row
         ev = base / "pred" / "evaluation.json"
         if not ev.is_file():
-            data = make_variant(train, base / "data", row, args.seed)
+            if row == "loose" and not args.loose_train:
+                raise SystemExit("row 'loose' needs --loose-train DIR (spinelm synth ... --loose 0.5)")
+            data = Path(args.loose_train) if row == "loose" else make_variant(train, base / "data", row, args.seed)
             log = base / "log.txt"
             minutes = run([*spinelm, "plan-and-train", str(data), "-o", str(base / "model"), "--device", args.device,
                            "--time-budget", str(args.time_budget), "--precision", args.precision, "--no-progress"],

@@ -115,6 +115,8 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
              "heatmap": torch.rand(cfg.batch_size, heads["heatmap"].channels, *cfg.patch_size)}
     if "segmentation" in heads:
         batch["seg"] = torch.randint(0, heads["segmentation"].channels, (shape[0], 1, *shape[1:]))
+    if "structures" in heads:
+        batch["structures"] = torch.randint(0, heads["structures"].channels, (shape[0], 1, *shape[1:]))
     spec = plans.classification if configuration == "fine" else None
     if spec is not None:  # the step also classifies masked vertebra crops (spinelm.classification)
         n_cls = int(spec.get("batch_size", 2))

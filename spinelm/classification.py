@@ -250,6 +250,43 @@ class Classifier:
 # ------------------------------------------------------------------------------------------ training
 
 
+#: Chances of the training mask perturbations (:func:`perturb_mask`): one voxel grown, one voxel
+#: shrunk, a cap cut off. Measured: a head trained on exact ground-truth masks reached balanced
+#: accuracy 0.963 / AUC 0.995 on 40 held-out phantoms with their ground-truth masks but 0.854 / 0.934
+#: with the predicted instance masks (normal vertebrae called oedema, case by case), whose borders
+#: differ from the ground truth's by a voxel here and there and which miss or add bits of processes.
+MASK_GROW, MASK_SHRINK, MASK_CUT = 0.3, 0.3, 0.3
+
+
+def perturb_mask(own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A vertebra mask as a predicted one may come out: grown or shrunk by a voxel (each with
+    :data:`MASK_GROW` / :data:`MASK_SHRINK`), and with :data:`MASK_CUT` a cap beyond a random plane
+    (10-25 % of the voxels) removed, e.g. a missed spinous process. Works on the mask's bounding box;
+    never returns an empty mask."""
+    idx = np.argwhere(own)
+    if not len(idx):
+        return own
+    lo, hi = np.maximum(idx.min(0) - 2, 0), np.minimum(idx.max(0) + 3, own.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sub = own[box].copy()
+    r = rng.random()
+    if r < MASK_GROW:
+        sub = ndimage.binary_dilation(sub)
+    elif r < MASK_GROW + MASK_SHRINK:
+        shrunk = ndimage.binary_erosion(sub)
+        if shrunk.sum() > 0.5 * sub.sum():
+            sub = shrunk
+    if rng.random() < MASK_CUT:
+        pts = np.argwhere(sub)
+        direction = rng.normal(size=3)
+        proj = pts @ (direction / np.linalg.norm(direction))
+        cut = pts[proj > np.quantile(proj, 1.0 - rng.uniform(0.10, 0.25))]
+        sub[tuple(cut.T)] = False
+    out = np.zeros_like(own)
+    out[box] = sub
+    return out if out.any() else own
+
+
 class ClassCropSampler:
     """Class-balanced masked crops of annotated vertebrae from the preprocessing cache (ground-truth masks).
 
@@ -257,7 +294,8 @@ class ClassCropSampler:
         cache: one configuration's cache (the fine one: the crop size is in its voxels).
         case_ids: training cases; those with a mask and classes contribute.
         plans: spinelm plans with a ``classification`` field.
-        augment: mirroring (the plan's mirror axes), intensity scale and shift, a jitter of the centre.
+        augment: mirroring (the plan's mirror axes), intensity scale and shift, a jitter of the centre,
+            and mask perturbations (:func:`perturb_mask`) so that predicted masks are no surprise.
     """
 
     def __init__(self, cache: str | Path, case_ids: list[str], plans, augment: bool = True):
@@ -304,6 +342,8 @@ class ClassCropSampler:
         data = np.load(self.cache / f"{case}_data.npy", mmap_mode="r")
         seg = np.load(self.cache / f"{case}_seg.npy", mmap_mode="r")
         own = np.asarray(seg[0]) == channel
+        if self.augment:
+            own = perturb_mask(own, rng)
         offset = rng.integers(-2, 3, 3) if self.augment else (0, 0, 0)  # the window moves by up to 2 voxels
         crop, inside = vertebra_crop(data, own, self.crop_size, self.structure, self.outside, offset, return_mask=True)
         if self.augment:

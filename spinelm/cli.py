@@ -49,10 +49,11 @@ def cmd_synth(args) -> int:
     channels = args.channels if args.channels is not None else (2 if args.protocol == "dixon" else 1)
     cfg = PhantomConfig(modality=args.modality, min_vertebrae=args.min_vertebrae, max_vertebrae=args.max_vertebrae,
                         slice_thickness_mm=args.slice_thickness, protocol=args.protocol, channels=channels,
-                        max_voxels=args.max_voxels, last_label=args.last_label, p_class=args.abnormal / 2)
+                        max_voxels=args.max_voxels, last_label=args.last_label, p_class=args.abnormal / 2,
+                        structures=args.structures)
     t0 = time.time()
     out = synthesize_dataset(args.out, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled,
-                             with_classes=not args.no_classes, progress=not args.no_progress)
+                             with_classes=not args.no_classes, progress=not args.no_progress, loose=args.loose)
     print(f"wrote {args.n} labelled + {args.unlabelled} unlabelled phantom(s) to {out} in {time.time() - t0:.1f} s")
     return 0
 
@@ -335,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of vertebrae (not C1 or S1) with a class other than normal, half oedema (marrow "
                         "signal: dark on T1, bright on T2, water-rich on Dixon) and half wedge fracture (anterior "
                         "height lowered by up to 45%%) (default 0.16)")
+    s.add_argument("--loose", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="share of cases with loose annotations, alternately a partial mask (every other vertebra "
+                        "unannotated: value 'ignore' of dataset.json) and centroids only (no mask); centroids and "
+                        "classes stay complete; annotations.json lists each case's kind (default 0)")
+    s.add_argument("--structures", action="store_true",
+                   help="masks also carry discs (100 + the vertebra above), canal (61) and cord (60), as in "
+                        "TPTBox: spinelm then trains an auxiliary structures head")
     s.add_argument("--no-classes", action="store_true", help="do not write classesTr.csv")
     s.set_defaults(func=cmd_synth)
 

@@ -68,6 +68,7 @@ class PatchSampler:
         self.per_label = hm.per_label
         self.heatmap_labels = list(hm.labels)
         self.ignore_label = heads["segmentation"].channels if "segmentation" in heads else None
+        self.structures_ignore = heads["structures"].channels if "structures" in heads else None
         self.transforms = training_transforms(self.patch_size, plans.mirror_axes,
                                               plans.raw["configurations"][configuration].get("use_mask_for_norm")) \
             if augment else None
@@ -92,9 +93,10 @@ class PatchSampler:
         sg, _ = _crop(np.asarray(seg), centre, self.crop_size, -1)
         balls = landmark_balls(self.crop_size, positions - lo)
         if self.transforms is not None:
+            n = sg.shape[0]  # the vertebra channel, and the structures channel when the plan has one
             out = self.transforms(image=torch.from_numpy(img), segmentation=torch.from_numpy(
                 np.concatenate([sg.astype(np.int16), balls[None]])))
-            img_t, sg_t, balls_t = out["image"], out["segmentation"][:1], out["segmentation"][1]
+            img_t, sg_t, balls_t = out["image"], out["segmentation"][:n], out["segmentation"][n]
         else:
             img_t, sg_t, balls_t = torch.from_numpy(img), torch.from_numpy(sg.astype(np.int16)).clamp(min=0), \
                 torch.from_numpy(balls)
@@ -107,6 +109,11 @@ class PatchSampler:
         item = {"image": img_t.float(), "heatmap": hm, "case": case}
         if self.ignore_label is not None:
             sg_t = sg_t.long()
+            if self.structures_ignore is not None:
+                aux = sg_t[1:2] if sg_t.shape[0] > 1 and props["has_mask"] else \
+                    torch.full_like(sg_t[:1], self.structures_ignore)
+                item["structures"] = aux
+            sg_t = sg_t[:1]
             if not props["has_mask"]:
                 sg_t = torch.full_like(sg_t, self.ignore_label)
             item["seg"] = sg_t

@@ -72,6 +72,7 @@ class Case:
     mask: Path | None = None
     centroids: Path | None = None
     classes: tuple[tuple[int, str, float], ...] = ()  # (label, class name, weight): classesTr.csv rows
+    ignore_value: int | None = None  # mask value of unannotated voxels (dataset.json labels "ignore")
 
     @property
     def annotated(self) -> bool:
@@ -240,6 +241,24 @@ def _read_classes(path: Path, problems: list[Problem],
     return out
 
 
+def _ignore_value(djson: dict, root: Path, problems: list[Problem]) -> int | None:
+    """The mask value of unannotated voxels: nnU-Net v2's ``"ignore"`` entry of dataset.json's ``labels``
+    (partial masks). It must lie above every vertebra label."""
+    labels = djson.get("labels") if isinstance(djson.get("labels"), dict) else {}
+    if "ignore" not in labels:
+        return None
+    try:
+        value = int(labels["ignore"])
+    except (TypeError, ValueError):
+        value = -1
+    if value <= L.MAX_LABEL or value > 32767:
+        problems.append(Problem("error", str(root / "dataset.json"), f"labels 'ignore' is {labels['ignore']!r}; "
+                                f"expected an integer above every vertebra label ({L.MAX_LABEL})",
+                                f"use e.g. \"ignore\": {L.MAX_LABEL + 1}"))
+        return None
+    return value
+
+
 def discover_dataset(root: str | os.PathLike) -> Dataset:
     """Find the cases of a dataset folder (file names only; nothing is read but dataset.json and CSV).
 
@@ -295,9 +314,10 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
     for case in set(images) & set(unlabelled):
         problems.append(Problem("error", str(unl_dir / f"{case}_0000{file_ending}"), f"duplicated case: "
                                 f"{case!r} is in both imagesTr and imagesUnlabelled", "rename one of them", case))
+    ignore_value = _ignore_value(djson, root, problems)
     cases = []
     for case, imgs in images.items():
-        c = Case(case, imgs, masks.get(case), centroids.get(case), tuple(classes.get(case, ())))
+        c = Case(case, imgs, masks.get(case), centroids.get(case), tuple(classes.get(case, ())), ignore_value)
         if not c.annotated:
             problems.append(Problem("error", str(imgs[0]), f"case {case!r} has neither a mask (labelsTr/"
                                     f"{case}{file_ending}) nor centroids (centroidsTr/{case}.json)",

@@ -65,7 +65,8 @@ def analyze_case(case: Case, num_samples: int) -> dict:
     extents = {}
     if lc.mask is not None:
         from scipy import ndimage
-        boxes = ndimage.find_objects(np.clip(lc.mask, 0, L.MAX_LABEL).astype(np.int32))
+        vertebrae = np.where(np.isin(lc.mask, L.VALID_LABELS), lc.mask, 0)  # not discs, canal, ignore
+        boxes = ndimage.find_objects(vertebrae.astype(np.int32))
         for lab, box in enumerate(boxes, start=1):
             if box is None or not L.is_valid_label(lab):
                 continue
@@ -80,6 +81,8 @@ def analyze_case(case: Case, num_samples: int) -> dict:
         "intensities": [np.asarray(x, dtype=np.float32) for x in intensities],
         "image_min": [float(np.percentile(ch, 0.5)) for ch in lc.image],
         "has_mask": lc.mask is not None,
+        "structures": sorted({st for v in (np.unique(lc.mask).tolist() if lc.mask is not None else [])
+                              if (st := L.structure_of(v)) is not None}),
         "landmarks": {lm.label: list(lm.position_mm) for lm in lc.landmarks},
         "extents": extents,
         "fov_mm": [float(n * s) for n, s in zip(lc.image.shape[1:], spacing)],
@@ -221,6 +224,8 @@ def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int |
             "label_counts": dict(sorted(label_counts.items(), key=lambda kv: L.cranio_caudal_rank(L.label_of(kv[0])))),
             "segmentation_labels": seg_labels,
             "cases_with_mask": int(sum(r["has_mask"] for r in per_case)),
+            "structures": {st: n for st in L.STRUCTURES
+                           if (n := int(sum(st in r.get("structures", []) for r in per_case)))},
             "cases_with_centroids_only": int(sum(not r["has_mask"] for r in per_case)),
             "vertebra_extent_mm": extent_stats,
             "consecutive_pairs": pairs,

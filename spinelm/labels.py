@@ -159,3 +159,27 @@ def region_of(label: int) -> str:
 def label_names(labels: Iterable[int]) -> list[str]:
     """Names of several labels, in the order given."""
     return [name_of(x) for x in labels]
+
+
+# ------------------------------------------------------------------------------ auxiliary structures
+
+#: Offsets of the TPTBox convention: a disc carries 100 + the label of the vertebra above it, an
+#: endplate 200 + the label of its vertebra.
+DISC_OFFSET = 100
+ENDPLATE_OFFSET = 200
+#: Other structures a mask may carry (TPTBox sub-region values).
+CORD = 60
+CANAL = 61
+#: Auxiliary structures in a fixed order: what the structures head segments when masks carry them.
+STRUCTURES = ("disc", "endplate", "canal", "cord")
+
+
+def structure_of(value: int) -> str | None:
+    """The auxiliary structure a mask value stands for (``"disc"`` for 101-128, ``"endplate"`` for
+    201-228, ``"canal"`` 61, ``"cord"`` 60), or None (a vertebra, background, or unknown)."""
+    value = int(value)
+    if value - DISC_OFFSET in _BY_LABEL:
+        return "disc"
+    if value - ENDPLATE_OFFSET in _BY_LABEL:
+        return "endplate"
+    return {CANAL: "canal", CORD: "cord"}.get(value)

@@ -57,12 +57,20 @@ class MultiTaskLoss(torch.nn.Module):
             self.seg_loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                                            weight_ce=1, weight_dice=1, ignore_label=self.ignore_label,
                                            dice_class=MemoryEfficientSoftDiceLoss)
+        self.has_structures = "structures" in heads
+        if self.has_structures:  # auxiliary: discs, endplates, canal, cord where a case annotates them
+            self.structures_ignore = int(heads["structures"]["channels"])
+            self.structures_weight = float(heads["structures"].get("loss_weight", 0.5))
+            self.structures_loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
+                                                  {}, weight_ce=1, weight_dice=1, ignore_label=self.structures_ignore,
+                                                  dice_class=MemoryEfficientSoftDiceLoss)
 
     def forward(self, outputs: list[torch.Tensor], seg: torch.Tensor | None,
-                heatmap: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """``outputs``: network outputs, full resolution first; ``seg`` (B, 1, ...) long; ``heatmap`` (B, C, ...)."""
+                heatmap: torch.Tensor, structures: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """``outputs``: network outputs, full resolution first; ``seg`` (B, 1, ...) long; ``heatmap`` (B, C, ...);
+        ``structures`` (B, 1, ...) long: the structures head's target, when the plan has one."""
         total = outputs[0].new_zeros((), dtype=torch.float32)
-        parts = {"seg": 0.0, "heatmap": 0.0}
+        parts = {"seg": 0.0, "heatmap": 0.0, "structures": 0.0}
         for w, out in zip(self.weights, outputs):
             if w == 0:
                 continue
@@ -79,4 +87,11 @@ class MultiTaskLoss(torch.nn.Module):
                     l_seg = self.seg_loss(heads["segmentation"], seg_t)
                     total = total + w * l_seg
                     parts["seg"] += w * float(l_seg.detach())
+            if self.has_structures and structures is not None:
+                st_t = structures if structures.shape[2:] == size else \
+                    F.interpolate(structures.float(), size=size, mode="nearest-exact").long()
+                if bool((st_t != self.structures_ignore).any()):
+                    l_st = self.structures_loss(heads["structures"], st_t)
+                    total = total + w * self.structures_weight * l_st
+                    parts["structures"] += w * float(l_st.detach())
         return total, parts

@@ -224,11 +224,18 @@ def heatmap_sigma_mm(distance_mm: float, spacing: Sequence[float]) -> float:
     return float(max(SIGMA_FRACTION_OF_DISTANCE * distance_mm, SIGMA_MIN_VOXELS * min(spacing)))
 
 
+#: Weight of the auxiliary structures head's loss (Dice + CE) next to the vertebra segmentation's:
+#: a helper, not a target, so it should not dominate the shared encoder. Chosen, not tuned.
+STRUCTURES_LOSS_WEIGHT = 0.5
+
+
 def choose_heads(fingerprint: dict) -> dict:
     """Output heads and their channel counts.
 
     With masks: a segmentation head (background + one channel per vertebra label seen in the
-    masks) and ONE centroid heatmap channel for all vertebrae; the label of a heatmap peak is read
+    masks), an auxiliary ``structures`` head (background + discs, endplates, canal, cord: those the
+    masks carry, TPTBox values) that regularises the shared network and is trained only where a
+    case annotates them, and ONE centroid heatmap channel for all vertebrae; the label of a heatmap peak is read
     from the segmentation around it. One channel instead of one per label keeps the heatmap target
     26x smaller (a 512x512x300 CT: 0.3 GB instead of 8 GB in float32). Without any mask
     (centroids only): one heatmap channel per label seen, which then carries the identity.
@@ -237,8 +244,13 @@ def choose_heads(fingerprint: dict) -> dict:
     seg_labels = L.sort_cranio_caudal(spine.get("segmentation_labels", []))
     all_labels = L.sort_cranio_caudal({lab for labs in spine.get("labels_per_case", {}).values() for lab in labs})
     if seg_labels:
-        return {"segmentation": {"labels": sorted(seg_labels), "channels": len(seg_labels) + 1},
-                "heatmap": {"channels": 1, "per_label": False}}
+        heads = {"segmentation": {"labels": sorted(seg_labels), "channels": len(seg_labels) + 1},
+                 "heatmap": {"channels": 1, "per_label": False}}
+        structures = [st for st in L.STRUCTURES if st in spine.get("structures", {})]
+        if structures:
+            heads["structures"] = {"names": structures, "channels": len(structures) + 1,
+                                   "loss_weight": STRUCTURES_LOSS_WEIGHT}
+        return heads
     return {"heatmap": {"channels": len(all_labels), "per_label": True, "labels": sorted(all_labels)}}
 
 

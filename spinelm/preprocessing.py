@@ -9,8 +9,9 @@ coordinates with the same transpose, crop and resampling map.
 Cache layout (``MODEL_DIR/preprocessed/<configuration>/``)::
 
     CASE_data.npy   float32 (C, X0, X1, X2) in network axis order
-    CASE_seg.npy    int8/int16 (1, X0, X1, X2): channel index of the segmentation head; -1 outside
-                    the body (nnU-Net's non-zero mask); all 0/-1 when the case has no mask
+    CASE_seg.npy    int8/int16 (1 or 2, X0, X1, X2): channel index of the segmentation head; -1 outside
+                    the body (nnU-Net's non-zero mask); all 0/-1 when the case has no mask. With a
+                    structures head, channel 1 is its target (:func:`structure_target`)
     CASE.json       geometry, crop box, landmarks in preprocessed voxels, has_mask, source signature
 
 A second run reuses every case whose source files and plan are unchanged.
@@ -38,13 +39,39 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: classes rows carry a weight
 
 
-def label_lookup(plans: dict) -> np.ndarray:
-    """Array mapping VerSe labels (0..MAX_LABEL) to segmentation channel indices (unknown -> 0)."""
+def label_lookup(plans: dict, ignore_value: int | None = None) -> np.ndarray:
+    """Array mapping mask values (0..MAX_LABEL, and ``ignore_value``) to segmentation channel indices.
+
+    Labels the head does not have map to 0 (background); ``ignore_value`` (a partial mask's
+    unannotated voxels) maps to the head's ignore index (its channel count), which the loss skips.
+    """
     heads = as_plans(plans).heads
-    lut = np.zeros(L.MAX_LABEL + 1, np.int16)
-    for i, lab in enumerate(heads["segmentation"].labels if "segmentation" in heads else (), start=1):
+    lut = np.zeros(max(L.MAX_LABEL, ignore_value or 0) + 1, np.int16)
+    seg_labels = heads["segmentation"].labels if "segmentation" in heads else ()
+    for i, lab in enumerate(seg_labels, start=1):
         lut[lab] = i
+    if ignore_value is not None:
+        lut[ignore_value] = len(seg_labels) + 1
     return lut
+
+
+def structure_target(mask: np.ndarray, names, ignore_value: int | None = None) -> np.ndarray:
+    """The auxiliary structures head's target from a mask: 0 background, ``1 + names.index(structure)``
+    for disc/endplate/canal/cord voxels (TPTBox values), and the head's ignore index ``len(names) + 1``
+    for a case that annotates none of them (its background is not known to be background) and for
+    ``ignore_value`` voxels."""
+    names = list(names)
+    values = np.unique(mask)
+    lut = {int(v): 1 + names.index(st) for v in values if (st := L.structure_of(int(v))) in names}
+    ignore = len(names) + 1
+    if not lut:
+        return np.full(mask.shape, ignore, np.int16)
+    out = np.zeros(mask.shape, np.int16)
+    for v, idx in lut.items():
+        out[mask == v] = idx
+    if ignore_value is not None:
+        out[mask == ignore_value] = ignore
+    return out
 
 
 def source_signature(case: Case) -> str:
@@ -62,6 +89,7 @@ def plan_signature(plans: dict, configuration: str) -> str:
     """Changes when anything preprocessing depends on changes in the plans."""
     plans = as_plans(plans).raw
     keys = {"transpose_forward": plans["transpose_forward"], "heads": plans["heads"].get("segmentation"),
+            "structures": plans["heads"].get("structures", {}).get("names"),
             "intensity": plans["foreground_intensity_properties_per_channel"],
             "config": {k: plans["configurations"][configuration][k] for k in
                        ("spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
@@ -75,8 +103,13 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
     lc = load_case(case, canonical=True)
     seg = None
     if lc.mask is not None:
-        lut = label_lookup(plans)
-        seg = lut[np.clip(lc.mask, 0, L.MAX_LABEL)][None].astype(np.int16)
+        lut = label_lookup(plans, case.ignore_value)
+        values = np.asarray(lc.mask)
+        seg = np.where((values >= 0) & (values < len(lut)), lut[np.clip(values, 0, len(lut) - 1)], 0)[None]
+        seg = seg.astype(np.int16)
+        names = as_plans(plans).raw["heads"].get("structures", {}).get("names")
+        if names:  # a second channel for the auxiliary structures head
+            seg = np.concatenate([seg, structure_target(values, names, case.ignore_value)[None]])
     data, seg_out, info = run_preprocessor(lc.image, lc.geometry.array_spacing, plans, configuration, seg)
     bbox, shape_after_crop, new_shape = info["bbox"], info["shape_after_cropping"], info["shape"]
     pts = np.asarray([lm.position_mm for lm in lc.landmarks]).reshape(-1, 3)
@@ -84,6 +117,8 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
     properties = {
         "case": case.case_id,
         "has_mask": lc.mask is not None,
+        "partial_mask": bool(case.ignore_value is not None and lc.mask is not None
+                             and np.any(lc.mask == case.ignore_value)),
         "landmarks_from_mask": lc.landmarks_from_mask,
         "landmarks": [{"label": lm.label, "index": [round(float(v), 3) for v in p], "position_mm": list(lm.position_mm)}
                       for lm, p in zip(lc.landmarks, vox)],
@@ -94,7 +129,7 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
         "spacing": list(as_plans(plans).configuration(configuration).spacing),
         "classes": [[int(lab), cls, float(w)] for lab, cls, w in case.classes],
     }
-    seg_out = seg_out.astype(np.int8 if len(label_lookup(plans)) < 127 else np.int16)
+    seg_out = seg_out.astype(np.int8 if int(np.max(seg_out, initial=0)) < 127 else np.int16)
     return data, seg_out, properties
 
 

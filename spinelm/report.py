@@ -67,7 +67,8 @@ def read_batch(out_dir: str | os.PathLike) -> list[CaseEntry]:
                 e.qc = "review"
                 doc = {}
             e.vertebrae = [{"name": v.get("name", L.name_of(int(v["label"]))), "label": int(v["label"]),
-                            "confidence": v.get("confidence"), "position_mm": v["position_mm"]}
+                            "confidence": v.get("confidence"), "position_mm": v["position_mm"],
+                            "class": v.get("class")}
                            for v in doc.get("vertebrae", [])]
         entries.append(e)
     return sorted(entries, key=lambda e: (-e.risk, e.case))
@@ -165,9 +166,12 @@ def write_report(out_dir: str | os.PathLike, gt_dir: str | os.PathLike | None = 
     done = [e for e in entries if e.status == "done"]
     flagged = [e for e in done if e.qc == "review"]
     counts: dict[str, int] = {}
+    class_counts: dict[str, int] = {}
     for e in done:
         for v in e.vertebrae:
             counts[v["name"]] = counts.get(v["name"], 0) + 1
+            if v.get("class"):
+                class_counts[v["class"]] = class_counts.get(v["class"], 0) + 1
     per_case = [len(e.vertebrae) for e in done]
     esc = html.escape
     stats = [("cases", len(entries)), ("labelled", len(done)), ("failed", len(entries) - len(done)),
@@ -185,6 +189,9 @@ def write_report(out_dir: str | os.PathLike, gt_dir: str | os.PathLike | None = 
              "<p>vertebrae per label: " + ", ".join(f"{esc(k)} {counts[k]}" for k in
                                                     sorted(counts, key=lambda n: L.cranio_caudal_rank(L.label_of(n))))
              + "</p>"]
+    if class_counts:
+        parts.append("<p>vertebrae per class: " + ", ".join(f"{esc(k)} {v}" for k, v in sorted(class_counts.items()))
+                     + "</p>")
     for key, (name, value) in figures.items():
         parts.append(f"<figure style='display:inline-block'><img src='{esc(name)}' alt='{esc(key)}'>"
                      f"<figcaption>{esc(key.replace('_', '-'))}: {value:.3f}</figcaption></figure>")
@@ -198,7 +205,8 @@ def write_report(out_dir: str | os.PathLike, gt_dir: str | os.PathLike | None = 
         verts = ", ".join(
             (f"<span class='low'>{esc(v['name'])} {v['confidence']:.2f}</span>" if v.get("confidence") is not None
              and v["confidence"] < REVIEW_BELOW else f"{esc(v['name'])}"
-             + (f" {v['confidence']:.2f}" if v.get("confidence") is not None else "")) for v in e.vertebrae)
+             + (f" {v['confidence']:.2f}" if v.get("confidence") is not None else ""))
+            + (f" <i>{esc(v['class'])}</i>" if v.get("class") else "") for v in e.vertebrae)
         status = e.qc if e.status == "done" else f"failed: {e.error}"
         truth = "" if e.correct is None else ("<br>ground truth: right" if e.correct else "<br>ground truth: WRONG")
         parts.append(f"<tr class='{cls}'><td>{img}</td><td>{esc(e.case)}</td><td>{esc(status)}<br>"

@@ -106,6 +106,8 @@ class PhantomConfig:
         protocol: ``"spine"`` (a spine protocol, one channel) or ``"dixon"`` (neck-to-knee Dixon MR,
             the whole column; ``modality``, the run length and ``last_label`` do not apply).
         channels: Dixon channels: 2 (water, fat) or 4 (water, fat, in-phase, opposed-phase).
+        structures: the mask also carries discs (100 + the label of the vertebra above), the canal
+            (61) and the cord (60), in the TPTBox convention.
     """
 
     modality: str = "MR"
@@ -120,6 +122,7 @@ class PhantomConfig:
     last_label: str | None = None
     protocol: str = "spine"
     channels: int = 1
+    structures: bool = False
 
     @property
     def voxel_limit(self) -> int:
@@ -584,6 +587,8 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
     else:
         images = [_intensities(tissue, labels, contrast, geom, rng)]
     present = set(int(x) for x in np.unique(labels)) - {0}
+    if cfg.structures:
+        _add_structures(labels, tissue)
     centers = np.array([v.center for v in column])
     inside = geom.contains(centers, margin_voxels=0.0)
     landmarks = [Landmark(v.label, tuple(float(c) for c in v.center)) for v, ok in zip(column, inside)
@@ -596,14 +601,52 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
     return Phantom(channels[0], make_image(labels, geom), landmarks, classes, contrast, info, channels)
 
 
+#: Mask value of unannotated voxels in loosely annotated phantoms (dataset.json ``labels["ignore"]``).
+IGNORE_VALUE = L.MAX_LABEL + 1
+#: Kinds of loose annotation, in the order they are handed out (:func:`loose_annotation_kinds`).
+LOOSE_KINDS = ("partial", "centroids")
+
+
+def loose_annotation_kinds(n: int, fraction: float, seed: int) -> dict[int, str]:
+    """Which of ``n`` cases get a loose annotation (``round(fraction * n)`` of them, drawn by ``seed``),
+    and which kind: ``partial`` (every other vertebra of the run left unannotated: its voxels carry
+    :data:`IGNORE_VALUE`) or ``centroids`` (no mask at all), alternately."""
+    chosen = np.random.default_rng([seed, 7919]).permutation(n)[: int(round(fraction * n))]
+    return {int(i): LOOSE_KINDS[k % len(LOOSE_KINDS)] for k, i in enumerate(sorted(chosen))}
+
+
+def _add_structures(labels: np.ndarray, tissue: np.ndarray) -> None:
+    """Write discs (100 + the label of the vertebra above each disc), canal (61) and cord (60) into the
+    background of a vertebra mask, in place."""
+    from scipy import ndimage
+
+    free = labels == 0
+    labels[free & (tissue == CSF)] = L.CANAL
+    labels[free & (tissue == CORD)] = L.CORD
+    discs, n = ndimage.label(free & np.isin(tissue, (ANNULUS, NUCLEUS)))
+    for k, box in enumerate(ndimage.find_objects(discs), start=1):
+        if box is None:
+            continue
+        grown = tuple(slice(max(b.start - 2, 0), b.stop + 2) for b in box)
+        comp = discs[grown] == k
+        near = labels[grown][ndimage.binary_dilation(comp, iterations=2) & ~comp]
+        touching = [int(v) for v in np.unique(near) if L.is_valid_label(int(v))]
+        if touching:
+            above = min(touching, key=L.cranio_caudal_rank)
+            labels[grown][comp] = L.DISC_OFFSET + above
+
+
 def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config: PhantomConfig | None = None,
                        n_unlabelled: int = 0, with_classes: bool = True, progress: bool = True,
-                       prefix: str = "phantom") -> Path:
+                       prefix: str = "phantom", loose: float = 0.0) -> Path:
     """Write ``n`` labelled (+ ``n_unlabelled``) phantoms as a spinelm/nnU-Net raw dataset folder.
 
     Layout: ``imagesTr/``, ``labelsTr/``, ``centroidsTr/`` (spinelm JSON), ``classesTr.csv`` (when
     ``with_classes``), ``imagesUnlabelled/`` and ``dataset.json``. Cases already written are kept
     (the generator is deterministic), so an interrupted run can simply be repeated.
+
+    ``loose``: the share of labelled cases whose masks are degraded (:func:`loose_annotation_kinds`);
+    their centroids and classes stay complete. ``annotations.json`` lists each case's kind.
     """
     from tqdm import tqdm
 
@@ -613,13 +656,24 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows = []
     channel = "CT" if cfg.modality.upper() == "CT" else ("MR" if cfg.modality.upper() == "MR" else "mixed")
+    kinds = loose_annotation_kinds(n, loose, seed) if loose else {}
     for i in tqdm(range(n + n_unlabelled), desc="Synthesising phantoms", disable=not progress, unit="case"):
         labelled = i < n
         case = f"{prefix}_{i:03d}"
         folder = out / ("imagesTr" if labelled else "imagesUnlabelled")
         ph = make_phantom(seed, i, cfg)
         if labelled:
-            write_image(ph.mask, out / "labelsTr" / f"{case}.nii.gz")
+            if kinds.get(i) == "partial":
+                import SimpleITK as sitk
+
+                arr = sitk.GetArrayFromImage(ph.mask).astype(np.uint8)
+                run = [lm.label for lm in sorted(ph.landmarks, key=lambda lm: L.cranio_caudal_rank(lm.label))]
+                arr[np.isin(arr, run[1::2])] = IGNORE_VALUE
+                partial = sitk.GetImageFromArray(arr)
+                partial.CopyInformation(ph.mask)
+                write_image(partial, out / "labelsTr" / f"{case}.nii.gz")
+            elif kinds.get(i) != "centroids":
+                write_image(ph.mask, out / "labelsTr" / f"{case}.nii.gz")
             write_spinelm_json(out / "centroidsTr" / f"{case}.json", ph.landmarks, source="spinelm synth",
                                phantom=ph.info)
             rows += [(case, lab, cls) for lab, cls in sorted(ph.classes.items(), key=lambda kv: L.cranio_caudal_rank(kv[0]))]
@@ -636,9 +690,12 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config
         "name": f"spinelm phantoms (seed {seed})",
         "channel_names": ({str(c): DIXON_CHANNELS[c] for c in range(cfg.channels)} if cfg.protocol == "dixon"
                           else {"0": channel if channel != "mixed" else "MR"}),
-        "labels": {"background": 0, **{L.name_of(v.label): v.label for v in L.VERTEBRAE}},
+        "labels": {"background": 0, **{L.name_of(v.label): v.label for v in L.VERTEBRAE},
+                   **({"ignore": IGNORE_VALUE} if kinds else {})},
         "numTraining": n,
         "file_ending": ".nii.gz",
         "classes": CLASS_NAMES,
     })
+    if kinds:
+        write_json_atomic(out / "annotations.json", {f"{prefix}_{i:03d}": kinds.get(i, "full") for i in range(n)})
     return out

@@ -175,12 +175,13 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
         x = x.contiguous(memory_format=torch.channels_last_3d)
     hm = batch["heatmap"].to(device, non_blocking=True)
     seg = batch["seg"].to(device, non_blocking=True) if "seg" in batch else None
+    structures = batch["structures"].to(device, non_blocking=True) if "structures" in batch else None
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and autocast_dtype is None:
         autocast_dtype = torch.float16
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         outputs = network(x)
-        loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm)
+        loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm, structures)
         if "class_image" in batch:  # masked vertebra crops through the shared encoder and the class head
             from spinelm.classification import class_logits, soft_cross_entropy
 

@@ -94,12 +94,14 @@ def _check_mask(case: Case, geom: Geometry) -> tuple[np.ndarray | None, Geometry
                                  "labels", "round the mask or re-export it as an integer type", case.case_id))
         mask = np.round(mask)
     values = np.unique(mask).astype(np.int64)
-    bad = [int(v) for v in values if v != L.BACKGROUND and not L.is_valid_label(int(v))]
+    bad = [int(v) for v in values if v != L.BACKGROUND and not L.is_valid_label(int(v)) and v != case.ignore_value
+           and L.structure_of(int(v)) is None]
     if bad:
         probs.append(Problem("error", str(path), f"label(s) {bad} outside the VerSe convention; expected 0 "
                              f"(background) or 1-{L.MAX_LABEL} (1-7 C1-C7, 8-19 T1-T12, 20-24 L1-L5, 25 L6, "
-                             f"26 sacrum, 27 coccyx, 28 T13)", "relabel the mask to the VerSe convention",
-                             case.case_id))
+                             f"26 sacrum, 27 coccyx, 28 T13), or auxiliary structures (100 + vertebra: the disc "
+                             f"below it, 200 + vertebra: its endplate, 60 cord, 61 canal)",
+                             "relabel the mask to the VerSe convention", case.case_id))
     if np.all(values == L.BACKGROUND):
         probs.append(Problem("warning", str(path), "mask is empty (only background)",
                              "check the annotation; an empty mask teaches 'no vertebra here'", case.case_id))

@@ -282,3 +282,19 @@ def test_predict_writes_classes_and_evaluate_scores_them(class_model, phantom_da
     assert main(["predict", "-i", str(src), "-o", str(tmp_path / "x"), "-m", str(class_model), "--masks",
                  str(empty), "--no-progress"]) == 1
     assert f"no mask {cid}.nii.gz" in capsys.readouterr().err
+
+
+def test_training_mask_perturbations_stay_near_the_vertebra():
+    from spinelm.classification import perturb_mask
+
+    own = np.zeros((30, 30, 30), bool)
+    own[10:20, 8:22, 9:21] = True
+    rng = np.random.default_rng(0)
+    sizes = []
+    for _ in range(40):
+        m = perturb_mask(own, rng)
+        assert m.any()
+        grown = __import__("scipy").ndimage.binary_dilation(own)
+        assert not (m & ~grown).any()  # never more than one voxel beyond the mask
+        sizes.append(int(m.sum()))
+    assert min(sizes) < own.sum() < max(sizes)  # both shrunk/cut and grown masks occur
