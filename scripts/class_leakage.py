@@ -46,7 +46,6 @@ def main(argv=None) -> int:
         return 1
     net = load_network(model, args.fold)
     clf = Classifier([net], plans.classification, plans.configuration().spacing)
-    everything = np.ones([2 * s + 1 for s in clf.crop_size], bool)  # a "dilation" that keeps the whole crop
     seg_labels = np.asarray([0, *plans.heads["segmentation"].labels], np.int16)
     rng = np.random.default_rng(args.seed)
     masked, unmasked = [], []
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
             changed = data.copy()
             noise = rng.normal(data.mean() + 2.0, data.std() + 1e-6, size=(data.shape[0], int((~keep).sum())))
             changed[:, ~keep] = noise
-            for struct, sink in ((clf.structure, masked), (everything, unmasked)):
+            for struct, sink in ((clf.structure, masked), (None, unmasked)):
                 a = vertebra_crop(data, own, clf.crop_size, struct, clf.outside)
                 b = vertebra_crop(changed, own, clf.crop_size, struct, clf.outside)
                 pa, pb = clf.probabilities(np.stack([a, b]))

@@ -159,13 +159,14 @@ def dilation_structure(margin_mm: float, spacing) -> np.ndarray:
     return sum(g ** 2 for g in grids) <= float(margin_mm) ** 2 + 1e-9
 
 
-def vertebra_crop(data: np.ndarray, own: np.ndarray, crop_size, structure: np.ndarray,
+def vertebra_crop(data: np.ndarray, own: np.ndarray, crop_size, structure: np.ndarray | None,
                   outside: float = OUTSIDE_VALUE, offset=(0, 0, 0), return_mask: bool = False):
     """The masked crop of one vertebra: (C, *crop_size) float32.
 
     ``data`` (C, X, Y, Z) preprocessed image; ``own`` (X, Y, Z) bool, the vertebra's voxels. The crop is
     centred on the mean position of ``own``; voxels outside ``own`` dilated by ``structure`` (and
     outside the image) are ``outside``. Nothing but ``own`` and the image inside its dilation is read.
+    ``structure=None`` blanks nothing but what lies outside the image (the unmasked variant).
     ``offset`` (voxels) moves the crop window (training jitter); ``return_mask`` also returns the kept voxels.
     """
     idx = np.argwhere(own)
@@ -181,8 +182,11 @@ def vertebra_crop(data: np.ndarray, own: np.ndarray, crop_size, structure: np.nd
     box = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
     dbox = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))
     keep = np.zeros(tuple(size), bool)
-    keep[dbox] = own[box]
-    keep = ndimage.binary_dilation(keep, structure=structure)
+    if structure is None:  # no masking: the plain crop (only for measuring what the mask keeps out)
+        keep[dbox] = True
+    else:
+        keep[dbox] = own[box]
+        keep = ndimage.binary_dilation(keep, structure=structure)
     out = np.full((data.shape[0], *size), outside, np.float32)
     region = np.asarray(data[(slice(None), *box)], dtype=np.float32)
     inside = keep[dbox]
