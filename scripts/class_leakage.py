@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     cases = [c for c in discover_dataset(args.dataset).cases if c.mask is not None][: args.cases]
     for case in cases:
         data, seg, _ = preprocess_case(case, plans.raw, "fine")
-        inst = np.where(seg[0] > 0, seg_labels[np.clip(seg[0], 0, len(seg_labels) - 1)], 0)
+        known = (seg[0] > 0) & (seg[0] < len(seg_labels))  # a partial mask's ignored voxels are no vertebra
+        inst = np.where(known, seg_labels[np.clip(seg[0], 0, len(seg_labels) - 1)], 0)
         for lab in [int(v) for v in np.unique(inst) if v > 0]:
             own = inst == lab
             keep = ndimage.binary_dilation(own, structure=clf.structure)

@@ -67,7 +67,7 @@ def plan_classification(fingerprint: dict, spacing, strides, transpose_forward) 
     classes = fingerprint.get("classes") or {}
     names = list(classes.get("names", []))
     extents = fingerprint.get("spine", {}).get("vertebra_extent_mm") or {}
-    if len(names) < 2 or not extents:
+    if len(names) < 2 or not extents or not classes.get("vertebrae", 1):
         return None
     ext = np.array([max(float(e[k]) for e in extents.values()) for k in ("si", "ap", "lr")])
     crop_mm = CROP_EXTENT_FACTOR * ext + 2 * MARGIN_MM

@@ -143,6 +143,8 @@ def class_statistics(ds: Dataset, case_ids: list[str]) -> dict:
             total[cls] += 1
             per_label[lab][cls] += 1
             soft += int(t.max() < 1.0)
+    if not total:  # class names in dataset.json but no vertebra with a class: nothing to learn from
+        return {}
     return {"names": names, "cases": n_cases, "vertebrae": int(sum(total.values())),
             "counts": {n: int(total.get(n, 0)) for n in names}, "soft_targets": soft,
             "per_label": {L.name_of(lab): dict(v) for lab, v in sorted(per_label.items(),

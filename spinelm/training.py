@@ -275,7 +275,8 @@ def _validate_classes(predictor, cache: Path, case_ids: list[str]) -> dict:
         if not props.get("has_mask") or not targets:
             continue
         seg = np.load(cache / f"{case}_seg.npy")[0]
-        instances = np.where(seg > 0, seg_labels[np.clip(seg, 0, len(seg_labels) - 1)], 0)
+        known = (seg > 0) & (seg < len(seg_labels))  # not outside the body, not a partial mask's ignored voxels
+        instances = np.where(known, seg_labels[np.clip(seg, 0, len(seg_labels) - 1)], 0)
         found = predictor.classifier(data, instances, sorted(targets))
         for lab, p in found.items():
             truth.append(names[int(np.argmax(targets[lab]))])

@@ -102,3 +102,11 @@ def test_validation_fingerprint_plan_and_training_take_structures_and_loose_mask
     result = train(model, 0, epochs=1, iterations_per_epoch=2, validate_every=5, progress=False,
                    max_validation_cases=1, device="cpu")
     assert np.isfinite(result[0]["final"]["id_rate"])
+    # a model with the structures head labels scans as any other
+    from spinelm.predict import Predictor, read_scan
+
+    predictor = Predictor.from_model_folder(model)
+    case = sorted(kinds)[0]
+    image, geom, _ = read_scan([structured_loose / "imagesTr" / f"{case}_0000.nii.gz"])
+    res = predictor.predict_array(image, geom)
+    assert res.instance_mask is not None and res.instance_mask.shape == image.shape[1:]

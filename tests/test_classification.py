@@ -297,3 +297,14 @@ def test_training_mask_perturbations_stay_near_the_vertebra():
         assert not (m & ~grown).any()  # never more than one voxel beyond the mask
         sizes.append(int(m.sum()))
     assert min(sizes) < own.sum() < max(sizes)  # both shrunk/cut and grown masks occur
+
+
+def test_class_names_without_any_class_row_plan_no_head(phantom_copy):
+    """dataset.json may name classes while classesTr.csv is absent: no head is planned then."""
+    from spinelm.fingerprint import class_statistics
+
+    (phantom_copy / "classesTr.csv").unlink()
+    ds = discover_dataset(phantom_copy)
+    assert class_statistics(ds, [c.case_id for c in ds.cases]) == {}
+    fp = {"classes": {}, "spine": {"vertebra_extent_mm": {"L1": {"si": 40.0, "ap": 80.0, "lr": 70.0}}}}
+    assert plan_classification(fp, [2, 2, 2], [[1, 1, 1]], [0, 1, 2]) is None
