@@ -89,6 +89,7 @@ def main(argv=None) -> int:
         if not ev.is_file():
             if row == "loose" and not args.loose_train:
                 raise SystemExit("row 'loose' needs --loose-train DIR (spinelm synth ... --loose 0.5)")
+            base.mkdir(parents=True, exist_ok=True)
             data = Path(args.loose_train) if row == "loose" else make_variant(train, base / "data", row, args.seed)
             log = base / "log.txt"
             minutes = run([*spinelm, "plan-and-train", str(data), "-o", str(base / "model"), "--device", args.device,
