@@ -138,10 +138,10 @@ def _check_centroids(case: Case, geom: Geometry, mask: np.ndarray | None) -> lis
             continue
         if mask is None:
             continue
-        if lm.label not in present and not (case.ignore_value is not None and case.ignore_value in present):
-            # (a partial mask leaves vertebrae unannotated on purpose)
-            probs.append(Problem("warning", str(path), f"centroid {lm.name} has no voxels in the mask",
-                                 "annotate the vertebra in the mask or drop the centroid", cid))
+        if lm.label not in present:
+            if not (case.ignore_value is not None and case.ignore_value in present):  # partial: on purpose
+                probs.append(Problem("warning", str(path), f"centroid {lm.name} has no voxels in the mask",
+                                     "annotate the vertebra in the mask or drop the centroid", cid))
             continue
         box = boxes[lm.label - 1]
         sub = np.argwhere(mask[box] == lm.label) + np.array([s.start for s in box])
