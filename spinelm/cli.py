@@ -99,7 +99,7 @@ def cmd_plan(args) -> int:
     from spinelm.planning import summarize
 
     plans = plan_dataset(args.dataset, args.output, args.device, args.gpu_memory, args.time_budget, args.preset,
-                         args.workers, not args.no_progress, args.precision)
+                         args.workers, not args.no_progress, args.precision, not args.no_unlabelled)
     print(summarize(plans))
     print(f"wrote {Path(args.output) / 'plans.json'}, fingerprint.json and dataset.json")
     return 0
@@ -123,7 +123,7 @@ def _train_settings(args) -> dict:
     return {"epochs": args.epochs, "iterations_per_epoch": args.iterations, "time_budget_min": args.time_budget,
             "device": args.device, "seed": args.seed, "validate_every": args.validate_every,
             "num_workers": args.num_workers, "resume": args.resume, "progress": not args.no_progress,
-            "precision": args.precision}
+            "precision": args.precision, "unlabelled": not args.no_unlabelled, "init": args.init}
 
 
 def _print_folds(results: list[dict], verbose: bool) -> None:
@@ -151,6 +151,17 @@ def cmd_train(args) -> int:
     from spinelm.pipeline import train
 
     _print_folds(train(args.model, args.fold, **_train_settings(args)), args.verbose)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from spinelm.pipeline import pretrain
+
+    info = pretrain(args.dataset, args.output, args.time_budget, args.device, args.plan_budget, args.precision,
+                    args.workers, not args.no_progress, args.resume, args.steps)
+    print(f"pretrained on {info['images']} images: {info['steps']} steps in {info['elapsed_s'] / 60:.1f} min, "
+          f"reconstruction loss {info['final_loss']:.4f} -> {Path(args.output) / 'pretrained.pt'}\n"
+          f"fine-tune with: spinelm plan-and-train {args.dataset} -o MODEL_DIR --init {args.output}")
     return 0
 
 
@@ -294,6 +305,11 @@ def _add_train_options(s) -> None:
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="arithmetic: auto = float16 AMP on CUDA, bfloat16 + channels-last on a CPU with bfloat16 "
                         "instructions (about 2x faster), float32 otherwise (default auto)")
+    s.add_argument("--no-unlabelled", action="store_true",
+                   help="do not learn from the scans of imagesUnlabelled/ (by default they are pseudo-labelled during "
+                        "training and the anatomically valid, confident ones join the training cases)")
+    s.add_argument("--init", metavar="PRETRAINED", help="start the fine stage from the weights of 'spinelm pretrain' "
+                   "(its folder); plan-and-train adopts its network")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="the arithmetic training will use; with --time-budget a few training steps are timed in it "
                         "on this device to size the patch (default auto)")
+    s.add_argument("--no-unlabelled", action="store_true",
+                   help="plan without the scans of imagesUnlabelled/ (default: self-training on them)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("preprocess", parents=[common], help="preprocess a dataset into a model folder's cache",
@@ -402,6 +420,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="model folder")
     _add_train_options(s)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("pretrain", parents=[common], help="self-supervised pretraining on every image of a dataset",
+                       description="Plan DATASET into OUT and pretrain the plan's fine network on all its images "
+                                   "(imagesTr and imagesUnlabelled; labels are not read) by masked-image "
+                                   "reconstruction: 60 %% of 8-voxel blocks of each patch are hidden and filled in. "
+                                   "Then 'spinelm plan-and-train DATASET -o MODEL --init OUT' fine-tunes from it.")
+    s.add_argument("dataset", help="dataset folder")
+    s.add_argument("-o", "--output", required=True, help="pretrained folder to create")
+    s.add_argument("--time-budget", type=_positive, default=10.0, metavar="MIN",
+                   help="pretraining minutes (default 10)")
+    s.add_argument("--steps", type=int, help="stop after this many steps (default: the time budget decides)")
+    s.add_argument("--plan-budget", type=_positive, metavar="MIN",
+                   help="plan the network for this training budget, as plan-and-train --time-budget (default none)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="arithmetic, as for training (default auto)")
+    s.add_argument("--workers", type=_workers, default=None, help="fingerprint/preprocessing worker processes")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/pretrain_latest.pt")
+    s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("plan-and-train", parents=[common], help="validate, plan, preprocess and train in one command",
                        description="Validate DATASET, fingerprint and plan it into MODEL_DIR, preprocess, and train.")

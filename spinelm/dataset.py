@@ -90,6 +90,7 @@ class Dataset:
     unlabelled: tuple[Case, ...] = ()
     dataset_json: dict = field(default_factory=dict)
     problems: tuple[Problem, ...] = ()
+    splits: tuple = ()  # the folds of DATASET/splits.json, when the dataset fixes them
 
     @property
     def num_channels(self) -> int:
@@ -327,7 +328,43 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
         problems.append(Problem("error", str(images_dir), "no training images found (expected "
                                 "CASE_0000.nii.gz files)", "add images in the nnU-Net v2 raw layout"))
     unl = tuple(Case(case, imgs) for case, imgs in unlabelled.items())
-    return Dataset(root, channel_names, file_ending, tuple(cases), unl, djson, tuple(problems))
+    splits = _read_splits(root / "splits.json", set(images), problems)
+    return Dataset(root, channel_names, file_ending, tuple(cases), unl, djson, tuple(problems), splits)
+
+
+def _read_splits(path: Path, cases: set[str], problems: list[Problem]) -> tuple:
+    """The folds a dataset fixes (``splits.json``: ``[{"train": [...], "val": [...]}, ...]``, nnU-Net's
+    ``splits_final.json`` format), checked against its cases."""
+    if not path.is_file():
+        return ()
+    fix = 'write [{"train": ["case", ...], "val": ["case", ...]}, ...] or delete the file'
+    try:
+        splits = read_json(path)
+    except ValueError as exc:
+        problems.append(Problem("error", str(path), f"not valid JSON ({exc})", fix))
+        return ()
+    if not isinstance(splits, list) or not splits or not all(
+            isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list)
+            and f["train"] and f["val"] for f in splits):
+        problems.append(Problem("error", str(path), "expected a list of folds, each with non-empty 'train' and "
+                                "'val' lists of case names", fix))
+        return ()
+    for i, f in enumerate(splits):
+        unknown = sorted({str(c) for c in f["train"] + f["val"]} - cases)
+        if unknown:
+            problems.append(Problem("error", str(path), f"fold {i} names case(s) without an image in imagesTr: "
+                                    f"{', '.join(unknown[:5])}", "fix the names or remove them"))
+            return ()
+        both = sorted(set(f["train"]) & set(f["val"]))
+        if both:
+            problems.append(Problem("error", str(path), f"fold {i} trains and validates on the same case(s): "
+                                    f"{', '.join(both[:5])}", "keep each case in one list"))
+            return ()
+    missing = sorted(cases - {c for f in splits for c in f["train"] + f["val"]})
+    if missing:
+        problems.append(Problem("warning", str(path), f"{len(missing)} case(s) in no fold (e.g. {missing[0]}); "
+                                "they are not used", "add them to a fold"))
+    return tuple({"train": sorted(map(str, f["train"])), "val": sorted(map(str, f["val"]))} for f in splits)
 
 
 @dataclass

@@ -40,7 +40,8 @@ def detect_gpu_memory(device: str, given: float | None) -> float | None:
 
 def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None = None,
                  gpu_memory: float | None = None, time_budget: float | None = None, preset: str | None = None,
-                 workers: int | None = None, progress: bool = True, precision: str = "auto"):
+                 workers: int | None = None, progress: bool = True, precision: str = "auto",
+                 unlabelled: bool = True, init: str | Path | None = None):
     """Fingerprint + plan a dataset into a self-contained model folder (``plans.json``,
     ``fingerprint.json``, ``dataset.json``); returns the :class:`~spinelm.plans.Plans`. With a time
     budget the plan is fitted to a training step measured on this device in ``precision``
@@ -67,8 +68,61 @@ def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None 
         "channel_names": fp["channel_names"], "file_ending": ds.file_ending,
         "num_training": len(ds.cases), "num_unlabelled": len(ds.unlabelled),
         "labels_seen": fp["spine"]["label_counts"], "source_dataset_json": ds.dataset_json})
+    if ds.unlabelled and unlabelled:
+        from spinelm.semisupervised import plan_self_training
+
+        raw["training"]["self_training"] = plan_self_training(len(ds.unlabelled), len(ds.cases))
+        raw["rationale"].append(raw["training"]["self_training"]["why"])
+    elif ds.unlabelled:
+        raw["rationale"].append(f"{len(ds.unlabelled)} unlabelled scan(s) not used (--no-unlabelled)")
+    if init:
+        adopt_pretrained_network(raw, init)
+    if ds.splits:  # the dataset fixes its folds
+        raw["training"]["num_folds"] = len(ds.splits)
+        raw["training"]["splits_from_dataset"] = True
+        write_json_atomic(model.splits_path, list(ds.splits))
+        log.info("folds from %s: %d", dataset / "splits.json", len(ds.splits))
     save_plans(raw, model.plans_path)
     return Plans(raw, str(model.plans_path))
+
+
+def adopt_pretrained_network(raw: dict, pretrained: str | Path) -> None:
+    """Give the plan ``raw`` the fine configuration of a pretrained folder (``spinelm pretrain``), so
+    that its weights load; the change goes into the plan's rationale."""
+    from spinelm.io.files import read_json
+
+    folder = Path(pretrained)
+    folder = folder.parent if folder.is_file() else folder
+    if not (folder / "plans.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a pretrained folder (no plans.json; run spinelm pretrain DATASET -o "
+                                f"{folder})")
+    theirs = read_json(folder / "plans.json")["configurations"]["fine"]
+    mine = raw["configurations"]["fine"]
+    if theirs["architecture"] != mine["architecture"] or theirs["spacing"] != mine["spacing"]:
+        raw["configurations"]["fine"] = theirs
+        raw["rationale"].append(f"fine configuration taken from the pretrained plan {folder / 'plans.json'} (its "
+                                f"network differs from this plan's) so that the pretrained weights load")
+    else:
+        raw["rationale"].append(f"fine stage initialised from {folder} (same network)")
+
+
+def pretrain(dataset: str | Path, out: str | Path, time_budget: float = 10.0, device: str | None = None,
+             plan_budget: float | None = None, precision: str = "auto", workers: int | None = None,
+             progress: bool = True, resume: bool = False, steps: int | None = None) -> dict:
+    """Plan ``dataset`` into ``out`` (as ``spinelm plan --time-budget plan_budget``), preprocess its
+    labelled and unlabelled images, and pretrain the fine network for ``time_budget`` minutes
+    (:func:`spinelm.pretraining.pretrain`)."""
+    from spinelm.plans import ModelFolder
+    from spinelm.preprocessing import preprocess_dataset
+    from spinelm.pretraining import pretrain as run
+
+    device = detect_device(device)
+    model = ModelFolder(out)
+    if not (resume and model.plans_path.is_file()):
+        plan_dataset(dataset, out, device, None, plan_budget, None, workers, progress, precision, unlabelled=False)
+    for unl in (False, True):
+        preprocess_dataset(dataset, model.root, model.plans, "fine", workers, progress, unlabelled=unl)
+    return run(model.root, time_budget, steps, device, resume=resume, progress=progress, precision=precision)
 
 
 def preprocess(dataset: str | Path, model_dir: str | Path, workers: int | None = None,
@@ -83,6 +137,12 @@ def preprocess(dataset: str | Path, model_dir: str | Path, workers: int | None =
         for case, st in preprocess_dataset(dataset, model.root, model.plans, stage, workers, progress).items():
             if st.startswith("failed") or case not in status:
                 status[case] = st
+    if model.plans.training.get("self_training"):  # the unlabelled scans, for pseudo-labels
+        for stage in model.plans.stages:
+            for case, st in preprocess_dataset(dataset, model.root, model.plans, stage, workers, progress,
+                                               unlabelled=True).items():
+                if st.startswith("failed"):
+                    log.warning("unlabelled scan %s left out: %s", case, st)
     return status
 
 
@@ -176,7 +236,8 @@ def plan_and_train(dataset: str | Path, model_dir: str | Path, device: str | Non
     if not result.validation.ok:
         return result
     result.plans = plan_dataset(dataset, model_dir, device, gpu_memory, time_budget, preset, workers, progress,
-                                settings.get("precision", "auto"))
+                                settings.get("precision", "auto"), settings.get("unlabelled", True),
+                                settings.get("init"))
     say(summarize(result.plans))
     status = preprocess(dataset, model_dir, workers, progress)
     result.failed_preprocessing = sorted(c for c, st in status.items() if st.startswith("failed"))

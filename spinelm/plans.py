@@ -246,6 +246,10 @@ class ModelFolder:
     def cache_dir(self, configuration: str = CONFIGURATION) -> Path:
         return self.root / "preprocessed" / configuration
 
+    def unlabelled_cache_dir(self, configuration: str = CONFIGURATION) -> Path:
+        """The preprocessed unlabelled scans (``imagesUnlabelled/``) of a configuration."""
+        return self.root / "preprocessed" / f"{configuration}_unlabelled"
+
     def fold_dir(self, fold: int, configuration: str = CONFIGURATION) -> Path:
         return self.root / (f"fold_{fold}" if configuration == CONFIGURATION else f"fold_{fold}_{configuration}")
 

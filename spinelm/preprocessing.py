@@ -156,20 +156,22 @@ def cache_dir(model_dir: str | os.PathLike, configuration: str = "fine") -> Path
 
 def preprocess_dataset(dataset_root: str | os.PathLike, model_dir: str | os.PathLike, plans: dict,
                        configuration: str = "fine", num_workers: int | None = None,
-                       progress: bool = True) -> dict[str, str]:
-    """Preprocess every annotated case of a dataset into the model folder's cache.
+                       progress: bool = True, unlabelled: bool = False) -> dict[str, str]:
+    """Preprocess every annotated case of a dataset into the model folder's cache (``unlabelled``:
+    the scans of ``imagesUnlabelled/`` into :meth:`~spinelm.plans.ModelFolder.unlabelled_cache_dir`).
 
     Returns ``{case: "cached" | "done" | "failed: ..."}``; failures are also logged. Cases whose
     sources and plan are unchanged are reused, so the call is idempotent and resumable.
     """
     ds = discover_dataset(dataset_root)
-    out = cache_dir(model_dir, configuration)
+    out = ModelFolder(model_dir).unlabelled_cache_dir(configuration) if unlabelled else cache_dir(model_dir,
+                                                                                                 configuration)
     out.mkdir(parents=True, exist_ok=True)
     psig = plan_signature(plans, configuration)
     status: dict[str, str] = {}
     todo = []
-    for case in ds.cases:
-        if not case.annotated:
+    for case in (ds.unlabelled if unlabelled else ds.cases):
+        if not case.annotated and not unlabelled:
             continue
         sig = hashlib.sha1((psig + source_signature(case)).encode()).hexdigest()
         meta = out / f"{case.case_id}.json"
@@ -182,7 +184,8 @@ def preprocess_dataset(dataset_root: str | os.PathLike, model_dir: str | os.Path
                 pass
         todo.append((case, plans, configuration, str(out), sig))
     workers = num_workers if num_workers is not None else min(os.cpu_count() or 1, 4)
-    results = parallel_map(_preprocess_and_save, todo, workers, f"Preprocessing ({configuration})", progress)
+    results = parallel_map(_preprocess_and_save, todo, workers,
+                           f"Preprocessing ({configuration}{', unlabelled' if unlabelled else ''})", progress)
     for (case, *_), res in zip(todo, results):
         status[case.case_id] = res
         if res.startswith("failed"):

@@ -65,6 +65,8 @@ class TrainSettings:
     progress: bool = True
     max_validation_cases: int | None = None
     precision: str = "auto"
+    unlabelled: bool = True  # self-training on the unlabelled scans, when the plan has it
+    init: str | None = None  # pretrained weights (spinelm pretrain) for the fine stage
 
 
 @dataclass
@@ -82,7 +84,13 @@ def make_splits(case_ids: list[str], n_folds: int, groups: dict[str, str] | None
                 seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
     """Deterministic k-fold splits; cases sharing a group (e.g. identical scans) share a fold."""
     groups = groups or {c: c for c in case_ids}
-    keys = sorted({groups[c] for c in case_ids})
+    # a group is named by its first case, so the folds depend on the case names only (a helper that
+    # withholds labels, or a user, can recompute them without the preprocessed files)
+    first = {}
+    for c in sorted(case_ids):
+        first.setdefault(groups[c], c)
+    groups = {c: first[groups[c]] for c in case_ids}
+    keys = sorted(set(groups.values()))
     order = np.random.default_rng(seed).permutation(len(keys))
     n_folds = max(1, min(n_folds, len(keys)))
     fold_of = {keys[i]: rank % n_folds for rank, i in enumerate(order)}
@@ -101,13 +109,16 @@ def _content_groups(cache: Path, case_ids: list[str]) -> dict[str, str]:
     return groups
 
 
-def load_or_create_splits(model_dir: Path, cache: Path, case_ids: list[str], n_folds: int) -> list[dict]:
+def load_or_create_splits(model_dir: Path, cache: Path, case_ids: list[str], n_folds: int,
+                          fixed: bool = False) -> list[dict]:
+    """The model folder's ``splits.json``, or new splits. ``fixed``: the dataset fixed the folds (its
+    ``splits.json``, copied by planning): cases in no fold stay unused."""
     path = model_dir / "splits.json"
     if path.is_file():
         splits = read_json(path)
-        known = {c for s in splits for c in s["val"]}
-        if known == set(case_ids):
-            return splits
+        known = {c for s in splits for c in s["train"] + s["val"]}
+        if fixed or known >= set(case_ids):  # cases that failed preprocessing drop out of their folds
+            return [{k: [c for c in v if c in set(case_ids)] for k, v in sp.items()} for sp in splits]
         log.warning("%s lists other cases than the cache; writing new splits", path)
     splits = make_splits(case_ids, n_folds, _content_groups(cache, case_ids))
     write_json_atomic(path, splits)
@@ -375,6 +386,7 @@ class _Run:
     elapsed: float = 0.0
     best: dict | None = None
     average: WeightAverage | None = None
+    pseudo: dict = field(default_factory=lambda: {"rounds": [], "cases": []})  # self-training state
 
     def save(self, name: str, meta: dict) -> None:
         _save_checkpoint(self.out / f"checkpoint_{name}.pt", self.network, self.optimizer, self.scaler, meta,
@@ -387,7 +399,7 @@ class _Run:
 
     def save_latest(self, epoch: int) -> None:
         self.save("latest", {"epoch": epoch, "elapsed_s": self.elapsed, "best": self.best, "log": asdict(self.log),
-                             "fold": self.fold, "settings": asdict(self.settings),
+                             "fold": self.fold, "settings": asdict(self.settings), "pseudo": self.pseudo,
                              "rng_state": self.rng.bit_generator.state,
                              "torch_rng_state": torch.get_rng_state().tolist(), "numpy_global_state": _numpy_state()})
 
@@ -408,6 +420,10 @@ class _Run:
         meta = read_json(latest.with_suffix(".json"))
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta.get("best")
         self.log = TrainLog(**meta["log"])
+        self.pseudo = meta.get("pseudo") or {"rounds": [], "cases": []}
+        # a crash during a round may have replaced or removed pseudo-labels since this checkpoint
+        cache = self.out.parent / "preprocessed" / "fine"
+        self.pseudo["cases"] = [c for c in self.pseudo["cases"] if (cache / f"{c}.json").is_file()]
         self.rng.bit_generator.state = meta["rng_state"]
         torch.set_rng_state(torch.tensor(meta["torch_rng_state"], dtype=torch.uint8))
         kind, keys, pos, has_gauss, cached = meta["numpy_global_state"]
@@ -506,6 +522,55 @@ def _with_class_crops(next_batch, plans, cache: Path, train_cases: list[str], co
     return both
 
 
+def training_cases(labelled: list[str], pseudo: list[str]) -> list[str]:
+    """The cases patches are drawn from: the labelled ones repeated so that they give at least half of
+    the patches however many pseudo-labelled scans join them."""
+    repeat = max(1, -(-len(pseudo) // max(len(labelled), 1)))
+    return list(labelled) * repeat + list(pseudo)
+
+
+def _self_training(model: ModelFolder, s: TrainSettings, configuration: str, main_rank: bool, is_ddp: bool) -> list:
+    """The fractions of the stage's budget after which the unlabelled scans are pseudo-labelled
+    (empty when the plan, the settings or the data leave self-training off)."""
+    plan = model.plans.training.get("self_training")
+    if not plan or configuration != model.plans.stages[-1] or not s.unlabelled:
+        return []
+    cache = model.unlabelled_cache_dir(configuration)
+    if not (cache / "cache.json").is_file():
+        if main_rank:
+            log.warning("the plan uses unlabelled scans but %s has none preprocessed (run spinelm preprocess); "
+                        "training on the labelled cases only", cache)
+        return []
+    if is_ddp:
+        if main_rank:
+            log.warning("self-training on unlabelled scans is not supported under torchrun yet; training on the "
+                        "labelled cases only")
+        return []
+    return [float(f) for f in plan["rounds"]]
+
+
+def _pseudo_round(run: _Run, model: ModelFolder, configuration: str, coarse, device, epoch: int) -> None:
+    """Pseudo-label the unlabelled scans with the current (averaged) weights; the accepted ones
+    replace the fold's earlier pseudo-labels. The time counts towards the budget."""
+    from spinelm.inference import Predictor
+    from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_label
+
+    t0 = time.perf_counter()
+    predictor = Predictor.from_network(run.predicting_network, model.plans, device, configuration,
+                                       coarse_networks=coarse[0] if coarse else None)
+    res = pseudo_label(predictor, model.unlabelled_cache_dir(configuration), model.cache_dir(configuration),
+                       model.plans, model.unlabelled_cache_dir("coarse") if coarse else None,
+                       prefix=f"{PSEUDO_PREFIX}f{run.fold}__")
+    dt = time.perf_counter() - t0
+    run.elapsed += dt
+    run.pseudo["cases"] = res["accepted"]
+    run.pseudo["rounds"].append({"epoch": epoch, "scans": res["scans"], "accepted": len(res["accepted"]),
+                                 "seconds": round(dt, 1), "rejected": res["rejected"]})
+    log.info("self-training after epoch %d: %d of %d unlabelled scans accepted as pseudo-labels (%.0f s)%s", epoch,
+             len(res["accepted"]), res["scans"], dt, "".join(f"; {c}: {', '.join(r)}" for c, r in
+                                                              sorted(res["rejected"].items())[:5]))
+
+
 def _fold_cases(model: ModelFolder, fold: int, configuration: str = "fine") -> tuple[Path, dict]:
     """The configuration's cache and the fold's split. Splits are made from the fine cache (the
     groups of identical scans, and the order of the folds, come from its files), so every stage of
@@ -517,7 +582,8 @@ def _fold_cases(model: ModelFolder, fold: int, configuration: str = "fine") -> t
                                     f"{model.root}'")
     case_ids = read_json(cache / "cache.json")["cases"]
     fine_cases = read_json(model.cache_dir() / "cache.json")["cases"]
-    splits = load_or_create_splits(model.root, model.cache_dir(), fine_cases, model.plans.training["num_folds"])
+    splits = load_or_create_splits(model.root, model.cache_dir(), fine_cases, model.plans.training["num_folds"],
+                                   bool(model.plans.training.get("splits_from_dataset")))
     if set(case_ids) != set(fine_cases):
         splits = [{k: [c for c in v if c in case_ids] for k, v in sp.items()} for sp in splits]
     if not 0 <= fold < len(splits):
@@ -563,7 +629,15 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     torch.manual_seed(s.seed + rank)
     np.random.seed(s.seed + rank)  # batchgeneratorsv2 draws from the global NumPy generator
     autocast_dtype, channels_last = resolve_precision(s.precision, device)
-    network = build_network(plans, configuration=configuration).to(device)
+    network = build_network(plans, configuration=configuration)
+    if s.init and configuration == plans.stages[-1] and not (s.resume and (out / "checkpoint_latest.pt").is_file()):
+        from spinelm.pretraining import load_pretrained
+
+        got = load_pretrained(network, s.init)
+        if main_rank:
+            log.info("initialised from %s: %d of %d tensors (not loaded: %s)", s.init, got["loaded"], got["tensors"],
+                     ", ".join(got["skipped"][:6]) + (" ..." if len(got["skipped"]) > 6 else ""))
+    network = network.to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
     loss_fn = MultiTaskLoss(plans.head_dict, cfg.n_stages)
@@ -579,9 +653,18 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
             network, device_ids=[device] if device.type == "cuda" else None)
     batch_size = max(1, cfg.batch_size // world)
     coarse = _coarse_for_validation(model, s.fold, device) if configuration != "coarse" else None
-    next_batch = _batches(PatchSampler(cache, split["train"], plans, augment=True, configuration=configuration), s, batch_size, run.rng, device,
-                          rank, run.start_epoch)
-    next_batch = _with_class_crops(next_batch, plans, cache, split["train"], configuration, run.rng, main_rank)
+    rounds = _self_training(model, s, configuration, main_rank, is_ddp)
+
+    def sampler_batches(start_epoch: int):
+        cases = training_cases(split["train"], run.pseudo["cases"] if rounds else [])
+        nb = _batches(PatchSampler(cache, cases, plans, augment=True, configuration=configuration), s, batch_size,
+                      run.rng, device, rank, start_epoch)
+        return _with_class_crops(nb, plans, cache, split["train"], configuration, run.rng, main_rank)
+
+    next_batch = sampler_batches(run.start_epoch)
+    if rounds and main_rank:
+        log.info("self-training: the unlabelled scans are pseudo-labelled after %s of the stage's budget; only "
+                 "anatomically valid, confident labellings are kept", " and ".join(f"{100 * f:.0f} %" for f in rounds))
     val_cases = split["val"][: s.max_validation_cases] if s.max_validation_cases else split["val"]
     if main_rank:
         log.info("fold %d, %s stage: %d training, %d validation cases; %s (%s%s); patch %s, batch %d, up to %d "
@@ -607,6 +690,12 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
             run.record_validation(epoch, summary)
         elif main_rank:
             log.info("epoch %d: loss %.4f, lr %.5f, %.1f s", epoch, run.log.train_loss[-1], lr, dt)
+        due = len(run.pseudo["rounds"]) < len(rounds) and not out_of_time and epoch < epochs - 1 and \
+            training_progress(epoch + 1, epochs, run.elapsed, budget_s) >= rounds[len(run.pseudo["rounds"])]
+        if due and main_rank:
+            _pseudo_round(run, model, configuration, coarse, device, epoch)
+            next_batch = sampler_batches(epoch + 1)
+            out_of_time = budget_s is not None and run.elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
         if main_rank:
             run.save_latest(epoch)
             _plot(run.log, out / "training_curve.png")
@@ -619,6 +708,8 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
             break
     bar.close()
     result = {"final": summary, "best": run.best, "epochs_run": epoch + 1, "elapsed_s": run.elapsed}
+    if rounds:
+        result["self_training"] = run.pseudo
     if main_rank:
         run.save("final", {"epoch": epoch, "validation": summary, "best": run.best, "elapsed_s": run.elapsed,
                            "fold": s.fold})

@@ -1,0 +1,252 @@
+"""Learning from unlabelled scans: withheld-label experiments and anatomically checked pseudo-labels.
+
+- :func:`withhold_labels` turns a labelled dataset into "N labelled + the rest unlabelled" for one
+  fold of its cross-validation (deterministic by seed): the fold's validation cases keep their
+  labels, N of its training cases keep theirs, the other training cases move to
+  ``imagesUnlabelled/``, and ``splits.json`` fixes the fold so that every row of an experiment
+  validates on the same scans.
+- :func:`pseudo_label` labels the preprocessed unlabelled scans with the network being trained and
+  keeps only those whose labelling the ordering model accepts as an anatomically valid, confident
+  sequence (:func:`accept`); the accepted ones join the training cases of the fine stage
+  (self-training, Lee 2013; with the anatomical check of teacher-student vertebra labelling).
+
+No SimpleITK at module level: pseudo-labelling runs inside training.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spinelm.io.files import atomic_path, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+#: Fractions of the fine stage's budget after which the unlabelled scans are pseudo-labelled: a
+#: first round once the labels have started to hold, a second with the better network.
+SELF_TRAINING_ROUNDS = (0.4, 0.7)
+#: Prefix of pseudo-labelled cases in the training cache (never a validation case).
+PSEUDO_PREFIX = "pseudo__"
+#: A pseudo-labelled scan needs at least this many vertebrae in its accepted run.
+MIN_VERTEBRAE = 3
+#: Every vertebra of an accepted run has this probability (or more) for its label, after the
+#: ordering (the label's share of the fused fine/coarse label probabilities of its peak).
+MIN_LABEL_PROBABILITY = 0.7
+#: Neighbouring centroids of an accepted run are 0.6-1.6 x the run's median distance apart: a
+#: missed vertebra (a gap) or a double peak (a split vertebra) is rejected.
+GAP_RANGE = (0.6, 1.6)
+#: Every vertebra of an accepted run owns this many voxels of the instance mask, or more.
+MIN_MASK_VOXELS = 20
+
+
+def plan_self_training(n_unlabelled: int, n_labelled: int) -> dict:
+    """The plan's ``training.self_training``: when to pseudo-label the unlabelled scans, and why."""
+    rounds = list(SELF_TRAINING_ROUNDS)
+    why = (f"{n_unlabelled} unlabelled scan(s) beside {n_labelled} labelled: self-training. After "
+           f"{' and '.join(f'{100 * f:.0f} %' for f in rounds)} of the fine stage's budget the network labels them; "
+           f"a scan joins the training cases only when the ordering gives an anatomically valid, confident run "
+           f"(>= {MIN_VERTEBRAE} consecutive vertebrae, each label >= {MIN_LABEL_PROBABILITY} probable, even "
+           f"spacing, a mask for each), and the labelled scans keep at least half of the patches. No "
+           f"pretraining inside the budget (spinelm pretrain runs it separately; --init loads it). "
+           f"--no-unlabelled turns this off")
+    return {"rounds": rounds, "scans": int(n_unlabelled), "why": why}
+
+
+def _image_digest(paths) -> str:
+    """Digest of a scan's voxels (identical scans under two names share a fold)."""
+    import SimpleITK as sitk
+
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(sitk.GetArrayFromImage(sitk.ReadImage(str(p))).tobytes())
+    return h.hexdigest()
+
+
+def _link_or_copy(src: Path, dst: Path, symlink: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    if symlink:
+        os.symlink(src.resolve(), dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def withhold_labels(source: str | os.PathLike, out: str | os.PathLike, n_labelled: int, fold: int = 0,
+                    n_folds: int = 5, seed: int = 0, symlink: bool = True) -> dict:
+    """Write ``out``: ``source`` with the labels of all but ``n_labelled`` training cases of ``fold``
+    withheld (their images in ``imagesUnlabelled/``).
+
+    The folds are those ``spinelm train`` makes for ``source`` (:func:`spinelm.training.make_splits`,
+    identical scans grouped); ``out/splits.json`` holds one fold (the N labelled cases for training,
+    fold ``fold``'s validation cases) and ``out/withheld.json`` records what was done. Which N cases
+    keep their labels is drawn with ``seed``. Returns the record.
+    """
+    from spinelm.dataset import discover_dataset
+    from spinelm.training import make_splits
+
+    ds = discover_dataset(source)
+    errors = [p for p in ds.problems if p.severity == "error"]
+    if errors:
+        raise ValueError(f"{source}: the dataset has errors (run 'spinelm validate {source}'): {errors[0].message}")
+    ids = sorted(c.case_id for c in ds.cases)
+    if ds.splits:
+        splits = [dict(f) for f in ds.splits]
+    else:
+        digests = {c.case_id: _image_digest(c.images) for c in ds.cases}
+        splits = make_splits(ids, n_folds, digests)
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"fold {fold} does not exist; {source} has folds 0-{len(splits) - 1}")
+    train, val = list(splits[fold]["train"]), list(splits[fold]["val"])
+    if not 1 <= n_labelled <= len(train):
+        raise ValueError(f"--labelled must be between 1 and the fold's {len(train)} training cases, got {n_labelled}")
+    rng = np.random.default_rng(seed)
+    keep = sorted(train[i] for i in rng.choice(len(train), n_labelled, replace=False))
+    withheld = sorted(set(train) - set(keep))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new folder")
+    by_id = {c.case_id: c for c in ds.cases}
+    for cid in keep + val:
+        case = by_id[cid]
+        for p in case.images:
+            _link_or_copy(p, out / "imagesTr" / p.name, symlink)
+        if case.mask is not None:
+            _link_or_copy(case.mask, out / "labelsTr" / case.mask.name, symlink)
+        if case.centroids is not None:
+            _link_or_copy(case.centroids, out / "centroidsTr" / case.centroids.name, symlink)
+    for cid in withheld:
+        for p in by_id[cid].images:
+            _link_or_copy(p, out / "imagesUnlabelled" / p.name, symlink)
+    for c in ds.unlabelled:
+        for p in c.images:
+            _link_or_copy(p, out / "imagesUnlabelled" / p.name, symlink)
+    if (Path(source) / "dataset.json").is_file():
+        shutil.copy2(Path(source) / "dataset.json", out / "dataset.json")
+    classes = Path(source) / "classesTr.csv"
+    if classes.is_file():
+        with open(classes, newline="") as fh:
+            rows = list(csv.reader(fh))
+        with atomic_path(out / "classesTr.csv") as tmp, open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(rows[:1] + [r for r in rows[1:] if r and r[0] in set(keep + val)])
+    write_json_atomic(out / "splits.json", [{"train": keep, "val": sorted(val)}])
+    record = {"source": str(Path(source).resolve()), "fold": fold, "n_folds": len(splits), "seed": seed,
+              "labelled": keep, "validation": sorted(val), "withheld": withheld,
+              "unlabelled_before": sorted(c.case_id for c in ds.unlabelled)}
+    write_json_atomic(out / "withheld.json", record)
+    return record
+
+
+@dataclass
+class Verdict:
+    """Whether a pseudo-labelled scan is accepted, and why not."""
+
+    accepted: bool
+    reasons: list = field(default_factory=list)
+
+
+def accept(result, distance_mm: float | None = None) -> Verdict:
+    """Accept a prediction (:class:`spinelm.inference.CaseResult` on the preprocessed grid) as a
+    pseudo-label only when the ordering model's sequence is anatomically valid and confident:
+
+    - at least :data:`MIN_VERTEBRAE` vertebrae, labelled as one consecutive run (the ordering's
+      output; a skipped level is rejected),
+    - every vertebra's label has probability >= :data:`MIN_LABEL_PROBABILITY`,
+    - neighbouring centroids neither too close nor too far apart (:data:`GAP_RANGE`),
+    - every vertebra owns voxels of the instance mask.
+    """
+    from spinelm import labels as L
+
+    reasons = []
+    lab = result.labelled
+    landmarks = result.landmarks
+    if len(landmarks) < MIN_VERTEBRAE:
+        return Verdict(False, [f"{len(landmarks)} vertebra(e) found (< {MIN_VERTEBRAE})"])
+    order = np.argsort([L.cranio_caudal_rank(lm.label) for lm in landmarks], kind="stable")
+    seq = [landmarks[i].label for i in order]
+    if any(b not in L.successors(a) for a, b in zip(seq, seq[1:])):
+        reasons.append("the labels skip a level")
+    probs = [lab.candidates[i].label_probs.get(label, 0.0) for i, label in zip(lab.kept, lab.labels)]
+    if min(probs) < MIN_LABEL_PROBABILITY:
+        worst = int(np.argmin(probs))
+        reasons.append(f"{L.name_of(lab.labels[worst])} has label probability {probs[worst]:.2f} "
+                       f"(< {MIN_LABEL_PROBABILITY})")
+    pos = np.asarray([lm.position_mm for lm in landmarks])[order]
+    steps = np.linalg.norm(np.diff(pos, axis=0), axis=1)
+    med = float(np.median(steps))
+    if med <= 0 or np.any(steps < GAP_RANGE[0] * med) or np.any(steps > GAP_RANGE[1] * med):
+        reasons.append(f"uneven spacing of neighbouring vertebrae ({steps.min():.0f}-{steps.max():.0f} mm, "
+                       f"median {med:.0f} mm)")
+    if result.instance_mask is not None:
+        counts = np.bincount(np.asarray(result.instance_mask).ravel().clip(0), minlength=L.MAX_LABEL + 1)
+        empty = [lm.name for lm in landmarks if counts[lm.label] < MIN_MASK_VOXELS]
+        if empty:
+            reasons.append(f"no mask for {', '.join(empty)}")
+    return Verdict(not reasons, reasons)
+
+
+def pseudo_cases(cache: Path, prefix: str = PSEUDO_PREFIX) -> list[str]:
+    """The pseudo-labelled cases in a training cache."""
+    return sorted(p.name[:-5] for p in Path(cache).glob(f"{prefix}*.json"))
+
+
+def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_cache: Path | None = None,
+                 prefix: str = PSEUDO_PREFIX, progress: bool = False) -> dict:
+    """Label every preprocessed unlabelled scan of ``unlabelled_cache`` with ``predictor`` and write
+    the accepted ones to the training ``cache`` as ``{prefix}{case}`` (data, segmentation target,
+    centroids), replacing earlier pseudo-labels with that prefix. Returns ``{"accepted": [...],
+    "rejected": {case: reasons}}``."""
+    from tqdm import tqdm
+
+    from spinelm.io.image import Frame, Geometry
+    from spinelm.preprocessing import label_lookup
+
+    unlabelled_cache, cache = Path(unlabelled_cache), Path(cache)
+    before = pseudo_cases(cache, prefix)
+    cases = read_json(unlabelled_cache / "cache.json")["cases"] if (unlabelled_cache / "cache.json").is_file() else []
+    lut = label_lookup(plans.raw)
+    accepted, rejected = [], {}
+    for case in tqdm(cases, desc="pseudo-labelling", unit="scan", disable=not progress):
+        props = read_json(unlabelled_cache / f"{case}.json")
+        data = np.load(unlabelled_cache / f"{case}_data.npy")
+        frame = Frame.from_info(Geometry.from_json(props["canonical_geometry"]), plans.transpose_forward, props)
+        coarse = None
+        if predictor.uses_coarse and coarse_cache is not None:
+            if not (coarse_cache / f"{case}.json").is_file():
+                rejected[case] = ["not preprocessed for the coarse stage"]
+                continue
+            cprops = read_json(coarse_cache / f"{case}.json")
+            coarse = (np.load(coarse_cache / f"{case}_data.npy"),
+                      Frame.from_info(Geometry.from_json(cprops["canonical_geometry"]), plans.transpose_forward, cprops))
+        result = predictor.predict_preprocessed(data, frame, coarse=coarse)
+        verdict = accept(result, plans.distance_mm)
+        if not verdict.accepted:
+            rejected[case] = verdict.reasons
+            continue
+        has_mask = result.instance_mask is not None  # a plan without a segmentation head has none
+        mask = np.asarray(result.instance_mask) if has_mask else np.zeros(data.shape[1:], np.int16)
+        seg = lut[np.clip(mask, 0, len(lut) - 1)][None]
+        if (unlabelled_cache / f"{case}_seg.npy").is_file():  # keep the outside-the-body marker (-1)
+            seg = np.where(np.load(unlabelled_cache / f"{case}_seg.npy")[:1] < 0, -1, seg)
+        seg = seg.astype(np.int8 if int(seg.max(initial=0)) < 127 else np.int16)
+        vox = frame.from_world(np.asarray([lm.position_mm for lm in result.landmarks]).reshape(-1, 3))
+        name = f"{prefix}{case}"
+        out_props = {**props, "case": name, "has_mask": has_mask, "partial_mask": False, "landmarks_from_mask": False,
+                     "pseudo_label": True, "classes": [],
+                     "landmarks": [{"label": lm.label, "index": [round(float(v), 3) for v in p],
+                                    "position_mm": list(lm.position_mm)} for lm, p in zip(result.landmarks, vox)]}
+        for suffix, arr in (("_data.npy", data), ("_seg.npy", seg)):
+            with atomic_path(cache / f"{name}{suffix}") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
+        write_json_atomic(cache / f"{name}.json", out_props)
+        accepted.append(name)
+    for old in set(before) - set(accepted):  # earlier pseudo-labels this round did not confirm
+        for suffix in (".json", "_data.npy", "_seg.npy"):
+            (cache / f"{old}{suffix}").unlink(missing_ok=True)
+    return {"accepted": accepted, "rejected": rejected, "scans": len(cases)}

@@ -1,0 +1,179 @@
+"""Learning from unlabelled scans: withheld labels, pseudo-label acceptance, self-training, pretraining."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from spinelm import labels as L
+from spinelm.io.landmarks import Landmark
+
+
+def test_withhold_labels_keeps_the_folds_validation_and_n_labelled(phantom_dataset, tmp_path):
+    from spinelm.dataset import discover_dataset
+    from spinelm.semisupervised import withhold_labels
+
+    rec = withhold_labels(phantom_dataset, tmp_path / "a", n_labelled=1, fold=0, n_folds=2, seed=3)
+    again = withhold_labels(phantom_dataset, tmp_path / "b", n_labelled=1, fold=0, n_folds=2, seed=3)
+    assert rec["labelled"] == again["labelled"]  # deterministic by seed
+    ds = discover_dataset(tmp_path / "a")
+    assert not [p for p in ds.problems if p.severity == "error"]
+    assert sorted(c.case_id for c in ds.cases) == sorted(rec["labelled"] + rec["validation"])
+    assert len(rec["labelled"]) == 1 and len(rec["validation"]) == 2
+    # the withheld training case and the dataset's own unlabelled scan have no labels any more
+    assert sorted(c.case_id for c in ds.unlabelled) == sorted(rec["withheld"] + rec["unlabelled_before"])
+    assert len(rec["withheld"]) == 1
+    assert not any((tmp_path / "a" / "labelsTr" / f"{c}.nii.gz").exists() for c in rec["withheld"])
+    assert [dict(f) for f in ds.splits] == [{"train": rec["labelled"], "val": rec["validation"]}]
+    with pytest.raises(FileExistsError):
+        withhold_labels(phantom_dataset, tmp_path / "a", n_labelled=1, n_folds=2)
+    with pytest.raises(ValueError, match="between 1 and"):
+        withhold_labels(phantom_dataset, tmp_path / "c", n_labelled=5, n_folds=2)
+
+
+def test_a_datasets_splits_become_the_models_folds(phantom_copy, tmp_path):
+    from spinelm.pipeline import plan_dataset
+    from spinelm.validation import validate_dataset
+
+    (phantom_copy / "splits.json").write_text(json.dumps([{"train": ["phantom_000"], "val": ["phantom_001"]}]))
+    plans = plan_dataset(phantom_copy, tmp_path / "m", device="cpu", progress=False)
+    assert plans.training["num_folds"] == 1
+    assert json.loads((tmp_path / "m" / "splits.json").read_text()) == [{"train": ["phantom_000"],
+                                                                          "val": ["phantom_001"]}]
+    (phantom_copy / "splits.json").write_text(json.dumps([{"train": ["nope"], "val": ["phantom_001"]}]))
+    report = validate_dataset(phantom_copy, progress=False)
+    assert not report.ok and any("splits.json" in line and "nope" in line for line in report.lines())
+
+
+def _result(labels, spacing_mm=25.0, probs=None, mask=True):
+    """A fake prediction: vertebrae ``labels`` along z, ``spacing_mm`` apart (a list for uneven gaps)."""
+    steps = spacing_mm if isinstance(spacing_mm, list) else [spacing_mm] * (len(labels) - 1)
+    z = np.concatenate([[0.0], -np.cumsum(steps)])
+    probs = probs or [0.95] * len(labels)
+    cands = [SimpleNamespace(label_probs={lab: p}) for lab, p in zip(labels, probs)]
+    lms = [Landmark(lab, (0.0, 0.0, float(zz))) for lab, zz in zip(labels, z)]
+    inst = np.zeros((4, 4, len(labels) * 10), np.int16)
+    for i, lab in enumerate(labels):
+        if mask:
+            inst[..., i * 10:(i + 1) * 10] = lab
+    return SimpleNamespace(labelled=SimpleNamespace(candidates=cands, kept=list(range(len(labels))), labels=labels),
+                           landmarks=lms, instance_mask=inst)
+
+
+def test_only_anatomically_valid_confident_runs_are_accepted():
+    from spinelm.semisupervised import accept
+
+    run = [L.label_of(n) for n in ("L1", "L2", "L3", "L4", "L5")]
+    assert accept(_result(run)).accepted
+    assert "skip" in accept(_result([run[0], run[1], run[3], run[4]])).reasons[0]
+    low = accept(_result(run, probs=[0.95, 0.95, 0.4, 0.95, 0.95]))
+    assert not low.accepted and "L3" in low.reasons[0]
+    gap = accept(_result(run, spacing_mm=[25.0, 25.0, 55.0, 25.0]))  # a vertebra missed between L3 and L4
+    assert not gap.accepted and "spacing" in gap.reasons[0]
+    assert not accept(_result(run[:2])).accepted  # too short to trust
+    assert not accept(_result(run, mask=False)).accepted
+
+
+def test_labelled_cases_keep_half_the_patches():
+    from spinelm.training import training_cases
+
+    cases = training_cases(["a", "b"], [f"p{i}" for i in range(7)])
+    assert sum(c in ("a", "b") for c in cases) >= len(cases) / 2
+    assert set(cases) == {"a", "b"} | {f"p{i}" for i in range(7)}
+    assert training_cases(["a"], []) == ["a"]
+
+
+@pytest.fixture(scope="module")
+def semi_model(phantom_dataset, tmp_path_factory):
+    """A planned, preprocessed model folder of the phantoms (4 labelled + 1 unlabelled), with self-training."""
+    from spinelm.pipeline import plan_dataset, preprocess
+
+    model = tmp_path_factory.mktemp("semi") / "model"
+    plans = plan_dataset(phantom_dataset, model, device="cpu", progress=False)
+    assert plans.training["self_training"]["scans"] == 1
+    assert any("self-training" in r for r in plans.raw["rationale"])
+    preprocess(phantom_dataset, model, 0, progress=False)
+    return model
+
+
+def test_pseudo_labels_from_an_accepted_prediction_join_the_cache(semi_model, monkeypatch):
+    """The accepted scan is written as a training case whose targets are the prediction's, on its grid."""
+    from spinelm.data import PatchSampler
+    from spinelm.plans import ModelFolder
+    from spinelm.semisupervised import pseudo_label, pseudo_cases
+
+    model = ModelFolder(semi_model)
+    unl = model.unlabelled_cache_dir("fine")
+    case = json.loads((unl / "cache.json").read_text())["cases"][0]
+    shape = np.load(unl / f"{case}_data.npy").shape[1:]
+    labels = model.plans.known_labels[:4]
+    assert all(b in L.successors(a) for a, b in zip(labels, labels[1:]))
+
+    class Fake:
+        uses_coarse = False
+
+        def predict_preprocessed(self, data, frame, coarse=None):
+            res = _result(labels)
+            inst = np.zeros(shape, np.int16)
+            for i, lab in enumerate(labels):
+                inst[:, :, i * shape[2] // 4:(i + 1) * shape[2] // 4] = lab
+            res.instance_mask = inst
+            return res
+
+    out = pseudo_label(Fake(), unl, model.cache_dir("fine"), model.plans, prefix="pseudo__t__")
+    assert out["accepted"] == [f"pseudo__t__{case}"] and out["scans"] == 1
+    assert pseudo_cases(model.cache_dir("fine"), "pseudo__t__") == out["accepted"]
+    props = json.loads((model.cache_dir("fine") / f"pseudo__t__{case}.json").read_text())
+    assert [lm["label"] for lm in props["landmarks"]] == labels and props["pseudo_label"]
+    seg = np.load(model.cache_dir("fine") / f"pseudo__t__{case}_seg.npy")
+    assert seg.shape[1:] == shape and set(np.unique(seg[0])) - {-1, 0} == set(range(1, 5))  # label i -> channel i
+    item = PatchSampler(model.cache_dir("fine"), out["accepted"], model.plans).sample(np.random.default_rng(0))
+    assert item["seg"].max() > 0  # the sampler trains on the pseudo-label
+    # a rejected prediction removes the earlier pseudo-label of that prefix
+    monkeypatch.setattr(Fake, "predict_preprocessed", lambda self, d, f, coarse=None: _result(labels[:2]))
+    assert pseudo_label(Fake(), unl, model.cache_dir("fine"), model.plans, prefix="pseudo__t__")["accepted"] == []
+    assert pseudo_cases(model.cache_dir("fine"), "pseudo__t__") == []
+
+
+def test_training_runs_its_self_training_rounds_and_reports_them(semi_model):
+    from spinelm.pipeline import train
+
+    res = train(semi_model, 0, epochs=4, iterations_per_epoch=1, validate_every=5, progress=False,
+                max_validation_cases=1, device="cpu")[0]
+    rounds = res["self_training"]["rounds"]
+    assert [r["epoch"] for r in rounds] == [1, 2]  # after 40 % and 70 % of 4 epochs
+    assert all(r["scans"] == 1 and r["accepted"] + len(r["rejected"]) == 1 for r in rounds)
+    off = train(semi_model, 0, epochs=1, iterations_per_epoch=1, progress=False, max_validation_cases=1,
+                device="cpu", unlabelled=False)[0]
+    assert "self_training" not in off
+
+
+def test_pretraining_weights_load_into_the_fine_tuning_network(semi_model, tmp_path):
+    from spinelm.network import build_network
+    from spinelm.plans import ModelFolder
+    from spinelm.pretraining import block_mask, load_pretrained, pretrain
+
+    mask = block_mask((64, 64, 32), np.random.default_rng(0))
+    assert 0.45 < mask.mean() < 0.75
+    info = pretrain(semi_model, time_budget_min=None, steps=2, progress=False, batch_size=1)
+    assert info["steps"] == 2 and info["images"] == 5  # 4 labelled + 1 unlabelled images, labels unused
+    assert np.isfinite(info["final_loss"])
+    plans = ModelFolder(semi_model).plans
+    net = build_network(plans)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    got = load_pretrained(net, semi_model)
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
+    assert got["loaded"] >= len(changed) > 0
+    assert all(k.startswith(("encoder.", "decoder.")) for k in changed)
+    assert any("seg_layers" in k for k in got["skipped"])  # the output layers are the task's own
+    other = dict(plans.raw)
+    other["configurations"] = json.loads(json.dumps(plans.raw["configurations"]))
+    arch = other["configurations"]["fine"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [f * 2 for f in arch["features_per_stage"]]
+    with pytest.raises(ValueError, match="another network"):
+        load_pretrained(build_network(other), semi_model)
+    with pytest.raises(FileNotFoundError, match="spinelm pretrain"):
+        load_pretrained(net, tmp_path)
