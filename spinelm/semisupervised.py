@@ -30,14 +30,14 @@ log = logging.getLogger(__name__)
 
 #: Fractions of the fine stage's budget after which the unlabelled scans are pseudo-labelled: a
 #: first round once the labels have started to hold, a second with the better network.
-SELF_TRAINING_ROUNDS = (0.4, 0.7)
+SELF_TRAINING_ROUNDS = (0.5, 0.75)
 #: Prefix of pseudo-labelled cases in the training cache (never a validation case).
 PSEUDO_PREFIX = "pseudo__"
 #: A pseudo-labelled scan needs at least this many vertebrae in its accepted run.
 MIN_VERTEBRAE = 3
 #: Every vertebra of an accepted run has this probability (or more) for its label, after the
 #: ordering (the label's share of the fused fine/coarse label probabilities of its peak).
-MIN_LABEL_PROBABILITY = 0.7
+MIN_LABEL_PROBABILITY = 0.5
 #: Neighbouring centroids of an accepted run are 0.6-1.6 x the run's median distance apart: a
 #: missed vertebra (a gap) or a double peak (a split vertebra) is rejected.
 GAP_RANGE = (0.6, 1.6)

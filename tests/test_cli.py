@@ -14,7 +14,8 @@ from spinelm.synthetic import PhantomConfig, make_phantom
 from tests.conftest import real_data
 
 
-@pytest.mark.parametrize("cmd", ["synth", "validate", "convert-verse", "fingerprint", "plan", "preprocess", "demo"])
+@pytest.mark.parametrize("cmd", ["synth", "validate", "convert-verse", "fingerprint", "plan", "preprocess", "demo",
+                                 "pretrain", "train", "plan-and-train"])
 def test_every_command_explains_itself(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])

@@ -144,7 +144,7 @@ def test_training_runs_its_self_training_rounds_and_reports_them(semi_model):
     res = train(semi_model, 0, epochs=4, iterations_per_epoch=1, validate_every=5, progress=False,
                 max_validation_cases=1, device="cpu")[0]
     rounds = res["self_training"]["rounds"]
-    assert [r["epoch"] for r in rounds] == [1, 2]  # after 40 % and 70 % of 4 epochs
+    assert [r["epoch"] for r in rounds] == [1, 2]  # after 50 % and 75 % of 4 epochs
     assert all(r["scans"] == 1 and r["accepted"] + len(r["rejected"]) == 1 for r in rounds)
     off = train(semi_model, 0, epochs=1, iterations_per_epoch=1, progress=False, max_validation_cases=1,
                 device="cpu", unlabelled=False)[0]
@@ -177,3 +177,23 @@ def test_pretraining_weights_load_into_the_fine_tuning_network(semi_model, tmp_p
         load_pretrained(build_network(other), semi_model)
     with pytest.raises(FileNotFoundError, match="spinelm pretrain"):
         load_pretrained(net, tmp_path)
+
+
+def test_pretrain_then_fine_tune_from_the_command_line(phantom_dataset, tmp_path, capsys):
+    from spinelm.cli import main
+
+    pre = tmp_path / "pre"
+    assert main(["pretrain", str(phantom_dataset), "-o", str(pre), "--steps", "1", "--device", "cpu",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained on 5 images: 1 steps" in out and f"--init {pre}" in out
+    assert (pre / "pretrained.pt").is_file() and (pre / "pretrain_curve.png").is_file()
+    model = tmp_path / "m"
+    assert main(["plan-and-train", str(phantom_dataset), "-o", str(model), "--device", "cpu", "--epochs", "1",
+                 "--iterations", "1", "--init", str(pre), "--no-unlabelled", "--no-progress"]) == 0
+    log = (model / "fold_0" / "training_log.txt").read_text()
+    assert f"initialised from {pre}" in log
+    assert "not used (--no-unlabelled)" in capsys.readouterr().out
+    assert main(["plan-and-train", str(phantom_dataset), "-o", str(tmp_path / "m2"), "--device", "cpu", "--epochs",
+                 "1", "--init", str(tmp_path / "nothing"), "--no-progress"]) == 1
+    assert "not a pretrained folder" in capsys.readouterr().err
