@@ -195,5 +195,5 @@ def test_pretrain_then_fine_tune_from_the_command_line(phantom_dataset, tmp_path
     assert f"initialised from {pre}" in log
     assert "not used (--no-unlabelled)" in capsys.readouterr().out
     assert main(["plan-and-train", str(phantom_dataset), "-o", str(tmp_path / "m2"), "--device", "cpu", "--epochs",
-                 "1", "--init", str(tmp_path / "nothing"), "--no-progress"]) == 1
+                 "1", "--init", str(tmp_path / "nothing"), "--no-progress"]) == 2
     assert "not a pretrained folder" in capsys.readouterr().err
