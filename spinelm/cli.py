@@ -143,6 +143,9 @@ def _print_folds(results: list[dict], verbose: bool) -> None:
               f"rate {fin.get('id_rate', float('nan')):.3f}, d_mean {fin.get('d_mean_mm', float('nan')):.2f} mm "
               f"({fin.get('n_identified', 0)}/{fin.get('n_gt', 0)} vertebrae), {fin.get('n_cases_level_shifted', 0)} of "
               f"{fin.get('n_cases', 0)} case(s) level-shifted -> {r['folder']}")
+        for k, rnd in enumerate((r.get("self_training") or {}).get("rounds", []), start=1):
+            print(f"  self-training round {k} (after epoch {rnd['epoch']}): {rnd['accepted']} of {rnd['scans']} "
+                  f"unlabelled scans accepted as pseudo-labels")
         if verbose:
             print(json.dumps(r, indent=1, default=str))
 
