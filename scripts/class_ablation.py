@@ -23,12 +23,12 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from _runs import run  # scripts/_runs.py
 
 ROWS = ("head", "labels25", "no_head", "loose")
 
@@ -53,17 +53,6 @@ def make_variant(train: Path, dst: Path, row: str, seed: int) -> Path:
     with open(dst / "classesTr.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([header, *body])
     return dst
-
-
-def run(cmd: list[str], log: Path) -> float:
-    t0 = time.time()
-    with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}; see {log}")
-    return time.time() - t0
 
 
 def main(argv=None) -> int:

@@ -24,25 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from _runs import run  # scripts/_runs.py
+
 ROWS = ("sup_n", "semi", "sup_all", "pretrain")
-
-
-def run(cmd: list[str], log: Path) -> float:
-    t0 = time.time()
-    with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}; see {log}")
-    return time.time() - t0
 
 
 def main(argv=None) -> int:

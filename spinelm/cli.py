@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pretrain", parents=[common], help="self-supervised pretraining on every image of a dataset",
                        description="Plan DATASET into OUT and pretrain the plan's fine network on all its images "
-                                   "(imagesTr and imagesUnlabelled; labels are not read) by masked-image "
+                                   "(imagesTr and imagesUnlabelled; labels are not used) by masked-image "
                                    "reconstruction: 60 %% of 8-voxel blocks of each patch are hidden and filled in. "
                                    "Then 'spinelm plan-and-train DATASET -o MODEL --init OUT' fine-tunes from it.")
     s.add_argument("dataset", help="dataset folder")

@@ -108,7 +108,7 @@ def pretrain(model_dir: str | os.PathLike, time_budget_min: float | None = 10.0,
     from tqdm import tqdm
 
     from spinelm.plans import ModelFolder
-    from spinelm.training import TrainLog, _plot, poly_lr, resolve_precision
+    from spinelm.training import TrainLog, _plot, backward_and_step, poly_lr, resolve_precision
 
     model = ModelFolder(model_dir)
     plans = model.plans
@@ -169,16 +169,7 @@ def pretrain(model_dir: str | os.PathLike, time_budget_min: float | None = 10.0,
             with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = masked_loss(net, images, rng)
             opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-                opt.step()
+            backward_and_step(loss, net, opt, scaler)
             losses.append(float(loss.detach()))
             step += 1
             if step >= total or (budget_s and elapsed + time.perf_counter() - t0 >= budget_s):

@@ -201,17 +201,23 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
                 xc = xc.contiguous(memory_format=torch.channels_last_3d)
             loss = loss + batch.get("class_weight", 1.0) * soft_cross_entropy(
                 class_logits(network, xc), batch["class_target"].to(device, non_blocking=True))
+    backward_and_step(loss, network, optimizer, scaler)
+    return float(loss.detach())
+
+
+def backward_and_step(loss, network, optimizer, scaler=None, clip: float = 12.0) -> None:
+    """Backpropagate ``loss``, clip the gradient norm at ``clip`` (nnU-Net's 12) and step, through the
+    float16 gradient ``scaler`` when there is one."""
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
         optimizer.step()
-    return float(loss.detach())
 
 
 def _ddp_info() -> tuple[bool, int, int]:
@@ -422,7 +428,7 @@ class _Run:
         self.log = TrainLog(**meta["log"])
         self.pseudo = meta.get("pseudo") or {"rounds": [], "cases": []}
         # a crash during a round may have replaced or removed pseudo-labels since this checkpoint
-        cache = self.out.parent / "preprocessed" / "fine"
+        cache = ModelFolder(self.out.parent).cache_dir()
         self.pseudo["cases"] = [c for c in self.pseudo["cases"] if (cache / f"{c}.json").is_file()]
         self.rng.bit_generator.state = meta["rng_state"]
         torch.set_rng_state(torch.tensor(meta["torch_rng_state"], dtype=torch.uint8))
