@@ -93,7 +93,8 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
     key_src = {"machine": machine, "precision": prec, "architecture": cfg.architecture, "patch": cfg.patch_size,
                "batch": cfg.batch_size, "in": plans.n_channels, "out": plans.n_outputs,
                "optimizer": plans.training.get("optimizer", "sgd"),
-               "classification": plans.classification if configuration == "fine" else None}
+               "classification": plans.classification if configuration == "fine" else None,
+               "identification": plans.identification if configuration == "coarse" else None}
     key = hashlib.sha1(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()
     path = cache_dir() / "step_times.json"
     cache = _read_cache(path) if use_cache else {}
@@ -122,6 +123,11 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
         n_cls = int(spec.get("batch_size", 2))
         batch["class_image"] = torch.randn(n_cls, plans.n_channels, *[int(x) for x in spec["crop_size"]])
         batch["class_target"] = torch.full((n_cls, len(spec["classes"])), 1.0 / len(spec["classes"]))
+    level = plans.identification if configuration == "coarse" else None
+    if level is not None:  # the coarse step also classifies vertebra crops into levels (spinelm.identification)
+        n_lvl = int(level.get("crops_per_step", 6))
+        batch["level_image"] = torch.randn(n_lvl, plans.n_channels, *[int(x) for x in level["crop_size"]])
+        batch["level_target"] = torch.zeros(n_lvl, dtype=torch.long)
     times = []
     for i in range(WARMUP_STEPS + TIMED_STEPS):
         if dev.type == "cuda":

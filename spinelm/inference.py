@@ -288,12 +288,14 @@ def fuse_label_probs(fine: dict[int, float], coarse: dict[int, float], weight: f
 
 
 def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuration: str = "fine",
-                coarse: tuple | None = None) -> Labelled:
+                coarse: tuple | None = None, levels=None) -> Labelled:
     """Decode heatmap peaks, carry them to the world with ``frame`` and order them anatomically.
 
     ``coarse = (coarse outputs, coarse frame)``: the identification stage, which saw the whole field
     of view; each peak's label probabilities become :func:`fuse_label_probs` of the fine and coarse
-    ones. The ordering runs in world LPS mm (head = +z), whatever orientation the scan was stored in.
+    ones. ``levels``: the level head (:class:`spinelm.identification.LevelReader`, world points ->
+    level probabilities), combined with those by :func:`spinelm.identification.fuse`. The ordering
+    runs in world LPS mm (head = +z), whatever orientation the scan was stored in.
     """
     from spinelm.ordering import order_candidates
     from spinelm.plans import as_plans
@@ -317,6 +319,11 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
                     c.label_probs = coarse_label_probs(w[None], coarse[0], coarse[1], cspacing, labels, plans.distance_mm)[0]
                     cands.append(c)
                     world = np.vstack([world.reshape(-1, 3), w[None]])
+    if levels and cands:
+        from spinelm.identification import fuse
+
+        for c, pl in zip(cands, levels(world)):
+            c.label_probs = fuse(c.label_probs, pl)
     ordered = order_candidates(world, [c.score for c in cands], [c.label_probs for c in cands], cc_axis=2,
                                distance_mm=plans.distance_mm, superior_is_positive=True,
                                allowed=plans.known_labels, model=plans.spine_model())
@@ -485,6 +492,21 @@ class Predictor:
                 total[k] = total[k] + v if k in total else v
         return {k: v / len(nets) for k, v in total.items()}
 
+    def level_reader(self, data, frame: Frame, coarse: tuple | None = None):
+        """The level head over this scan (the coarse stage's networks and its preprocessed array), or None."""
+        spec = self.plans.identification
+        if spec is None:
+            return None
+        from spinelm.identification import LevelReader
+
+        if self.configuration == "coarse":
+            reader = LevelReader(self.networks, spec, data, frame, self.device)
+        elif self.uses_coarse and coarse is not None:
+            reader = LevelReader(self.coarse_networks, spec, coarse[0], coarse[1], self.device)
+        else:
+            return None
+        return reader or None
+
     @property
     def uses_coarse(self) -> bool:
         return bool(self.coarse_networks) and self.configuration != "coarse"
@@ -504,7 +526,8 @@ class Predictor:
             if coarse is None:
                 raise ValueError("this model has a coarse identification stage: pass the scan preprocessed for it")
             coarse_out = (self.network_outputs(torch.as_tensor(np.asarray(coarse[0])), "coarse"), coarse[1])
-        lab = postprocess(pred, self.plans, frame, self.configuration, coarse_out)
+        lab = postprocess(pred, self.plans, frame, self.configuration, coarse_out,
+                          self.level_reader(data, frame, coarse))
         mask = None
         if with_mask and "segmentation" in pred:
             spacing = np.asarray(self.plans.configuration(self.configuration).spacing)

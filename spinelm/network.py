@@ -36,6 +36,10 @@ def build_network(plans, deep_supervision: bool = True, configuration: str = "fi
         from spinelm.classification import attach_head
 
         attach_head(net, plans.classification)  # per-vertebra classes through the shared encoder
+    if plans.identification is not None and configuration == "coarse":
+        from spinelm.identification import attach_level_head
+
+        attach_level_head(net, plans.identification)  # each vertebra's level from a crop around it
     return net
 
 

@@ -483,6 +483,14 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
     if classification is not None:
         why.append(f"classification head: classes {', '.join(classification['classes'])}; "
                    + classification["rationale"])
+    identification = None
+    if "coarse" in configs:
+        from spinelm.identification import plan_identification
+
+        known = heads.get("segmentation", {}).get("labels") or heads["heatmap"].get("labels") or []
+        if known:
+            identification = plan_identification(configs["coarse"], distance, cc, known)
+            why.append(identification["rationale"])
     why.append(f"network {preset.network_class.rsplit('.', 1)[-1]}, "
                f"{fine_cfg['architecture']['arch_kwargs']['n_stages']} stages, features "
                f"{list(fine_cfg['architecture']['arch_kwargs']['features_per_stage'])}, batch {fine_cfg['batch_size']} "
@@ -518,6 +526,8 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
     }
     if classification is not None:
         plans["classification"] = classification
+    if identification is not None:
+        plans["identification"] = identification
     recursive_fix_for_json_export(plans)
     return json.loads(json.dumps(plans))  # exactly what plans.json holds (tuples become lists)
 

@@ -166,6 +166,11 @@ class Plans:
         return self.raw.get("classification")
 
     @property
+    def identification(self) -> dict | None:
+        """The coarse stage's level head (:mod:`spinelm.identification`), when the plan has one."""
+        return self.raw.get("identification") if self.has_coarse else None
+
+    @property
     def training(self) -> dict:
         return self.raw["training"]
 

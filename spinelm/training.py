@@ -201,6 +201,14 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
                 xc = xc.contiguous(memory_format=torch.channels_last_3d)
             loss = loss + batch.get("class_weight", 1.0) * soft_cross_entropy(
                 class_logits(network, xc), batch["class_target"].to(device, non_blocking=True))
+        if "level_image" in batch:  # vertebra crops through the shared encoder and the level head
+            from spinelm.identification import level_logits
+
+            xl = batch["level_image"].to(device, non_blocking=True)
+            if channels_last:
+                xl = xl.contiguous(memory_format=torch.channels_last_3d)
+            loss = loss + batch.get("level_weight", 1.0) * torch.nn.functional.cross_entropy(
+                level_logits(network, xl).float(), batch["level_target"].to(device, non_blocking=True))
     backward_and_step(loss, network, optimizer, scaler)
     return float(loss.detach())
 
@@ -497,6 +505,33 @@ def _batches(sampler: PatchSampler, s: TrainSettings, batch_size: int, rng, devi
     return lambda: sampler.batch(rng, batch_size)
 
 
+def _with_level_crops(next_batch, plans, cache: Path, train_cases: list[str], configuration: str, rng,
+                      main_rank: bool = True):
+    """``next_batch`` plus crops around annotated vertebrae for the coarse stage's level head
+    (:mod:`spinelm.identification`), when the plan has one."""
+    if plans.identification is None or configuration != "coarse":
+        return next_batch
+    from spinelm.identification import LevelCropSampler
+
+    sampler = LevelCropSampler(cache, train_cases, plans)
+    if not len(sampler):
+        if main_rank:
+            log.warning("the plan has a level head but no training case has annotated vertebrae: the head is not trained")
+        return next_batch
+    if main_rank:
+        log.info("level head: %d annotated vertebrae, %d crops %s per step", len(sampler), sampler.n,
+                 list(sampler.crop_size))
+    weight = float(plans.identification.get("loss_weight", 1.0))
+
+    def both():
+        batch = next_batch()
+        batch.update(sampler.batch(rng))
+        batch["level_weight"] = weight
+        return batch
+
+    return both
+
+
 def _with_class_crops(next_batch, plans, cache: Path, train_cases: list[str], configuration: str, rng,
                       main_rank: bool = True):
     """``next_batch`` plus class-balanced masked vertebra crops, when the plan has a classification head
@@ -665,7 +700,8 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
         cases = training_cases(split["train"], run.pseudo["cases"] if rounds else [])
         nb = _batches(PatchSampler(cache, cases, plans, augment=True, configuration=configuration), s, batch_size,
                       run.rng, device, rank, start_epoch)
-        return _with_class_crops(nb, plans, cache, split["train"], configuration, run.rng, main_rank)
+        nb = _with_class_crops(nb, plans, cache, split["train"], configuration, run.rng, main_rank)
+        return _with_level_crops(nb, plans, cache, split["train"], configuration, run.rng, main_rank)
 
     next_batch = sampler_batches(run.start_epoch)
     if rounds and main_rank:
