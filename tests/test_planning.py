@@ -105,12 +105,19 @@ def test_cpu_plan_for_sagittal_mr_is_small_and_keeps_the_thick_axis_first():
     assert coarse["heatmap_sigma_mm"] >= P.SIGMA_MIN_VOXELS * min(coarse["spacing"])
     assert list(plans["configurations"]) == ["coarse", "fine"]  # trained in this order
     assert any("coarse identification stage" in r for r in plans["rationale"])
+    # the coarse network carries a level head whose crop spans several neighbours along the column
+    ident = plans["identification"]
+    assert ident["labels"] == plans["heads"]["segmentation"]["labels"]
+    assert ident["crop_size"][cc] > ident["crop_size"][(cc + 1) % 3]
+    assert all(s <= p for s, p in zip(ident["crop_size"], coarse["patch_size"]))
+    assert any("level head" in r for r in plans["rationale"])
 
 
 def test_no_coarse_stage_when_the_fine_patch_holds_the_whole_column():
     fp = _fingerprint([[3.0, 3.0, 3.0]] * 6, [[60, 50, 20]] * 6)
     plans = P.plan(fp, device="cpu")
     assert list(plans["configurations"]) == ["fine"]
+    assert "identification" not in plans
 
 
 def test_gpu_plan_matches_nnunet_defaults_for_whole_spine_ct():

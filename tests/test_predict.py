@@ -348,3 +348,31 @@ def test_merge_reports_a_part_that_never_ran(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 of 3 part(s) found" in out and "part 1 of 3: no summary" in out and "failed b: unreadable" in out
     assert [r["case"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == ["a", "b", "c"]
+
+
+def test_the_coarse_stage_carries_a_trained_level_head_that_prediction_reads(trained_model, phantom_dataset):
+    """The plan gives the coarse network a level head; its checkpoint holds the head's weights, and
+    prediction feeds every candidate's crop through it (probabilities over the plan's labels)."""
+    import torch
+
+    from spinelm.inference import Frame, Predictor
+    from spinelm.io.scan import read_scan
+    from spinelm.nnunet import run_preprocessor
+    from spinelm.plans import ModelFolder
+
+    model = ModelFolder(trained_model)
+    spec = model.plans.identification
+    assert spec is not None and spec["labels"] == list(model.plans.heads["segmentation"].labels)
+    state = torch.load(model.checkpoint(0, "final", "coarse"), map_location="cpu", weights_only=True)["network"]
+    assert any(k.startswith("level_head.") for k in state)
+    pr = Predictor.from_model_folder(trained_model, folds=[0])
+    img = sorted((phantom_dataset / "imagesTr").glob("*_0000.nii.gz"))[0]
+    image, geom, _ = read_scan([img])
+    data, _, info = run_preprocessor(image, geom.array_spacing, pr.plans, "coarse")
+    frame = Frame.from_info(geom, pr.plans.transpose_forward, info)
+    reader = pr.level_reader(None, None, (data, frame))
+    assert reader
+    world = frame.to_world(np.asarray([np.asarray(data.shape[1:]) / 2, np.asarray(data.shape[1:]) / 3]))
+    probs = reader(world)
+    assert len(probs) == 2 and set(probs[0]) == set(spec["labels"])
+    assert all(abs(sum(p.values()) - 1) < 1e-5 for p in probs)
