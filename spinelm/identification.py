@@ -32,8 +32,15 @@ from spinelm.classification import ClassHead
 #: processes and the tissue beside it (lungs, ribs).
 CROP_DISTANCES_CC = 8.0
 CROP_DISTANCES_ACROSS = 5.0
-#: Vertebra crops classified per training step (drawn uniformly over annotated vertebrae).
+#: Vertebra crops classified per training step.
 CROPS_PER_STEP = 6
+#: Crops are drawn with probability ``count(level) ** -BALANCE_POWER`` per annotated vertebra: 0 draws
+#: every vertebra alike, 1 every level alike. Runs placed anywhere on the column over-represent
+#: the mid-thoracic levels (19 whole-spine training phantoms: T4 14 times, L4, L5 and S1 once
+#: each), and a head drawn uniformly learns the rare levels last, where the ordering needs them to
+#: anchor the count (the thoracolumbar junction, the sacrum). The square root halves the imbalance
+#: without repeating the one L5 of a dataset as often as the fourteen T4s.
+BALANCE_POWER = 0.5
 #: Random shift of a training crop's centre (standard deviation, in neighbour distances): at
 #: prediction the crop is centred on a heatmap peak, not on the annotated centre.
 CENTRE_JITTER = 0.2
@@ -55,6 +62,7 @@ def plan_identification(coarse_cfg: dict, distance_mm: float, cc_axis: int, labe
     size = np.minimum(np.maximum(size, step), np.maximum(patch // step * step, step)).astype(int)
     return {"labels": [int(x) for x in labels], "crop_size": [int(x) for x in size],
             "crops_per_step": CROPS_PER_STEP, "loss_weight": LOSS_WEIGHT, "centre_jitter": CENTRE_JITTER,
+            "balance_power": BALANCE_POWER,
             "rationale": (f"a level head on the coarse encoder classifies a {'x'.join(map(str, size))}-voxel crop "
                           f"around each vertebra (about {CROP_DISTANCES_CC:g} neighbour distances along the column) "
                           f"into its level; its probabilities join the segmentation's before the ordering")}
@@ -111,12 +119,18 @@ class LevelCropSampler:
             self.arrays[case] = np.load(cache / f"{case}_data.npy", mmap_mode="r")
             self.items += [(case, self.index[int(lm["label"])], np.asarray(lm["index"], dtype=float)) for lm in lms]
 
+        counts: dict[int, int] = {}
+        for _, target, _ in self.items:
+            counts[target] = counts.get(target, 0) + 1
+        w = np.asarray([counts[t] ** -float(spec.get("balance_power", BALANCE_POWER)) for _, t, _ in self.items])
+        self.weights = w / w.sum() if len(w) else w
+
     def __len__(self) -> int:
         return len(self.items)
 
     def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         xs, ys = [], []
-        for k in rng.integers(0, len(self.items), self.n):
+        for k in rng.choice(len(self.items), self.n, p=self.weights):
             case, target, centre = self.items[int(k)]
             x = crop_at(self.arrays[case], centre + rng.normal(0, 1, 3) * self.jitter, self.crop_size)
             for ax in self.mirror_axes:

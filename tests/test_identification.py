@@ -48,10 +48,11 @@ def test_the_sampler_crops_annotated_vertebrae_with_their_level(tmp_path):
             return type("C", (), {"spacing": [3.0, 3.0, 3.0]})()
 
     s = ID.LevelCropSampler(tmp_path, ["a"], Plans())
-    assert len(s) == 2
+    assert len(s) == 2 and np.allclose(s.weights, [0.5, 0.5])
     b = s.batch(np.random.default_rng(0))
     assert b["level_image"].shape == (32, 1, 8, 8, 8) and set(b["level_target"].tolist()) <= {0, 1}
-    bright = b["level_image"].mean(dim=(1, 2, 3, 4)) > 0.2
+    flat = b["level_image"].flatten(1)
+    bright = (flat.max(1).values - flat.min(1).values) > 0.5  # intensity jitter scales and offsets a crop
     assert torch.equal(bright, b["level_target"] == 0)  # the first vertebra's crops hold its slab
 
 
@@ -79,3 +80,29 @@ def test_fusion_weights_the_level_head_and_keeps_a_distribution():
     assert ID.LEVEL_WEIGHT > 0.5 and max(fused, key=fused.get) == 21
     assert sum(fused.values()) == pytest.approx(1.0)
     assert ID.fuse(seg, lvl, weight=0.0)[20] == pytest.approx(0.9, abs=1e-6)
+
+
+def test_the_sampler_draws_rare_levels_more_often_than_their_share(tmp_path):
+    """Nine T4 crops and one L5: drawn by vertebra, L5 would be 10 % of the crops; the square-root
+    balance gives it 1 / (1 + 9 ** 0.5) = 25 %."""
+    from spinelm.io.files import write_json_atomic
+
+    np.save(tmp_path / "a_data.npy", np.zeros((1, 40, 20, 20), np.float32))
+    lms = [{"label": 11, "index": [3 + 3 * i, 10, 10]} for i in range(9)] + [{"label": 24, "index": [35, 10, 10]}]
+    write_json_atomic(tmp_path / "a.json", {"landmarks": lms})
+
+    class Plans:
+        identification = {"labels": [11, 24], "crop_size": [4, 4, 4], "crops_per_step": 4000, "centre_jitter": 0.0}
+        distance_mm = 30.0
+        mirror_axes = []
+
+        def configuration(self, name):
+            return type("C", (), {"spacing": [3.0, 3.0, 3.0]})()
+
+    share = float((ID.LevelCropSampler(tmp_path, ["a"], Plans()).batch(np.random.default_rng(0))["level_target"]
+                   == 1).float().mean())
+    assert abs(share - 0.25) < 0.03
+    Plans.identification = dict(Plans.identification, balance_power=0.0)
+    share = float((ID.LevelCropSampler(tmp_path, ["a"], Plans()).batch(np.random.default_rng(0))["level_target"]
+                   == 1).float().mean())
+    assert abs(share - 0.10) < 0.03
