@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             arr = np.stack([sitk.GetArrayFromImage(c).astype(np.float32) for c in canon])
             res = predictor.predict_array(arr, Geometry.from_sitk(canon[0]), str(f))
             rows.append({"case": case, "variant": variant, "flagged": bool(res.qc_reasons),
-                         "reasons": res.qc_reasons, "n_vertebrae": len(res.landmarks)})
+                         "reasons": res.qc_reasons, "n_vertebrae": len(res.landmarks), "turned": res.turned})
             print(f"{case:16s} {variant:11s} {'REVIEW' if res.qc_reasons else 'ok    '} "
                   f"{'; '.join(res.qc_reasons)[:150]}", flush=True)
     summary = {}
@@ -83,6 +83,16 @@ def main(argv=None) -> int:
           f"{clean['flagged']}/{clean['cases']}")
     for v, s in summary.items():
         print(f"  {v}: {s['flagged']}/{s['cases']} flagged")
+    if any(r["turned"] for r in rows):
+        print("turned-over comparison alone, by the evidence it ranks orientations by "
+              "(a scan is flagged when a turned orientation beats the stored one):")
+        for metric in [k for k, v in rows[0]["turned"][0].items() if k not in ("key", "name")] if rows[0]["turned"] else []:
+            flagged = {v: 0 for v in VARIANTS}
+            for r in rows:
+                if r["turned"]:
+                    stored = r["turned"][0][metric]
+                    flagged[r["variant"]] += any(t[metric] > stored for t in r["turned"][1:])
+            print(f"  {metric:11s} " + "  ".join(f"{v} {flagged[v]}/{summary[v]['cases']}" for v in VARIANTS))
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     return 0

@@ -126,8 +126,11 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
     level = plans.identification if configuration == "coarse" else None
     if level is not None:  # the coarse step also classifies vertebra crops into levels (spinelm.identification)
         n_lvl = int(level.get("crops_per_step", 6))
-        batch["level_image"] = torch.randn(n_lvl, plans.n_channels, *[int(x) for x in level["crop_size"]])
-        batch["level_target"] = torch.zeros(n_lvl, dtype=torch.long)
+        n_up = min(int(level.get("upright_crops", 0)), n_lvl)  # crops also shown turned over (upright head)
+        batch["level_image"] = torch.randn(n_lvl + n_up, plans.n_channels, *[int(x) for x in level["crop_size"]])
+        batch["level_target"] = torch.zeros(n_lvl + n_up, dtype=torch.long)
+        if n_up:
+            batch["upright_target"] = torch.zeros(n_lvl + n_up, dtype=torch.long)
     times = []
     for i in range(WARMUP_STEPS + TIMED_STEPS):
         if dev.type == "cuda":

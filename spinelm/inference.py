@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from spinelm.io.image import Frame
 from spinelm.network import split_heads
-from spinelm.sanity import confidence_reasons, header_reasons, orientation_reasons
+from spinelm.sanity import confidence_reasons, header_reasons, orientation_reasons, turned_over_reasons
 
 #: Heatmap peaks below this value (targets peak at 1) are not candidates. Low on purpose: the
 #: ordering weighs every candidate by its peak value, so the threshold only has to keep noise out;
@@ -330,6 +330,72 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
     return Labelled(cands, world, [i for i, _ in ordered], [lab for _, lab in ordered])
 
 
+# ------------------------------------------------------------------------- turned-over comparison
+
+#: Run the turned-over comparison (:meth:`Predictor.turned_over`) in :meth:`Predictor.predict_array`
+#: when the model has a coarse stage: it costs five more passes of the small coarse network.
+TURNED_CHECK = True
+
+
+def _axis_letter(frame: Frame, axis: int) -> str:
+    """``L``, ``P`` or ``S``: the world axis that preprocessed array axis ``axis`` runs along most."""
+    e = np.zeros((2, 3))
+    e[1, axis] = 1.0
+    w = frame.to_world(e)
+    return "LPS"[int(np.argmax(np.abs(w[1] - w[0])))]
+
+
+_AXIS_NAMES = {"L": "left-right", "P": "front-back", "S": "head-foot"}
+
+
+def turned_arrays(data: np.ndarray, cc_axis: int, spacing, frame: Frame) -> list[tuple[str, str, np.ndarray]]:
+    """The five ways a (C, X, Y, Z) preprocessed array would look had its header lied about the
+    head-foot axis, turned back: ``[(key, header fault in words, array)]``.
+
+    ``flip``: the head-foot axis reversed; ``swap_<letter>`` / ``swap_<letter>_flip``: the head-foot
+    axis exchanged with the axis that runs along world ``letter`` (L: left-right, P: front-back),
+    with either sign. Each turned array is read with the stored array's frame, as if the header had
+    been right for it; with anisotropic spacing the swapped axes are resampled to keep millimetres.
+    """
+    from scipy.ndimage import zoom
+
+    spacing = np.asarray(spacing, float)
+    cc = int(cc_axis)
+    out = [("flip", "head-foot axis flipped", np.ascontiguousarray(np.flip(data, 1 + cc)))]
+    for a in [i for i in range(3) if i != cc]:
+        swapped = np.swapaxes(data, 1 + cc, 1 + a)
+        if not np.isclose(spacing[a], spacing[cc], rtol=0.05):
+            factor = np.ones(4)
+            factor[1 + cc], factor[1 + a] = spacing[a] / spacing[cc], spacing[cc] / spacing[a]
+            swapped = zoom(swapped, factor, order=1)
+        letter = _axis_letter(frame, a)
+        name = f"head-foot axis swapped with the {_AXIS_NAMES[letter]} axis"
+        out.append((f"swap_{letter}", name, np.ascontiguousarray(swapped)))
+        out.append((f"swap_{letter}_flip", name + " (and flipped)", np.ascontiguousarray(np.flip(swapped, 1 + cc))))
+    return out
+
+
+def turned_evidence(lab: Labelled, level=None) -> dict:
+    """How much an orientation of the scan looks like a spine to the model: the ordered vertebrae
+    (``n``), the sum and mean of their heatmap peaks, the mean log probability of the label each got
+    (segmentation and level evidence fused); with a level head, the mean level probability of that
+    label alone; with an upright head, the mean probability that the crops are upright
+    (``upright``) and the sum of the peaks weighted by it (``upright_sum``)."""
+    kept = lab.kept
+    scores = np.asarray([lab.candidates[i].score for i in kept], float)
+    logp = [float(np.log(max(lab.candidates[i].label_probs.get(l, 0.0), 1e-4))) for i, l in zip(kept, lab.labels)]
+    row = {"n": len(kept), "peak_sum": float(scores.sum()), "peak_mean": float(scores.mean()) if len(kept) else 0.0,
+           "label_logp": float(np.mean(logp)) if logp else float(np.log(1e-4))}
+    if level:
+        probs = level(lab.candidate_world_mm[kept]) if kept else []
+        row["level_p"] = float(np.mean([p.get(l, 0.0) for p, l in zip(probs, lab.labels)])) if kept else 0.0
+        up = level.upright(lab.candidate_world_mm[kept])
+        if up is not None:
+            row["upright"] = float(up.mean()) if kept else 0.0
+            row["upright_sum"] = float((scores * up).sum())
+    return row
+
+
 # ------------------------------------------------------------------------------------------ predictor
 
 
@@ -343,6 +409,7 @@ class CaseResult:
     seconds: float = 0.0
     labelled: Labelled | None = None
     qc_reasons: list = field(default_factory=list)  # plain-words reasons to review (spinelm.sanity)
+    turned: list = field(default_factory=list)  # evidence of the turned-over comparison (turned_over_rows)
 
 
 def estimate_prediction_bytes(geometry, n_channels: int, target_spacing, n_outputs: int) -> tuple[int, int]:
@@ -545,6 +612,23 @@ class Predictor:
             landmarks = [replace(lm, confidence=float(c)) for lm, c in zip(landmarks, conf)]
         return CaseResult(landmarks, mask, len(lab.candidates), time.perf_counter() - t0, lab)
 
+    def turned_over(self, data, frame: Frame) -> list[dict]:
+        """The turned-over comparison: the coarse stage labels the scan preprocessed for it (``data``
+        in ``frame``) as stored and turned each way of :func:`turned_arrays`; one row per
+        orientation (``key`` ``stored`` first) with :func:`turned_evidence`. A header whose head-foot
+        axis is wrong shows up as a turned orientation that looks more like a spine than the stored
+        one (:func:`spinelm.sanity.turned_over_reasons`)."""
+        spacing = self.plans.configuration("coarse").spacing
+        rows = []
+        variants = [("stored", "as stored", np.asarray(data, np.float32))]
+        variants += turned_arrays(np.asarray(data, np.float32), self.plans.cc_axis, spacing, frame)
+        for key, name, arr in variants:
+            out = self.network_outputs(torch.as_tensor(arr), "coarse")
+            level = self.level_reader(arr, frame, (arr, frame))
+            lab = postprocess(out, self.plans, frame, "coarse", None, level)
+            rows.append({"key": key, "name": name, **turned_evidence(lab, level)})
+        return rows
+
     def classify(self, landmarks: list, data, instance_mask: np.ndarray) -> list:
         """``landmarks`` with the class probabilities of their vertebrae in ``instance_mask`` (VerSe labels,
         on the grid of the preprocessed ``data``), each from that vertebra's own voxels."""
@@ -595,19 +679,24 @@ class Predictor:
         header = header_reasons(np.asarray(geometry.size) * np.asarray(geometry.spacing),
                                 self.plans.raw.get("scan_extent_mm"))
         data, _, info = run_preprocessor(image, geometry.array_spacing, self.plans, self.configuration)
+        frame = Frame.from_info(geometry, self.plans.transpose_forward, info)
         coarse = None
         if self.uses_coarse:
             cdata, _, cinfo = run_preprocessor(image, geometry.array_spacing, self.plans, "coarse")
             coarse = (cdata, Frame.from_info(geometry, self.plans.transpose_forward, cinfo))
-        result = self.predict_preprocessed(data, Frame.from_info(geometry, self.plans.transpose_forward, info),
-                                           coarse=coarse)
+        result = self.predict_preprocessed(data, frame, coarse=coarse)
+        turned = []
+        if TURNED_CHECK and self.plans.has_coarse and (coarse is not None or self.configuration == "coarse"):
+            turned = self.turned_over(*(coarse if coarse is not None else (data, frame)))
         if result.instance_mask is not None:
             result.instance_mask = self._to_canonical_grid(result.instance_mask, info, geometry.shape)
         result.qc_reasons = header
         lab = result.labelled
         result.qc_reasons += orientation_reasons(lab.candidate_world_mm, [c.label_probs for c in lab.candidates],
                                                  lab.kept)
+        result.qc_reasons += turned_over_reasons(turned)
         result.qc_reasons += confidence_reasons(result.landmarks)
+        result.turned = turned
         result.seconds = time.perf_counter() - t0
         return result
 

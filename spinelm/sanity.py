@@ -112,3 +112,24 @@ def confidence_reasons(landmarks, below: float | None = None) -> list[str]:
     low = [f"{lm.name} {lm.confidence:.2f}" for lm in landmarks
            if lm.confidence is not None and lm.confidence < below]
     return [f"low confidence: {', '.join(low)}"] if low else []
+
+
+#: Which evidence of :func:`spinelm.inference.turned_evidence` the turned-over comparison ranks
+#: orientations by, and by how much a turned orientation must beat the stored one to be reported.
+TURNED_METRIC = "label_logp"
+TURNED_MARGIN = 0.0
+
+
+def turned_over_reasons(rows: list[dict], metric: str | None = None, margin: float | None = None) -> list[str]:
+    """A reason to review when the scan looks more like a spine to the model turned over than as
+    stored (``rows``: :meth:`spinelm.inference.Predictor.turned_over`, ``stored`` first)."""
+    metric = TURNED_METRIC if metric is None else metric
+    margin = TURNED_MARGIN if margin is None else margin
+    if not rows or rows[0]["key"] != "stored":
+        return []
+    stored, best = rows[0], max(rows[1:], key=lambda r: r[metric], default=None)
+    if best is None or best[metric] <= stored[metric] + margin:
+        return []
+    return [f"the scan looks more like a spine turned over ({best['name']}: {best['n']} vertebrae, evidence "
+            f"{best[metric]:.2f}) than as stored ({stored['n']} vertebrae, {stored[metric]:.2f}): "
+            f"{best['name']} in the header?"]

@@ -201,14 +201,18 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
                 xc = xc.contiguous(memory_format=torch.channels_last_3d)
             loss = loss + batch.get("class_weight", 1.0) * soft_cross_entropy(
                 class_logits(network, xc), batch["class_target"].to(device, non_blocking=True))
-        if "level_image" in batch:  # vertebra crops through the shared encoder and the level head
-            from spinelm.identification import level_logits
+        if "level_image" in batch:  # vertebra crops through the shared encoder, the level and upright heads
+            from spinelm.identification import IGNORE, level_and_upright_logits
 
             xl = batch["level_image"].to(device, non_blocking=True)
             if channels_last:
                 xl = xl.contiguous(memory_format=torch.channels_last_3d)
+            lv, up = level_and_upright_logits(network, xl)
             loss = loss + batch.get("level_weight", 1.0) * torch.nn.functional.cross_entropy(
-                level_logits(network, xl).float(), batch["level_target"].to(device, non_blocking=True))
+                lv.float(), batch["level_target"].to(device, non_blocking=True), ignore_index=IGNORE)
+            if up is not None and "upright_target" in batch:
+                loss = loss + batch.get("upright_weight", 0.5) * torch.nn.functional.cross_entropy(
+                    up.float(), batch["upright_target"].to(device, non_blocking=True))
     backward_and_step(loss, network, optimizer, scaler)
     return float(loss.detach())
 
@@ -519,14 +523,16 @@ def _with_level_crops(next_batch, plans, cache: Path, train_cases: list[str], co
             log.warning("the plan has a level head but no training case has annotated vertebrae: the head is not trained")
         return next_batch
     if main_rank:
-        log.info("level head: %d annotated vertebrae, %d crops %s per step", len(sampler), sampler.n,
-                 list(sampler.crop_size))
+        log.info("level head: %d annotated vertebrae, %d crops %s per step (%d of them also turned over for "
+                 "the upright head)", len(sampler), sampler.n, list(sampler.crop_size), sampler.n_turned)
     weight = float(plans.identification.get("loss_weight", 1.0))
+    upright_weight = float(plans.identification.get("upright_loss_weight", 0.5))
 
     def both():
         batch = next_batch()
         batch.update(sampler.batch(rng))
         batch["level_weight"] = weight
+        batch["upright_weight"] = upright_weight
         return batch
 
     return both

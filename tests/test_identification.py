@@ -43,6 +43,7 @@ def test_the_sampler_crops_annotated_vertebrae_with_their_level(tmp_path):
         identification = {"labels": [20, 21, 22], "crop_size": [8, 8, 8], "crops_per_step": 32, "centre_jitter": 0.0}
         distance_mm = 30.0
         mirror_axes = [1, 2]
+        cc_axis = 0
 
         def configuration(self, name):
             return type("C", (), {"spacing": [3.0, 3.0, 3.0]})()
@@ -54,6 +55,15 @@ def test_the_sampler_crops_annotated_vertebrae_with_their_level(tmp_path):
     flat = b["level_image"].flatten(1)
     bright = (flat.max(1).values - flat.min(1).values) > 0.5  # intensity jitter scales and offsets a crop
     assert torch.equal(bright, b["level_target"] == 0)  # the first vertebra's crops hold its slab
+    assert "upright_target" not in b  # a plan without the upright head
+
+    # with the upright head: the first crops again, head over foot, for the upright head only
+    Plans.identification = dict(Plans.identification, upright_crops=4, crops_per_step=8)
+    b = ID.LevelCropSampler(tmp_path, ["a"], Plans()).batch(np.random.default_rng(1))
+    x, t = b["level_image"].numpy(), b["level_target"].tolist()
+    assert x.shape[0] == 12 and t[8:] == [ID.IGNORE] * 4 and set(t[:8]) <= {0, 1}
+    assert b["upright_target"].tolist() == [1] * 8 + [0] * 4
+    assert np.array_equal(x[8:], x[:4, :, ::-1])  # reversed along the column (cc axis 0)
 
 
 def test_the_level_head_decides_a_run_that_the_segmentation_cannot_tell_apart():
@@ -95,6 +105,7 @@ def test_the_sampler_draws_rare_levels_more_often_than_their_share(tmp_path):
         identification = {"labels": [11, 24], "crop_size": [4, 4, 4], "crops_per_step": 4000, "centre_jitter": 0.0}
         distance_mm = 30.0
         mirror_axes = []
+        cc_axis = 0
 
         def configuration(self, name):
             return type("C", (), {"spacing": [3.0, 3.0, 3.0]})()

@@ -365,6 +365,7 @@ def test_the_coarse_stage_carries_a_trained_level_head_that_prediction_reads(tra
     assert spec is not None and spec["labels"] == list(model.plans.heads["segmentation"].labels)
     state = torch.load(model.checkpoint(0, "final", "coarse"), map_location="cpu", weights_only=True)["network"]
     assert any(k.startswith("level_head.") for k in state)
+    assert spec["upright_crops"] > 0 and any(k.startswith("upright_head.") for k in state)
     pr = Predictor.from_model_folder(trained_model, folds=[0])
     img = sorted((phantom_dataset / "imagesTr").glob("*_0000.nii.gz"))[0]
     image, geom, _ = read_scan([img])
@@ -376,3 +377,91 @@ def test_the_coarse_stage_carries_a_trained_level_head_that_prediction_reads(tra
     probs = reader(world)
     assert len(probs) == 2 and set(probs[0]) == set(spec["labels"])
     assert all(abs(sum(p.values()) - 1) < 1e-5 for p in probs)
+    up = reader.upright(world)
+    assert up.shape == (2,) and np.all((up >= 0) & (up <= 1))
+
+
+def _lying_header(src: Path, dst: Path, fault: str) -> Path:
+    """``src`` rewritten with its voxels untouched and the direction matrix lying about the head-foot
+    axis: ``flip`` (reversed) or ``swap_lr`` (exchanged with the left-right axis)."""
+    import SimpleITK as sitk
+
+    im = sitk.ReadImage(str(src))
+    d = np.asarray(im.GetDirection(), float).reshape(3, 3)
+    si = int(np.argmax(np.abs(d[2])))
+    if fault == "flip":
+        d[:, si] = -d[:, si]
+    else:
+        lr = int(np.argmax(np.abs(d[0])))
+        d[:, [si, lr]] = d[:, [lr, si]]
+    im.SetDirection(tuple(d.ravel()))
+    sitk.WriteImage(im, str(dst))
+    return dst
+
+
+def _coarse(predictor, path):
+    from spinelm.inference import Frame
+    from spinelm.nnunet import run_preprocessor
+
+    image, geom, _ = read_scan([path])
+    data, _, info = run_preprocessor(image, geom.array_spacing, predictor.plans, "coarse")
+    return data, Frame.from_info(geom, predictor.plans.transpose_forward, info)
+
+
+def test_turning_back_a_lying_header_gives_the_scan_as_it_should_be(trained_model, phantom_dataset, tmp_path):
+    """The turned-over comparison relies on this: one of the turned arrays of a scan whose header
+    lies about the head-foot axis is the correctly stored scan, and its key names the fault."""
+    from scipy.ndimage import zoom
+
+    from spinelm.inference import turned_arrays
+
+    predictor = Predictor.from_model_folder(trained_model, folds=[0])
+    src = sorted((phantom_dataset / "imagesTr").glob("*_0000.nii.gz"))[0]
+    clean, _ = _coarse(predictor, src)
+    spacing = predictor.plans.configuration("coarse").spacing
+    for fault, key in (("flip", "flip"), ("swap_lr", "swap_L")):
+        data, frame = _coarse(predictor, _lying_header(src, tmp_path / f"{fault}_0000.nii.gz", fault))
+        turned = turned_arrays(data, predictor.plans.cc_axis, spacing, frame)
+        assert len(turned) == 5
+
+        def similarity(a):  # resampling the swapped axes may gain or lose a voxel at the border
+            if np.any(np.abs(np.subtract(a.shape, clean.shape)) > 2):
+                return -1.0
+            a = zoom(a, np.divide(clean.shape, a.shape), order=1)
+            return float(np.corrcoef(a.ravel(), clean.ravel())[0, 1])
+        sims = sorted(((similarity(t[2]), t[0], t[1]) for t in turned), reverse=True)
+        # the right one matches (resampled twice when the spacing is anisotropic), no other does
+        assert sims[0][0] > 0.85 and sims[1][0] < 0.5, (fault, sims)
+        best = (sims[0][1], sims[0][2])
+        assert best[0].startswith(key) and "head-foot axis" in best[1]
+
+
+def test_a_scan_that_looks_like_a_spine_only_turned_over_is_flagged_with_the_fault(trained_model, phantom_dataset,
+                                                                                   tmp_path, monkeypatch):
+    """A coarse stage that responds to the correctly oriented scan only: stored correctly, no turned
+    reason; stored with a flipped header, the review reason names the flip."""
+    predictor = Predictor.from_model_folder(trained_model, folds=[0])
+    src = sorted((phantom_dataset / "imagesTr").glob("*_0000.nii.gz"))[0]
+    upright, _ = _coarse(predictor, src)
+    fake = _fake_outputs(predictor)
+    real = Predictor.network_outputs
+
+    def outputs(self, data, configuration=None):
+        if configuration != "coarse":
+            return real(self, data, configuration)
+        out = fake(data)
+        arr = data.numpy()
+        looks_right = arr.shape == upright.shape and np.corrcoef(arr.ravel(), upright.ravel())[0, 1] > 0.99
+        if not looks_right:
+            out["heatmap"] = out["heatmap"] * 0.2  # weak, unconvincing peaks
+            out["segmentation"] = torch.ones_like(out["segmentation"]) / len(out["segmentation"])
+        return out
+    monkeypatch.setattr(Predictor, "network_outputs", outputs)
+    for path, flipped in ((src, False), (_lying_header(src, tmp_path / "f_0000.nii.gz", "flip"), True)):
+        image, geom, _ = read_scan([path])
+        result = predictor.predict_array(image, geom, str(path))
+        assert [r["key"] for r in result.turned][0] == "stored" and len(result.turned) == 6
+        turned = [r for r in result.qc_reasons if "turned over" in r]
+        assert bool(turned) == flipped, result.qc_reasons
+        if flipped:
+            assert "head-foot axis flipped" in turned[0]
