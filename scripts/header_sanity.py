@@ -7,10 +7,12 @@ untouched, only the direction matrix corrupted, as a broken conversion writes it
 reasons (:mod:`spinelm.sanity`) are recorded; a corrupted scan counts as caught when it gets any.
 
     python scripts/header_sanity.py MODEL_DIR HELD_OUT [--folds 0] [--out results.json] [--device cpu]
+    python scripts/header_sanity.py MODEL_DIR HELD_OUT --rescore results.json
 
 HELD_OUT: a dataset folder (``imagesTr/``) or a folder of ``CASE_0000.nii.gz`` files.
 
-Prints one line per scan and variant and the caught / false-alarm shares.
+Prints one line per scan and variant and the caught / false-alarm shares: for any QC reason, for
+the orientation reasons alone (all but low confidence), and for the turned-over comparison alone.
 """
 from __future__ import annotations
 
@@ -40,6 +42,47 @@ def corrupt(image, variant: str):
     return out
 
 
+def summarise(rows: list[dict]) -> dict:
+    """Print and return the caught / false-alarm counts: any QC reason, the orientation reasons only
+    (every reason but low confidence), and the turned-over comparison alone (its current rule,
+    re-applied to the recorded evidence)."""
+    from spinelm.sanity import turned_over_reasons
+
+    turned_prefix = "the scan looks more like a spine turned over"
+    level_prefix = "the label evidence increases towards the head"
+    for r in rows:  # the current rule of the turned-over comparison, on the recorded evidence
+        if r.get("turned"):
+            r["reasons"] = [x for x in r["reasons"] if not x.startswith((turned_prefix, level_prefix))] + \
+                turned_over_reasons(r["turned"])
+    kinds = {
+        "any QC reason": lambda r: bool(r["reasons"]),
+        "orientation reasons": lambda r: any(not x.startswith("low confidence") for x in r["reasons"]),
+        "turned-over comparison": lambda r: bool(turned_over_reasons(r.get("turned") or [])),
+    }
+    summary = {}
+    for kind, flagged in kinds.items():
+        per = {v: [flagged(r) for r in rows if r["variant"] == v] for v in VARIANTS}
+        caught = sum(sum(per[v]) for v in VARIANTS[1:])
+        n_bad = sum(len(per[v]) for v in VARIANTS[1:])
+        print(f"{kind}: corrupted headers caught {caught}/{n_bad} ({100 * caught / max(n_bad, 1):.0f}%), false alarms "
+              f"on clean scans {sum(per['clean'])}/{len(per['clean'])}; "
+              + ", ".join(f"{v} {sum(per[v])}/{len(per[v])}" for v in VARIANTS))
+        summary[kind] = {v: {"cases": len(per[v]), "flagged": int(sum(per[v]))} for v in VARIANTS}
+    if any(r.get("turned") for r in rows):
+        print("turned-over comparison under each evidence it records (flagged when a turned orientation beats "
+              "the stored one):")
+        first = next(r["turned"] for r in rows if r.get("turned"))
+        for metric in [k for k in first[0] if k not in ("key", "name")]:
+            flagged = {v: 0 for v in VARIANTS}
+            for r in rows:
+                if r.get("turned"):
+                    stored = r["turned"][0][metric]
+                    flagged[r["variant"]] += any(t[metric] > stored for t in r["turned"][1:])
+            print(f"  {metric:11s} " + "  ".join(f"{v} {flagged[v]}/{summary['any QC reason'][v]['cases']}"
+                                                for v in VARIANTS))
+    return summary
+
+
 def main(argv=None) -> int:
     import SimpleITK as sitk
     from tqdm import tqdm
@@ -53,7 +96,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--folds", default=None, help="folds to use, e.g. 0 (default: every trained fold)")
+    ap.add_argument("--rescore", default=None, metavar="RESULTS_JSON",
+                    help="re-apply the current rules to a results file of an earlier run (no model is run)")
     args = ap.parse_args(argv)
+    if args.rescore:
+        summarise(json.loads(Path(args.rescore).read_text())["rows"])
+        return 0
     folds = None if args.folds is None else [int(f) for f in args.folds.split(",")]
     predictor = Predictor.from_model_folder(args.model, folds=folds, device=args.device)
     root = Path(args.dataset)
@@ -71,28 +119,7 @@ def main(argv=None) -> int:
                          "reasons": res.qc_reasons, "n_vertebrae": len(res.landmarks), "turned": res.turned})
             print(f"{case:16s} {variant:11s} {'REVIEW' if res.qc_reasons else 'ok    '} "
                   f"{'; '.join(res.qc_reasons)[:150]}", flush=True)
-    summary = {}
-    for variant in VARIANTS:
-        sel = [r for r in rows if r["variant"] == variant]
-        summary[variant] = {"cases": len(sel), "flagged": sum(r["flagged"] for r in sel)}
-    corrupted = [r for r in rows if r["variant"] != "clean"]
-    caught = sum(r["flagged"] for r in corrupted)
-    clean = summary["clean"]
-    print(f"corrupted headers caught: {caught}/{len(corrupted)} "
-          f"({100 * caught / max(len(corrupted), 1):.0f}%); false alarms on clean scans: "
-          f"{clean['flagged']}/{clean['cases']}")
-    for v, s in summary.items():
-        print(f"  {v}: {s['flagged']}/{s['cases']} flagged")
-    if any(r["turned"] for r in rows):
-        print("turned-over comparison alone, by the evidence it ranks orientations by "
-              "(a scan is flagged when a turned orientation beats the stored one):")
-        for metric in [k for k, v in rows[0]["turned"][0].items() if k not in ("key", "name")] if rows[0]["turned"] else []:
-            flagged = {v: 0 for v in VARIANTS}
-            for r in rows:
-                if r["turned"]:
-                    stored = r["turned"][0][metric]
-                    flagged[r["variant"]] += any(t[metric] > stored for t in r["turned"][1:])
-            print(f"  {metric:11s} " + "  ".join(f"{v} {flagged[v]}/{summary[v]['cases']}" for v in VARIANTS))
+    summary = summarise(rows)
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     return 0

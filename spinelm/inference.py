@@ -693,7 +693,7 @@ class Predictor:
         result.qc_reasons = header
         lab = result.labelled
         result.qc_reasons += orientation_reasons(lab.candidate_world_mm, [c.label_probs for c in lab.candidates],
-                                                 lab.kept)
+                                                 lab.kept, level_order=not turned)
         result.qc_reasons += turned_over_reasons(turned)
         result.qc_reasons += confidence_reasons(result.landmarks)
         result.turned = turned

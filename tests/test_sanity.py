@@ -49,3 +49,43 @@ def test_spearman_is_a_rank_correlation():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == 1.0
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     assert spearman([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def _rows(stored: dict, **turned: dict):
+    """Turned-over comparison rows: ``stored`` and each turned orientation's peak sum and upright probability."""
+    names = {"flip": "head-foot axis flipped", "swap_L": "head-foot axis swapped with the left-right axis"}
+
+    def row(key, name, ev):
+        out = {"key": key, "name": name, "n": 5, "peak_sum": ev["peaks"]}
+        if "up" in ev:
+            out.update(upright=ev["up"], upright_sum=ev["peaks"] * ev["up"])
+        return out
+    return [row("stored", "as stored", stored)] + [row(k, names[k], v) for k, v in turned.items()]
+
+
+def test_an_upside_down_scan_is_named_by_the_upright_head():
+    from spinelm.sanity import turned_over_reasons
+
+    assert turned_over_reasons(_rows({"peaks": 3.1, "up": 1.0}, flip={"peaks": 3.2, "up": 0.0})) == []
+    reasons = turned_over_reasons(_rows({"peaks": 3.2, "up": 0.01}, flip={"peaks": 3.1, "up": 1.0}))
+    assert len(reasons) == 1 and "head-foot axis flipped in the header" in reasons[0]
+
+
+def test_a_head_that_learned_no_orientation_raises_no_flip_flag():
+    """Phantoms whose vertebrae are symmetric head to foot: the upright head says 0.6-0.75 for every
+    orientation and the peaks differ by a few per cent; nothing is flagged."""
+    from spinelm.sanity import turned_over_reasons
+
+    assert turned_over_reasons(_rows({"peaks": 3.2, "up": 0.62}, flip={"peaks": 3.7, "up": 0.74})) == []
+
+
+def test_a_column_across_the_header_axis_is_named_by_the_peaks():
+    from spinelm.sanity import turned_over_reasons
+
+    reasons = turned_over_reasons(_rows({"peaks": 1.1, "up": 0.6}, flip={"peaks": 1.0, "up": 0.7},
+                                        swap_L={"peaks": 3.4, "up": 0.7}))
+    assert len(reasons) == 1 and "swapped with the left-right axis" in reasons[0]
+    # a model without an upright head: the peaks alone
+    assert "swapped" in turned_over_reasons(_rows({"peaks": 1.1}, swap_L={"peaks": 3.4}))[0]
+    assert turned_over_reasons(_rows({"peaks": 3.0}, flip={"peaks": 3.3})) == []
+    assert turned_over_reasons([]) == [] and turned_over_reasons(_rows({"peaks": 1.0})) == []
