@@ -52,8 +52,11 @@ LEVEL_WEIGHT = 0.75
 #: (reversed along the column), and a second small head on the same pooled features learns to tell
 #: the two apart. Nothing else in training shows the network a scan upside down, so without it the
 #: model labels a scan whose header reverses the head-foot axis as confidently as an upright one
-#: (measured on real lumbar MR: the level head's evidence was higher turned over than as stored on
-#: 1 of 7 clean scans, and the turned-over comparison of :mod:`spinelm.sanity` cannot decide).
+#: (measured on real lumbar MR, fold 0: without the head, the label and level evidence favoured the
+#: reversed scan on 3-5 of 7 clean scans; with it, the head gave 0.00-0.02 to the 7 reversed scans
+#: and 1.00 to the upright ones, and the lumbar labels were as good: 1.000 identified, 1.57 mm).
+#: It learns from anatomy that is not symmetric head to foot; on whole-spine phantoms, whose
+#: vertebrae nearly are, it stayed at 0.6-0.75 for every orientation.
 UPRIGHT_CROPS = 3
 #: Weight of the upright head's cross-entropy in the coarse stage's loss.
 UPRIGHT_LOSS_WEIGHT = 0.5

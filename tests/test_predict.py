@@ -465,3 +465,15 @@ def test_a_scan_that_looks_like_a_spine_only_turned_over_is_flagged_with_the_fau
         assert bool(turned) == flipped, result.qc_reasons
         if flipped:
             assert "head-foot axis flipped" in turned[0]
+    # from the command line: the reason reaches summary.csv; --no-header-check skips the comparison
+    from spinelm.cli import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "f_0000.nii.gz").symlink_to(tmp_path / "f_0000.nii.gz")
+    for flag, expected in (([], True), (["--no-header-check"], False)):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["predict", "-i", str(inputs), "-o", str(out), "-m", str(trained_model), "-f", "0",
+                     "--no-progress", "--no-qc", *flag]) == 0
+        row = next(csv.DictReader(open(out / "summary.csv")))
+        assert ("head-foot axis flipped" in row["qc_reasons"]) == expected, row["qc_reasons"]
