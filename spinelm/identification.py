@@ -89,12 +89,6 @@ def attach_level_head(network: torch.nn.Module, spec: dict) -> torch.nn.Module:
     return network
 
 
-def level_logits(network: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
-    """(B, n_labels) logits for crops (B, C, X, Y, Z) through the shared encoder and the level head."""
-    net = network.module if hasattr(network, "module") else network
-    return net.level_head(net.encoder(crops))
-
-
 def level_and_upright_logits(network: torch.nn.Module, crops: torch.Tensor):
     """``(level logits (B, n_labels), upright logits (B, 2) or None)`` for crops through the shared
     encoder once; None when the network has no upright head."""
@@ -193,45 +187,40 @@ class LevelReader:
     def __bool__(self) -> bool:
         return bool(self.networks)
 
-    @torch.no_grad()
     def __call__(self, world_mm: np.ndarray) -> list[dict[int, float]]:
+        """Level probabilities at each world point."""
+        return self.read(world_mm)[0]
+
+    def upright(self, world_mm: np.ndarray) -> np.ndarray | None:
+        """Probability that the scan is upright (not head over foot) from the crop at each world
+        point, averaged over the networks with an upright head; None when none has one."""
+        return self.read(world_mm)[1]
+
+    @torch.no_grad()
+    def read(self, world_mm: np.ndarray) -> tuple[list[dict[int, float]], np.ndarray | None]:
+        """Both heads from one crop and one encoder pass per world point and network: ``(level
+        probabilities, upright probabilities or None)``."""
         world_mm = np.asarray(world_mm, dtype=float).reshape(-1, 3)
+        has_upright = any(hasattr(n, "upright_head") for n in self.networks)
         if not len(world_mm):
-            return []
-        vox = self.frame.from_world(world_mm)
-        crops = np.stack([crop_at(self.data, v, self.size) for v in vox])
-        total = np.zeros((len(crops), len(self.labels)))
+            return [], (np.zeros(0) if has_upright else None)
+        crops = np.stack([crop_at(self.data, v, self.size) for v in self.frame.from_world(world_mm)])
+        level = np.zeros((len(crops), len(self.labels)))
+        up, n_up = np.zeros(len(crops)), 0
         for net in self.networks:
             was = net.training
             net.eval()
             for i in range(0, len(crops), self.batch):
                 x = torch.as_tensor(crops[i:i + self.batch]).to(self.device)
-                total[i:i + len(x)] += torch.softmax(level_logits(net, x).float(), 1).cpu().numpy()
+                lv, u = level_and_upright_logits(net, x)
+                level[i:i + len(x)] += torch.softmax(lv.float(), 1).cpu().numpy()
+                if u is not None:
+                    up[i:i + len(x)] += torch.softmax(u.float(), 1)[:, 1].cpu().numpy()
+            n_up += hasattr(net, "upright_head")
             net.train(was)
-        total /= len(self.networks)
-        return [{lab: float(p) for lab, p in zip(self.labels, row)} for row in total]
-
-    @torch.no_grad()
-    def upright(self, world_mm: np.ndarray) -> np.ndarray | None:
-        """Probability that the scan is upright (not head over foot) from the crop at each world
-        point, averaged over the networks with an upright head; None when none has one."""
-        nets = [n for n in self.networks if hasattr(n, "upright_head")]
-        world_mm = np.asarray(world_mm, dtype=float).reshape(-1, 3)
-        if not nets:
-            return None
-        if not len(world_mm):
-            return np.zeros(0)
-        crops = np.stack([crop_at(self.data, v, self.size) for v in self.frame.from_world(world_mm)])
-        total = np.zeros(len(crops))
-        for net in nets:
-            was = net.training
-            net.eval()
-            for i in range(0, len(crops), self.batch):
-                x = torch.as_tensor(crops[i:i + self.batch]).to(self.device)
-                _, up = level_and_upright_logits(net, x)
-                total[i:i + len(x)] += torch.softmax(up.float(), 1)[:, 1].cpu().numpy()
-            net.train(was)
-        return total / len(nets)
+        level /= len(self.networks)
+        probs = [{lab: float(p) for lab, p in zip(self.labels, row)} for row in level]
+        return probs, (up / n_up if n_up else None)
 
 
 def fuse(segmentation: dict[int, float], level: dict[int, float], weight: float | None = None,

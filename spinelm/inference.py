@@ -390,9 +390,8 @@ def turned_evidence(lab: Labelled, level=None) -> dict:
     row = {"n": len(kept), "peak_sum": float(scores.sum()), "peak_mean": float(scores.mean()) if len(kept) else 0.0,
            "label_logp": float(np.mean(logp)) if logp else float(np.log(1e-4))}
     if level:
-        probs = level(lab.candidate_world_mm[kept]) if kept else []
+        probs, up = level.read(lab.candidate_world_mm[kept])
         row["level_p"] = float(np.mean([p.get(label, 0.0) for p, label in zip(probs, lab.labels)])) if kept else 0.0
-        up = level.upright(lab.candidate_world_mm[kept])
         if up is not None:
             row["upright"] = float(up.mean()) if kept else 0.0
             row["upright_sum"] = float((scores * up).sum())
@@ -413,6 +412,7 @@ class CaseResult:
     labelled: Labelled | None = None
     qc_reasons: list = field(default_factory=list)  # plain-words reasons to review (spinelm.sanity)
     turned: list = field(default_factory=list)  # evidence of the turned-over comparison (Predictor.turned_over)
+    coarse_outputs: dict | None = field(default=None, repr=False)  # the coarse stage's outputs on the scan as stored
 
 
 def estimate_prediction_bytes(geometry, n_channels: int, target_spacing, n_outputs: int) -> tuple[int, int]:
@@ -614,20 +614,23 @@ class Predictor:
 
             conf = self.calibration(vertebra_features(lab, self.plans.distance_mm))
             landmarks = [replace(lm, confidence=float(c)) for lm, c in zip(landmarks, conf)]
-        return CaseResult(landmarks, mask, len(lab.candidates), time.perf_counter() - t0, lab)
+        stored = coarse_out[0] if coarse_out is not None else pred if self.configuration == "coarse" else None
+        return CaseResult(landmarks, mask, len(lab.candidates), time.perf_counter() - t0, lab, coarse_outputs=stored)
 
-    def turned_over(self, data, frame: Frame) -> list[dict]:
+    def turned_over(self, data, frame: Frame, stored_outputs: dict | None = None) -> list[dict]:
         """The turned-over comparison: the coarse stage labels the scan preprocessed for it (``data``
         in ``frame``) as stored and turned each way of :func:`turned_arrays`; one row per
         orientation (``key`` ``stored`` first) with :func:`turned_evidence`. A header whose head-foot
         axis is wrong shows up as a turned orientation that looks more like a spine than the stored
-        one (:func:`spinelm.sanity.turned_over_reasons`)."""
+        one (:func:`spinelm.sanity.turned_over_reasons`). ``stored_outputs``: the coarse outputs on
+        ``data`` when the prediction already has them (not computed again)."""
         spacing = self.plans.configuration("coarse").spacing
         rows = []
         variants = [("stored", "as stored", np.asarray(data, np.float32))]
         variants += turned_arrays(np.asarray(data, np.float32), self.plans.cc_axis, spacing, frame)
         for key, name, arr in variants:
-            out = self.network_outputs(torch.as_tensor(arr), "coarse")
+            out = stored_outputs if key == "stored" and stored_outputs is not None else \
+                self.network_outputs(torch.as_tensor(arr), "coarse")
             level = self.level_reader(arr, frame, (arr, frame))
             lab = postprocess(out, self.plans, frame, "coarse", None, level)
             rows.append({"key": key, "name": name, **turned_evidence(lab, level)})
@@ -691,7 +694,8 @@ class Predictor:
         result = self.predict_preprocessed(data, frame, coarse=coarse)
         turned = []
         if self.turned_check and self.plans.has_coarse and (coarse is not None or self.configuration == "coarse"):
-            turned = self.turned_over(*(coarse if coarse is not None else (data, frame)))
+            turned = self.turned_over(*(coarse if coarse is not None else (data, frame)), result.coarse_outputs)
+        result.coarse_outputs = None  # not kept with the result
         if result.instance_mask is not None:
             result.instance_mask = self._to_canonical_grid(result.instance_mask, info, geometry.shape)
         result.qc_reasons = header
