@@ -50,7 +50,7 @@ def cmd_synth(args) -> int:
     cfg = PhantomConfig(modality=args.modality, min_vertebrae=args.min_vertebrae, max_vertebrae=args.max_vertebrae,
                         slice_thickness_mm=args.slice_thickness, protocol=args.protocol, channels=channels,
                         max_voxels=args.max_voxels, last_label=args.last_label, p_class=args.abnormal / 2,
-                        structures=args.structures)
+                        structures=args.structures, ribs=args.ribs)
     t0 = time.time()
     out = synthesize_dataset(args.out, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled,
                              with_classes=not args.no_classes, progress=not args.no_progress, loose=args.loose)
@@ -253,6 +253,11 @@ def cmd_calibrate(args) -> int:
     print(f"calibrated on {f['vertebrae']} validation vertebrae of fold(s) {', '.join(map(str, f['folds']))} "
           f"({f['cases']} cases, {100 * f['identified_share']:.0f}% identified); expected calibration error on them "
           f"{f['ece']:.3f}")
+    if "held_out_ece" in f:
+        print(f"held out (each fold scored by a fit on the other folds, {f['held_out_vertebrae']} vertebrae): "
+              f"expected calibration error {f['held_out_ece']:.3f}")
+    else:
+        print("held-out error not measured: train two or more folds (--fold all) to measure it")
     print(f"written: {model.root / CALIBRATION_FILE} (predict now writes 'confidence' per vertebra)")
     return 0
 
@@ -363,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--structures", action="store_true",
                    help="masks also carry discs (100 + the vertebra above), canal (61) and cord (60), as in "
                         "TPTBox: spinelm then trains an auxiliary structures head")
+    s.add_argument("--ribs", action="store_true",
+                   help="draw a pair of ribs at every thoracic vertebra (bone in the image, not in the mask): "
+                        "they fall away from the spine towards the feet, the head-foot cue of a thoracic field "
+                        "of view (default: no ribs, as in the phantoms of the figures measured before them)")
     s.add_argument("--no-classes", action="store_true", help="do not write classesTr.csv")
     s.set_defaults(func=cmd_synth)
 

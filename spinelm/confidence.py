@@ -14,7 +14,9 @@ Signals of a kept vertebra (:func:`vertebra_features`):
 A logistic model on these (:class:`Calibration`) is fitted by ``spinelm calibrate MODEL`` (and at
 the end of training) on every fold's validation cases, run through the same predictor, and stored
 in ``MODEL/calibration.json``; prediction then writes ``confidence`` for every vertebra. Without a
-calibration file no confidence is written. No SimpleITK here.
+calibration file no confidence is written. With two or more folds, the error on vertebrae the fit
+has not seen is measured too, by fitting on all folds but one (:func:`cross_fitted`). No SimpleITK
+here.
 """
 from __future__ import annotations
 
@@ -209,11 +211,42 @@ def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", prog
     return records
 
 
+def _stack(records) -> tuple[np.ndarray, np.ndarray]:
+    x = [r[2] for r in records if len(r[2])]
+    y = [r[3] for r in records if len(r[3])]
+    return (np.vstack(x) if x else np.zeros((0, len(FEATURES))), np.concatenate(y) if y else np.zeros(0))
+
+
+def cross_fitted(records) -> tuple[dict[int, Calibration], np.ndarray, np.ndarray]:
+    """Held-out check of the calibration: for every fold, a model fitted on the other folds'
+    validation vertebrae only. Returns those models by fold, and the confidence each gives its own
+    fold's vertebrae with their outcomes (pooled, in record order). Needs two or more folds."""
+    folds = sorted({r[0] for r in records})
+    if len(folds) < 2:
+        raise ValueError("a held-out calibration check needs two or more trained folds")
+    models, prob, outcome = {}, [], []
+    for fold in folds:
+        x, y = _stack([r for r in records if r[0] != fold])
+        models[fold] = Calibration.fit(x, y, folds=[f for f in folds if f != fold])
+        for r in records:
+            if r[0] == fold and len(r[2]):
+                prob.append(models[fold](r[2]))
+                outcome.append(np.asarray(r[3], float))
+    return (models, np.concatenate(prob) if prob else np.zeros(0),
+            np.concatenate(outcome) if outcome else np.zeros(0))
+
+
 def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True) -> Calibration:
-    """Fit and store ``calibration.json`` in the model folder."""
+    """Fit and store ``calibration.json`` in the model folder. With two or more folds the file also
+    records the held-out figure (``fitted_on.held_out_ece``): each fold's vertebrae scored by a model
+    fitted on the other folds (:func:`cross_fitted`), the error to expect on new scans."""
     records = collect(model_dir, folds, device, progress)
-    x = np.vstack([r[2] for r in records if len(r[2])]) if any(len(r[2]) for r in records) else np.zeros((0, 4))
-    y = np.concatenate([r[3] for r in records]) if records else np.zeros(0)
-    cal = Calibration.fit(x, y, folds=sorted({r[0] for r in records}), cases=len(records), checkpoint="final")
+    x, y = _stack(records)
+    info = {}
+    if len({r[0] for r in records}) >= 2 and len(y):
+        _, p, o = cross_fitted(records)
+        info = {"held_out_ece": expected_calibration_error(p, o), "held_out_vertebrae": int(len(o))}
+    cal = Calibration.fit(x, y, folds=sorted({r[0] for r in records}), cases=len(records), checkpoint="final",
+                          **info)
     cal.save(Path(model_dir) / CALIBRATION_FILE)
     return cal

@@ -207,8 +207,11 @@ def calibrate_quietly(model_dir, device: str = "cpu", progress: bool = True):
     except Exception as exc:  # noqa: BLE001 - training results stay valid without confidences
         log.warning("no calibration: %s", exc)
         return None
-    log.info("calibrated per-vertebra confidence on %d validation vertebrae (%.0f%% identified)",
-             cal.fitted_on["vertebrae"], 100 * cal.fitted_on["identified_share"])
+    f = cal.fitted_on
+    held = (f"; held-out expected calibration error {f['held_out_ece']:.3f} (each fold scored by a fit on the "
+            f"others)") if "held_out_ece" in f else ""
+    log.info("calibrated per-vertebra confidence on %d validation vertebrae (%.0f%% identified)%s",
+             f["vertebrae"], 100 * f["identified_share"], held)
     return cal
 
 

@@ -108,6 +108,11 @@ class PhantomConfig:
         channels: Dixon channels: 2 (water, fat) or 4 (water, fat, in-phase, opposed-phase).
         structures: the mask also carries discs (100 + the label of the vertebra above), the canal
             (61) and the cord (60), in the TPTBox convention.
+        ribs: draw a pair of ribs at every thoracic vertebra (bone in the image, background in the
+            mask, as in VerSe): from the head on the upper body past the transverse process, down
+            and round the chest, the lower ones shorter. Ribs are what tells head from foot in a
+            thoracic field of view (they fall away from the spine towards the feet). Off by default:
+            the phantoms of the figures measured before ribs existed are reproduced without them.
     """
 
     modality: str = "MR"
@@ -123,6 +128,7 @@ class PhantomConfig:
     protocol: str = "spine"
     channels: int = 1
     structures: bool = False
+    ribs: bool = False
 
     @property
     def voxel_limit(self) -> int:
@@ -490,8 +496,10 @@ def _rasterise_vertebra(geom: Geometry, vert: _Vertebra, nxt: _Vertebra | None, 
         tissue[sl][nucleus] = NUCLEUS
 
 
-def _torso(geom: Geometry, column: list[_Vertebra], rng: np.random.Generator) -> np.ndarray:
-    """Body outline (air/fat/muscle) and lungs beside the thoracic column, as a tissue map."""
+def _torso(geom: Geometry, column: list[_Vertebra], rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Body outline (air/fat/muscle) and lungs beside the thoracic column, as a tissue map; and the
+    torso's shape (half-axes ``ra`` left-right and ``rb`` front-back, centre ``cy`` mm in front of
+    the column (negative), fat share ``fat``)."""
     world = _world_grid(geom, np.zeros(3, int), np.asarray(geom.size))
     cz = np.array([v.center[2] for v in column])
     order = np.argsort(cz)
@@ -512,7 +520,66 @@ def _torso(geom: Geometry, column: list[_Vertebra], rng: np.random.Generator) ->
     for side in (-1, 1):
         lung = ((dx - side * 65) / 45) ** 2 + ((dy + 35) / 55) ** 2 <= 1
         tissue[lung & thoracic & (e <= (1 - fat_t) ** 2)] = LUNG
-    return tissue
+    return tissue, {"ra": float(ra), "rb": float(rb), "cy": float(cy), "fat": float(fat_t)}
+
+
+#: Where each rib ends round the chest (angle from the back, radians): ribs 1-7 reach the sternum,
+#: 8-10 the costal margin, 11-12 (and a 13th) float.
+_RIB_END = {**{k: np.pi - 0.45 for k in range(1, 8)}, 8: 2.6, 9: 2.45, 10: 2.3, 11: 1.85, 12: 1.45, 13: 1.2}
+
+
+def _rib_paths(vert: _Vertebra, torso: dict, rng: np.random.Generator) -> list[np.ndarray]:
+    """World points (every ~1.5 mm) along the left and right rib of a thoracic vertebra."""
+    k = L.cranio_caudal_rank(vert.label) - L.cranio_caudal_rank(L.label_of("T1")) + 1  # rib number
+    t = (k - 1) / 11.0
+    a, b, h = vert.width / 2, vert.depth / 2, vert.height / 2
+    vc = b + vert.canal + 0.5
+    u_tub = vert.canal + 0.22 * vert.depth + 2.0 + 14.0  # near the tip of the transverse process
+    inner = 1.0 - torso["fat"]
+    r_u = 0.82 * torso["ra"] * inner * float(np.interp(t, [0.0, 0.3, 1.0], [0.45, 0.92, 1.0]))
+    r_v = (vc + 8.0 - torso["cy"]) * float(np.interp(t, [0.0, 0.3, 1.0], [0.55, 0.95, 0.95]))
+    theta0 = float(np.arcsin(min(u_tub / r_u, 0.9)))
+    theta1 = _RIB_END.get(int(k), 1.2)
+    drop = float(np.interp(t, [0.0, 0.4, 1.0], [28.0, 62.0, 50.0])) * rng.uniform(0.85, 1.15)
+    paths = []
+    for side in (-1.0, 1.0):
+        v_post = vc + 8.0
+        head = np.array([side * 0.75 * a, 0.55 * b, 0.35 * h])
+        tub = np.array([side * r_u * np.sin(theta0), v_post - r_v * (1 - np.cos(theta0)), 0.0])
+        neck = [head + (tub - head) * f for f in np.linspace(0, 1, max(int(np.linalg.norm(tub - head) / 1.5), 2))]
+        length = (theta1 - theta0) * 0.5 * (r_u + r_v)
+        s = np.linspace(0, 1, max(int(length / 1.5), 2))
+        th = theta0 + s * (theta1 - theta0)
+        shaft = np.stack([side * r_u * np.sin(th), v_post - r_v * (1 - np.cos(th)),
+                          -drop * (1 - (1 - s) ** 2)], 1)  # falls most near the spine
+        local = np.vstack([np.asarray(neck), shaft])
+        paths.append(local @ vert.frame.T + vert.center)
+    return paths
+
+
+def _rasterise_ribs(geom: Geometry, column: list[_Vertebra], torso: dict, labels: np.ndarray, tissue: np.ndarray,
+                    rng: np.random.Generator, radius: float = 4.0) -> None:
+    """Ribs of the thoracic vertebrae into the tissue map (cortex round a marrow core), never over a
+    vertebra of the mask."""
+    spacing = np.asarray(geom.spacing)
+    reach = np.ceil(radius / spacing).astype(int) + 1
+    size = np.asarray(geom.size)
+    for vert in column:
+        if L.region_of(vert.label) != "thoracic":
+            continue
+        for path in _rib_paths(vert, torso, rng):
+            idx = np.round(geom.world_to_index(path)).astype(int)
+            keep = np.all((idx >= -reach) & (idx < size + reach), axis=1)
+            for point, centre in zip(path[keep], idx[keep]):
+                lo, hi = np.maximum(centre - reach, 0), np.minimum(centre + reach + 1, size)
+                if np.any(hi <= lo):
+                    continue
+                d = np.linalg.norm(_world_grid(geom, lo, hi) - point.astype(np.float32), axis=-1)
+                sl = _slices(lo, hi)
+                free = labels[sl] == 0
+                region = tissue[sl]
+                region[(d <= radius) & free & (region != MARROW)] = CORTEX
+                region[(d <= 0.55 * radius) & free] = MARROW
 
 
 def _intensities(tissue: np.ndarray, labels: np.ndarray, contrast: str, geom: Geometry,
@@ -578,10 +645,12 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
     visible = [v for v in column if v.label in seq]
     geom = _dixon_geometry(rng, visible, cfg) if cfg.protocol == "dixon" else \
         _output_geometry(rng, visible, contrast, cfg)
-    tissue = _torso(geom, column, rng)
+    tissue, torso = _torso(geom, column, rng)
     labels = np.zeros(geom.shape, np.uint8)
     for i, vert in enumerate(column):
         _rasterise_vertebra(geom, vert, column[i + 1] if i + 1 < len(column) else None, labels, tissue)
+    if cfg.ribs:  # their own random stream: the rest of the phantom is the same with or without them
+        _rasterise_ribs(geom, column, torso, labels, tissue, np.random.default_rng([int(seed), int(index), 1]))
     if cfg.protocol == "dixon":
         images = _dixon_intensities(tissue, labels, geom, column, cfg, rng)
     else:

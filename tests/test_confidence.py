@@ -71,3 +71,32 @@ def test_a_low_confidence_vertebra_is_a_reason_to_review():
     lms = [Landmark(20, (0, 0, 0), 0.9, 0.95), Landmark(21, (0, 0, -35), 0.9, 0.3)]
     assert confidence_reasons(lms) == ["low confidence: L2 0.30"]
     assert confidence_reasons([Landmark(20, (0, 0, 0), 0.9)]) == []  # no calibration, no confidence
+
+
+def test_cross_fitting_scores_each_fold_with_a_fit_that_never_saw_it():
+    from spinelm.confidence import cross_fitted
+
+    rng = np.random.default_rng(1)
+
+    def records(fold, n_cases, shift):
+        out = []
+        for c in range(n_cases):
+            x = rng.uniform(0, 1, (6, 4))
+            y = rng.random(6) < 1 / (1 + np.exp(-(6 * x[:, 1] - 3 + shift)))
+            out.append((fold, f"f{fold}c{c}", x, y, 6))
+        return out
+
+    recs = records(0, 40, 0.0) + records(1, 40, 0.0) + records(2, 40, 0.0)
+    models, p, y = cross_fitted(recs)
+    assert sorted(models) == [0, 1, 2] and len(p) == len(y) == 720
+    assert models[0].fitted_on["folds"] == [1, 2] and models[0].fitted_on["vertebrae"] == 480
+    assert expected_calibration_error(p, y) < 0.08  # same distribution in every fold: held out is calibrated
+    # a fold the others do not resemble (far fewer vertebrae identified) is badly calibrated held out,
+    # although a fit on everything looks fine on its own fitting data
+    shifted = records(0, 40, 0.0) + records(1, 40, 0.0) + records(2, 40, -4.0)
+    _, p2, y2 = cross_fitted(shifted)
+    x_all = np.vstack([r[2] for r in shifted])
+    y_all = np.concatenate([r[3] for r in shifted])
+    assert expected_calibration_error(p2, y2) > expected_calibration_error(Calibration.fit(x_all, y_all)(x_all), y_all) + 0.05
+    with pytest.raises(ValueError, match="two or more"):
+        cross_fitted(records(0, 3, 0.0))

@@ -106,3 +106,33 @@ def test_bad_protocol_settings_are_refused_in_words():
         PhantomConfig(protocol="dwi")
     with pytest.raises(ValueError, match="2 or 4 channel"):
         PhantomConfig(protocol="dixon", channels=3)
+
+
+def test_ribs_are_bone_beside_the_thoracic_spine_falling_towards_the_feet_and_nothing_else_changes():
+    cfg = PhantomConfig(modality="CT", min_vertebrae=8, max_vertebrae=8, max_voxels=800_000)
+    seed, index = 7, 0
+    plain = make_phantom(seed, index, cfg)
+    while not any(L.region_of(L.label_of(n)) == "thoracic" for n in plain.info["sequence"][2:-2]):
+        index += 1
+        plain = make_phantom(seed, index, cfg)
+    ribbed = make_phantom(seed, index, PhantomConfig(**{**cfg.__dict__, "ribs": True}))
+    # the same column, grid and ground truth: only the image gains the ribs
+    assert plain.info == ribbed.info
+    assert np.array_equal(sitk.GetArrayFromImage(plain.mask), sitk.GetArrayFromImage(ribbed.mask))
+    assert [lm.position_mm for lm in plain.landmarks] == [lm.position_mm for lm in ribbed.landmarks]
+    a = sitk.GetArrayFromImage(ribbed.image).astype(float)
+    b = sitk.GetArrayFromImage(plain.image).astype(float)
+    rib = (a - b) > 100  # HU: bone over muscle, fat or lung
+    assert rib.sum() > 500
+    # each rib runs from the side of its vertebra out and round the chest, falling towards the feet
+    from spinelm.synthetic import _build_column, _rib_paths
+
+    column = _build_column(np.random.default_rng(0), [L.label_of(n) for n in ("T5", "T6", "T7")], cfg)
+    torso = {"ra": 150.0, "rb": 110.0, "cy": -60.0, "fat": 0.1}
+    for vert in column:
+        for side, path in zip((-1, 1), _rib_paths(vert, torso, np.random.default_rng(1))):
+            local = (path - vert.center) @ vert.frame  # (left, posterior, superior) of the vertebra
+            assert np.all(np.sign(local[5:, 0]) == side)
+            assert local[:, 0].__abs__().max() > 80  # out to the side of the chest
+            assert local[-1, 1] < -60  # round to the front
+            assert local[-1, 2] < local[0, 2] - 25  # lower at the front than at the spine

@@ -1,0 +1,99 @@
+"""Held-out check of the per-vertebra confidence and the case QC flag, by cross-fitting over folds.
+
+Every scan of the dataset that some trained fold validated on is labelled by that fold's model, with
+a confidence model fitted on the *other* folds' validation vertebrae only; so no confidence was
+fitted on the scan it scores. The scans go through ``spinelm predict`` (the one predictor, the full
+QC of ``summary.csv``) into OUT, and the figures the issue asks for are computed from what predict
+wrote, against the dataset's ground truth:
+
+- expected calibration error of the per-vertebra confidence (10 equal bins) and the reliability bins;
+- the ``review`` flag: how many of the cases with any wrong or missing label it catches, and how
+  many cases it flags in all (also with the low-confidence reason alone);
+- the risk-coverage curve of the cases (risk as in ``spinelm report``) and its area.
+
+    python scripts/calibration_check.py MODEL DATASET OUT [--folds 0,1,2,3,4] [--device cpu]
+
+MODEL needs two or more trained folds (``spinelm plan-and-train DATASET -o MODEL --fold all``).
+``spinelm report OUT --gt DATASET`` then shows the same batch as a page. The figures are written to
+``OUT/calibration_check.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    from spinelm.confidence import REVIEW_BELOW, collect, cross_fitted, expected_calibration_error, reliability_bins
+    from spinelm.dataset import discover_dataset
+    from spinelm.inference import Predictor
+    from spinelm.plans import ModelFolder
+    from spinelm.predict import predict_directory
+    from spinelm.report import _attach_ground_truth, read_batch, risk_coverage
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("dataset")
+    p.add_argument("out")
+    p.add_argument("--folds", default=None, help="comma list (default: every trained fold)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    model, out = ModelFolder(args.model), Path(args.out)
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    records = collect(model.root, folds, args.device, progress=True)
+    models, _, _ = cross_fitted(records)
+    splits = json.loads(model.splits_path.read_text())
+    cases = {c.case_id: c for c in discover_dataset(args.dataset).cases}
+    for fold, cal in models.items():
+        inputs = out / "inputs" / f"fold_{fold}"
+        inputs.mkdir(parents=True, exist_ok=True)
+        for case in splits[fold]["val"]:
+            for i, src in enumerate(cases[case].images):
+                link = inputs / f"{case}_{i:04d}{''.join(Path(src).suffixes[-2:])}"
+                if not link.exists():
+                    link.symlink_to(Path(src).resolve())
+        pred = Predictor.from_model_folder(model.root, folds=[fold], device=args.device)
+        pred.calibration = cal
+        predict_directory(inputs, out, pred, continue_=True, progress=True)
+    entries = read_batch(out)
+    conf, ident = _attach_ground_truth(entries, args.dataset)
+    done = [e for e in entries if e.correct is not None]
+    wrong = [e for e in done if not e.correct]
+    flagged = [e for e in done if e.qc == "review"]
+    low = [e for e in done if e.min_confidence is not None and e.min_confidence < REVIEW_BELOW]
+    cov, err, aurc = risk_coverage([e.risk for e in done], [not e.correct for e in done])
+    res = {"cases": len(done), "vertebrae": len(conf), "identified_share": float(np.mean(ident)) if ident else None,
+           "mean_confidence": float(np.mean(conf)) if conf else None,
+           "ece": expected_calibration_error(conf, ident), "reliability": reliability_bins(conf, ident),
+           "cases_with_error": len(wrong), "flagged": len(flagged),
+           "caught": sum(e.qc == "review" for e in wrong),
+           "flagged_low_confidence": len(low), "caught_low_confidence": sum(e in low for e in wrong),
+           "aurc": aurc, "error_rate_all": float(np.mean([not e.correct for e in done])) if done else None,
+           "folds": sorted(models),
+           "fits": {str(f): m.fitted_on for f, m in models.items()},
+           "per_case": [{"case": e.case, "correct": e.correct, "qc": e.qc, "reasons": e.reasons,
+                         "min_confidence": e.min_confidence} for e in done]}
+    (out / "calibration_check.json").write_text(json.dumps(res, indent=1))
+    n = max(len(done), 1)
+    print(f"{len(done)} held-out cases ({len(conf)} vertebrae, {100 * res['identified_share']:.0f}% identified, "
+          f"mean confidence {res['mean_confidence']:.3f}), folds {', '.join(map(str, sorted(models)))}")
+    print(f"expected calibration error (cross-fitted): {res['ece']:.3f}")
+    for b in res["reliability"]:
+        if b["n"]:
+            print(f"  confidence {b['lo']:.1f}-{b['hi']:.1f}: {b['n']:4d} vertebrae, mean {b['confidence']:.2f}, "
+                  f"identified {b['accuracy']:.2f}")
+    print(f"cases with a wrong or missing label: {len(wrong)} ({100 * len(wrong) / n:.0f}%)")
+    print(f"review flag: caught {res['caught']}/{len(wrong)}, flagged {len(flagged)}/{len(done)} "
+          f"({100 * len(flagged) / n:.0f}%)")
+    print(f"low-confidence reason alone: caught {res['caught_low_confidence']}/{len(wrong)}, flagged "
+          f"{len(low)}/{len(done)} ({100 * len(low) / n:.0f}%)")
+    print(f"risk-coverage area {aurc:.3f} (error rate of all cases {res['error_rate_all']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
