@@ -100,3 +100,27 @@ def test_cross_fitting_scores_each_fold_with_a_fit_that_never_saw_it():
     assert expected_calibration_error(p2, y2) > expected_calibration_error(Calibration.fit(x_all, y_all)(x_all), y_all) + 0.05
     with pytest.raises(ValueError, match="two or more"):
         cross_fitted(records(0, 3, 0.0))
+
+
+def test_calibrate_stores_the_held_out_error_when_two_folds_are_trained(tmp_path, monkeypatch):
+    import json
+
+    import spinelm.confidence as C
+
+    rng = np.random.default_rng(2)
+
+    def fake_collect(model_dir, folds=None, device="cpu", progress=True):
+        out = []
+        for fold in (0, 1):
+            for c in range(30):
+                x = rng.uniform(0, 1, (5, 4))
+                out.append((fold, f"c{fold}{c}", x, rng.random(5) < x[:, 1], 5))
+        return out if folds is None else [r for r in out if r[0] in folds]
+
+    monkeypatch.setattr(C, "collect", fake_collect)
+    cal = C.calibrate(tmp_path)
+    stored = json.loads((tmp_path / C.CALIBRATION_FILE).read_text())["fitted_on"]
+    assert stored["held_out_vertebrae"] == 300 and 0 <= stored["held_out_ece"] < 0.15
+    assert cal.fitted_on["folds"] == [0, 1] and cal.fitted_on["vertebrae"] == 300
+    one = C.calibrate(tmp_path, folds=[0])  # one fold: nothing held out to measure on
+    assert "held_out_ece" not in one.fitted_on
