@@ -537,13 +537,13 @@ def _rib_paths(vert: _Vertebra, torso: dict, rng: np.random.Generator) -> list[n
     u_tub = vert.canal + 0.22 * vert.depth + 2.0 + 14.0  # near the tip of the transverse process
     inner = 1.0 - torso["fat"]
     r_u = 0.82 * torso["ra"] * inner * float(np.interp(t, [0.0, 0.3, 1.0], [0.45, 0.92, 1.0]))
-    r_v = (vc + 8.0 - torso["cy"]) * float(np.interp(t, [0.0, 0.3, 1.0], [0.55, 0.95, 0.95]))
+    v_post = vc + 8.0  # the rib's most posterior point, just behind the transverse process
+    r_v = (v_post - torso["cy"]) * float(np.interp(t, [0.0, 0.3, 1.0], [0.55, 0.95, 0.95]))
     theta0 = float(np.arcsin(min(u_tub / r_u, 0.9)))
     theta1 = _RIB_END.get(int(k), 1.2)
     drop = float(np.interp(t, [0.0, 0.4, 1.0], [28.0, 62.0, 50.0])) * rng.uniform(0.85, 1.15)
     paths = []
     for side in (-1.0, 1.0):
-        v_post = vc + 8.0
         head = np.array([side * 0.75 * a, 0.55 * b, 0.35 * h])
         tub = np.array([side * r_u * np.sin(theta0), v_post - r_v * (1 - np.cos(theta0)), 0.0])
         neck = [head + (tub - head) * f for f in np.linspace(0, 1, max(int(np.linalg.norm(tub - head) / 1.5), 2))]
