@@ -8,9 +8,13 @@ Rows (``--rows``, default all):
   no_head    no classesTr.csv: no classification head (identification without the head)
   loose      ``--loose-train DIR``: the same phantoms with loose annotations for some cases
              (``spinelm synth ... --loose 0.5``: half the cases with a partial mask or centroids only)
+  recon      the training set as it is, plus the auxiliary reconstruction head (a copy of the cpu
+             preset with ``reconstruction_weight`` ``--reconstruction-weight``)
+  aux        both auxiliary heads: ``--structures-train DIR`` (the same phantoms whose masks also carry
+             discs, canal and cord: ``spinelm synth ... --structures``) and the reconstruction head
 
-    python scripts/class_ablation.py TRAIN HELD_OUT OUT [--rows head,labels25,no_head,loose]
-        [--loose-train DIR] [--time-budget 20] [--precision fp32] [--device cpu]
+    python scripts/class_ablation.py TRAIN HELD_OUT OUT [--rows head,labels25,no_head,loose,recon,aux]
+        [--loose-train DIR] [--structures-train DIR] [--time-budget 20] [--precision fp32] [--device cpu]
 
 Variants are folders of symbolic links to TRAIN's files under ``OUT/<row>/data``; models, predictions and
 ``evaluation.json`` under ``OUT/<row>/``; the table (Markdown) is printed and written to
@@ -30,7 +34,7 @@ import numpy as np
 
 from _runs import run  # scripts/_runs.py
 
-ROWS = ("head", "labels25", "no_head", "loose")
+ROWS = ("head", "labels25", "no_head", "loose", "recon", "aux")
 
 
 def make_variant(train: Path, dst: Path, row: str, seed: int) -> Path:
@@ -66,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loose-train", help="the training set with loose annotations (row 'loose')")
+    p.add_argument("--structures-train", help="the training set whose masks carry discs, canal, cord (row 'aux')")
+    p.add_argument("--reconstruction-weight", type=float, default=0.5,
+                   help="loss weight of the reconstruction head in rows 'recon' and 'aux' (default 0.5)")
     args = p.parse_args(argv)
     train, held, out = Path(args.train), Path(args.held_out), Path(args.out)
     spinelm = [sys.executable, "-m", "spinelm"]
@@ -78,12 +85,23 @@ def main(argv=None) -> int:
         if not ev.is_file():
             if row == "loose" and not args.loose_train:
                 raise SystemExit("row 'loose' needs --loose-train DIR (spinelm synth ... --loose 0.5)")
+            if row == "aux" and not args.structures_train:
+                raise SystemExit("row 'aux' needs --structures-train DIR (spinelm synth ... --structures)")
             base.mkdir(parents=True, exist_ok=True)
-            data = Path(args.loose_train) if row == "loose" else make_variant(train, base / "data", row, args.seed)
+            source = Path(args.structures_train) if row == "aux" else train
+            data = Path(args.loose_train) if row == "loose" else make_variant(source, base / "data", row, args.seed)
             log = base / "log.txt"
+            extra = []
+            if row in ("recon", "aux"):
+                from spinelm.planning import load_preset
+
+                preset = {**load_preset("cpu").__dict__, "name": "cpu-reconstruction",
+                          "reconstruction_weight": args.reconstruction_weight}
+                (base / "preset.json").write_text(json.dumps(preset, indent=1))
+                extra = ["--preset", str(base / "preset.json")]
             minutes = run([*spinelm, "plan-and-train", str(data), "-o", str(base / "model"), "--device", args.device,
-                           "--time-budget", str(args.time_budget), "--precision", args.precision, "--no-progress"],
-                          log) / 60
+                           "--time-budget", str(args.time_budget), "--precision", args.precision, "--no-progress",
+                           *extra], log) / 60
             run([*spinelm, "predict", "-i", str(held / "imagesTr"), "-o", str(base / "pred"), "-m",
                  str(base / "model"), "--device", args.device, "--no-progress"], log)
             run([*spinelm, "evaluate", str(base / "pred"), str(held), "--all-gt"], log)

@@ -12,6 +12,19 @@ from spinelm.network import split_heads
 HEATMAP_FOREGROUND_THRESHOLD = 0.1
 
 
+def hide_blocks(images: torch.Tensor, ratio: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images with hidden blocks set to 0 (the normalised mean), hidden (B, 1, X, Y, Z) bool)``: cubic
+    blocks of edge ``block`` voxels on a grid, each hidden with probability ``ratio``, drawn per image
+    from torch's generator (so a resumed run draws the same)."""
+    b, _, *shape = images.shape
+    grid = [max(1, -(-int(s) // block)) for s in shape]
+    hidden = torch.rand(b, 1, *grid) < ratio
+    for ax in range(3):
+        hidden = hidden.repeat_interleave(block, dim=2 + ax)
+    hidden = hidden[:, :, : shape[0], : shape[1], : shape[2]].to(images.device)
+    return images.masked_fill(hidden, 0.0), hidden
+
+
 def deep_supervision_weights(n: int) -> list[float]:
     """nnU-Net's: 1, 1/2, 1/4, ... with the lowest resolution unused, normalised to sum 1."""
     w = [1 / (2 ** i) for i in range(n)]
@@ -64,13 +77,28 @@ class MultiTaskLoss(torch.nn.Module):
             self.structures_loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
                                                   {}, weight_ce=1, weight_dice=1, ignore_label=self.structures_ignore,
                                                   dice_class=MemoryEfficientSoftDiceLoss)
+        rec = heads.get("reconstruction")
+        self.has_reconstruction = rec is not None
+        if rec is not None:  # auxiliary: fill in the hidden blocks of the input (spinelm.losses.hide_blocks)
+            self.reconstruction_weight = float(rec.get("loss_weight", 1.0))
+            self.mask_ratio = float(rec.get("mask_ratio", 0.15))
+            self.block = int(rec.get("block", 8))
 
     def forward(self, outputs: list[torch.Tensor], seg: torch.Tensor | None,
-                heatmap: torch.Tensor, structures: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                heatmap: torch.Tensor, structures: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """``outputs``: network outputs, full resolution first; ``seg`` (B, 1, ...) long; ``heatmap`` (B, C, ...);
-        ``structures`` (B, 1, ...) long: the structures head's target, when the plan has one."""
+        ``structures`` (B, 1, ...) long: the structures head's target, when the plan has one; ``image`` (the
+        input before hiding) and ``hidden`` (B, 1, ...) bool: the reconstruction head's target, scored on the
+        hidden voxels of the full-resolution output only."""
         total = outputs[0].new_zeros((), dtype=torch.float32)
-        parts = {"seg": 0.0, "heatmap": 0.0, "structures": 0.0}
+        parts = {"seg": 0.0, "heatmap": 0.0, "structures": 0.0, "reconstruction": 0.0}
+        if self.has_reconstruction and image is not None and hidden is not None and bool(hidden.any()):
+            rec = split_heads(outputs[0], self.heads)["reconstruction"].float()
+            err = ((rec - image.float()) ** 2) * hidden
+            l_rec = err.sum() / (hidden.sum() * image.shape[1]).clamp(min=1)
+            total = total + self.reconstruction_weight * l_rec
+            parts["reconstruction"] = float(l_rec.detach())
         for w, out in zip(self.weights, outputs):
             if w == 0:
                 continue

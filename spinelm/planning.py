@@ -93,6 +93,7 @@ class Preset:
     time_budget_min: float | None
     num_folds: int
     optimizer: str = "sgd"
+    reconstruction_weight: float = 0.0
     blocks_per_stage_encoder: tuple[int, ...] = (2,) * 14
     blocks_per_stage_decoder: tuple[int, ...] = (2,) * 13
 
@@ -227,16 +228,23 @@ def heatmap_sigma_mm(distance_mm: float, spacing: Sequence[float]) -> float:
 #: Weight of the auxiliary structures head's loss (Dice + CE) next to the vertebra segmentation's:
 #: a helper, not a target, so it should not dominate the shared encoder. Chosen, not tuned.
 STRUCTURES_LOSS_WEIGHT = 0.5
+#: The reconstruction head (a preset's ``reconstruction_weight`` > 0): this share of the network
+#: input's cubic blocks (edge :data:`RECONSTRUCTION_BLOCK` voxels) is hidden at every training step
+#: and the head fills them in (mean squared error on the hidden voxels). Low, because the other
+#: heads learn from the same hidden input: at this ratio it is a cutout-like augmentation for them.
+RECONSTRUCTION_MASK_RATIO = 0.15
+RECONSTRUCTION_BLOCK = 8
 
 
-def choose_heads(fingerprint: dict) -> dict:
+def choose_heads(fingerprint: dict, reconstruction_weight: float = 0.0) -> dict:
     """Output heads and their channel counts.
 
     With masks: a segmentation head (background + one channel per vertebra label seen in the
     masks), an auxiliary ``structures`` head (background + discs, endplates, canal, cord: those the
     masks carry, TPTBox values) that regularises the shared network and is trained only where a
     case annotates them, and ONE centroid heatmap channel for all vertebrae; the label of a heatmap peak is read
-    from the segmentation around it. One channel instead of one per label keeps the heatmap target
+    from the segmentation around it. With ``reconstruction_weight`` > 0 an auxiliary ``reconstruction`` head
+    (one channel per image channel) fills in hidden blocks of the input on every training patch. One channel instead of one per label keeps the heatmap target
     26x smaller (a 512x512x300 CT: 0.3 GB instead of 8 GB in float32). Without any mask
     (centroids only): one heatmap channel per label seen, which then carries the identity.
     """
@@ -250,8 +258,13 @@ def choose_heads(fingerprint: dict) -> dict:
         if structures:
             heads["structures"] = {"names": structures, "channels": len(structures) + 1,
                                    "loss_weight": STRUCTURES_LOSS_WEIGHT}
-        return heads
-    return {"heatmap": {"channels": len(all_labels), "per_label": True, "labels": sorted(all_labels)}}
+    else:
+        heads = {"heatmap": {"channels": len(all_labels), "per_label": True, "labels": sorted(all_labels)}}
+    if reconstruction_weight and reconstruction_weight > 0:
+        heads["reconstruction"] = {"channels": max(1, len(fingerprint.get("channel_names", {"0": ""}))),
+                                   "loss_weight": float(reconstruction_weight),
+                                   "mask_ratio": RECONSTRUCTION_MASK_RATIO, "block": RECONSTRUCTION_BLOCK}
+    return heads
 
 
 def scan_extent_range(fingerprint: dict) -> dict:
@@ -442,7 +455,7 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
 
     preset = preset if isinstance(preset, Preset) else load_preset(preset or choose_preset(device, gpu_memory_gb))
     budget = time_budget_min if time_budget_min is not None else preset.time_budget_min
-    heads = choose_heads(fingerprint)
+    heads = choose_heads(fingerprint, preset.reconstruction_weight)
     mem_gb = memory_target_gb(preset.memory_target_gb, gpu_memory_gb if not device.startswith("cpu") else None)
     max_vox = patch_voxel_budget(fine_budget_min if fine_budget_min is not None else budget, preset.min_batch_size,
                                  seconds_per_mvoxel, preset.min_iterations)

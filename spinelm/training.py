@@ -182,6 +182,12 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
     """One optimisation step on a batch (float16 AMP with ``scaler``, or autocast to
     ``autocast_dtype``); returns the loss."""
     x = batch["image"].to(device, non_blocking=True)
+    target, hidden = None, None
+    if getattr(loss_fn, "has_reconstruction", False):  # the reconstruction head fills in hidden blocks
+        from spinelm.losses import hide_blocks
+
+        target = x
+        x, hidden = hide_blocks(x, loss_fn.mask_ratio, loss_fn.block)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     hm = batch["heatmap"].to(device, non_blocking=True)
@@ -192,7 +198,8 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
         autocast_dtype = torch.float16
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         outputs = network(x)
-        loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm, structures)
+        loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm, structures,
+                          target, hidden)
         if "class_image" in batch:  # masked vertebra crops through the shared encoder and the class head
             from spinelm.classification import class_logits, soft_cross_entropy
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from spinelm import labels as L
 from spinelm.preprocessing import structure_target
@@ -80,8 +81,14 @@ def test_validation_fingerprint_plan_and_training_take_structures_and_loose_mask
     assert set(fp["spine"]["structures"]) == {"disc", "canal", "cord"}
     # discs do not leak into the vertebra labels (a clipped 1xx would read as T13)
     assert L.label_of("T13") not in fp["spine"]["segmentation_labels"]
-    plans = plan(fp, device="cpu", time_budget_min=2, seconds_per_mvoxel=5.0)
+    import dataclasses
+
+    from spinelm.planning import load_preset
+
+    preset = dataclasses.replace(load_preset("cpu"), reconstruction_weight=0.5)  # both auxiliary heads
+    plans = plan(fp, preset=preset, device="cpu", time_budget_min=2, seconds_per_mvoxel=5.0)
     assert plans["heads"]["structures"]["names"] == ["disc", "canal", "cord"]
+    assert plans["heads"]["reconstruction"]["channels"] == 1 and plans["heads"]["reconstruction"]["loss_weight"] == 0.5
     model = tmp_path / "model"
     model.mkdir()
     save_plans(plans, model / "plans.json")
@@ -102,7 +109,7 @@ def test_validation_fingerprint_plan_and_training_take_structures_and_loose_mask
     result = train(model, 0, epochs=1, iterations_per_epoch=2, validate_every=5, progress=False,
                    max_validation_cases=1, device="cpu")
     assert np.isfinite(result[0]["final"]["id_rate"])
-    # a model with the structures head labels scans as any other
+    # a model with the structures and reconstruction heads labels scans as any other
     from spinelm.predict import Predictor, read_scan
 
     predictor = Predictor.from_model_folder(model)
@@ -110,3 +117,42 @@ def test_validation_fingerprint_plan_and_training_take_structures_and_loose_mask
     image, geom, _ = read_scan([structured_loose / "imagesTr" / f"{case}_0000.nii.gz"])
     res = predictor.predict_array(image, geom)
     assert res.instance_mask is not None and res.instance_mask.shape == image.shape[1:]
+
+
+def test_hidden_blocks_are_zeroed_whole_and_drawn_from_the_seed():
+    from spinelm.losses import hide_blocks
+
+    images = torch.randn(2, 2, 20, 16, 12) + 5.0
+    torch.manual_seed(0)
+    masked, hidden = hide_blocks(images, 0.3, 4)
+    assert hidden.shape == (2, 1, 20, 16, 12) and hidden.dtype == torch.bool
+    assert 0.1 < hidden.float().mean() < 0.5
+    assert bool((masked[hidden.expand_as(masked)] == 0).all())  # every channel of a hidden voxel
+    assert torch.equal(masked[~hidden.expand_as(masked)], images[~hidden.expand_as(images)])
+    blocks = hidden[0, 0].reshape(5, 4, 4, 4, 3, 4).float()  # whole 4-voxel blocks, never parts of one
+    assert bool(((blocks.mean((1, 3, 5)) == 0) | (blocks.mean((1, 3, 5)) == 1)).all())
+    torch.manual_seed(0)
+    assert torch.equal(hide_blocks(images, 0.3, 4)[1], hidden)
+
+
+def test_reconstruction_loss_counts_only_the_hidden_voxels():
+    from spinelm.losses import MultiTaskLoss, hide_blocks
+
+    heads = {"heatmap": {"channels": 1}, "reconstruction": {"channels": 1, "loss_weight": 2.0, "mask_ratio": 0.5,
+                                                           "block": 2}}
+    loss_fn = MultiTaskLoss(heads, 1)
+    image = torch.randn(1, 1, 8, 8, 8)
+    torch.manual_seed(1)
+    _, hidden = hide_blocks(image, 0.5, 2)
+    hm = torch.zeros(1, 1, 8, 8, 8)
+    exact = torch.cat([hm, image], 1)
+    _, parts = loss_fn([exact], None, hm, None, image, hidden)
+    assert parts["reconstruction"] == 0.0
+    wrong_outside = exact.clone()
+    wrong_outside[:, 1:][~hidden] += 3.0  # errors where the input was visible do not count
+    assert loss_fn([wrong_outside], None, hm, None, image, hidden)[1]["reconstruction"] == 0.0
+    wrong_inside = exact.clone()
+    wrong_inside[:, 1:][hidden] += 3.0
+    total, parts = loss_fn([wrong_inside], None, hm, None, image, hidden)
+    assert parts["reconstruction"] == pytest.approx(9.0)
+    assert float(total) == pytest.approx(2.0 * 9.0 + parts["heatmap"], rel=1e-5)
