@@ -9,13 +9,17 @@ wrote, against the dataset's ground truth:
 - expected calibration error of the per-vertebra confidence (10 equal bins) and the reliability bins;
 - the ``review`` flag: how many of the cases with any wrong or missing label it catches, and how
   many cases it flags in all (also with the low-confidence reason alone);
-- the risk-coverage curve of the cases (risk as in ``spinelm report``) and its area.
+- the risk-coverage curve of the cases (risk as in ``spinelm report``) and its area;
+- how the measured ECE compares with what a perfectly calibrated confidence would read on this many
+  vertebrae (``ece_noise_floor``), and a 90 % interval of the ECE from resampling whole cases (the
+  errors of one scan come together: a level shift makes all its labels wrong).
 
     python scripts/calibration_check.py MODEL DATASET OUT [--folds 0,1,2,3,4] [--device cpu]
 
 MODEL needs two or more trained folds (``spinelm plan-and-train DATASET -o MODEL --fold all``).
 ``spinelm report OUT --gt DATASET`` then shows the same batch as a page. The figures are written to
-``OUT/calibration_check.json``.
+``OUT/calibration_check.json``; the validation records the confidence models were fitted on to
+``OUT/records.json`` (a rerun reads them instead of predicting the validation folds again).
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ import numpy as np
 
 
 def main(argv=None) -> int:
-    from spinelm.confidence import REVIEW_BELOW, collect, cross_fitted, expected_calibration_error, reliability_bins
+    from spinelm.confidence import (REVIEW_BELOW, collect, cross_fitted, ece_noise_floor, expected_calibration_error,
+                                    reliability_bins)
     from spinelm.dataset import discover_dataset
+    from spinelm.evaluation import _ground_truth, identification
     from spinelm.inference import Predictor
     from spinelm.plans import ModelFolder
     from spinelm.predict import predict_directory
@@ -44,7 +50,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model, out = ModelFolder(args.model), Path(args.out)
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
-    records = collect(model.root, folds, args.device, progress=True)
+    cache = out / "records.json"
+    if cache.is_file():
+        records = [(r["fold"], r["case"], np.asarray(r["features"], float).reshape(-1, 4), np.asarray(r["identified"], bool),
+                    r["n_gt"]) for r in json.loads(cache.read_text())]
+        records = [r for r in records if folds is None or r[0] in folds]
+    else:
+        records = collect(model.root, folds, args.device, progress=True)
+        out.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps([{"fold": f, "case": c, "features": x.tolist(), "identified": y.tolist(), "n_gt": n}
+                                     for f, c, x, y, n in records]))
     models, _, _ = cross_fitted(records)
     splits = json.loads(model.splits_path.read_text())
     cases = {c.case_id: c for c in discover_dataset(args.dataset).cases}
@@ -66,9 +81,25 @@ def main(argv=None) -> int:
     flagged = [e for e in done if e.qc == "review"]
     low = [e for e in done if e.min_confidence is not None and e.min_confidence < REVIEW_BELOW]
     cov, err, aurc = risk_coverage([e.risk for e in done], [not e.correct for e in done])
+    floor = ece_noise_floor(conf)
+    gts = _ground_truth(Path(args.dataset))
+    per_case = []  # (confidences, identified) of each case's vertebrae, as _attach_ground_truth pairs them
+    for e in done:
+        ok = identification({v["label"]: np.asarray(v["position_mm"], float) for v in e.vertebrae},
+                            gts[e.case]["landmarks"])["identified"]
+        pairs = [(float(v["confidence"]), v["label"] in ok) for v in e.vertebrae if v.get("confidence") is not None]
+        if pairs:
+            per_case.append((np.asarray([c for c, _ in pairs]), np.asarray([i for _, i in pairs], float)))
+    rng = np.random.default_rng(0)
+    boot = []
+    for _ in range(1000):  # resample whole cases
+        pick = [per_case[i] for i in rng.integers(len(per_case), size=len(per_case))]
+        boot.append(expected_calibration_error(np.concatenate([c for c, _ in pick]), np.concatenate([o for _, o in pick])))
     res = {"cases": len(done), "vertebrae": len(conf), "identified_share": float(np.mean(ident)) if ident else None,
            "mean_confidence": float(np.mean(conf)) if conf else None,
            "ece": expected_calibration_error(conf, ident), "reliability": reliability_bins(conf, ident),
+           "ece_case_bootstrap_90": [float(np.percentile(boot, 5)), float(np.percentile(boot, 95))],
+           "ece_if_calibrated": floor["mean"], "ece_if_calibrated_p95": floor["p95"],
            "cases_with_error": len(wrong), "flagged": len(flagged),
            "caught": sum(e.qc == "review" for e in wrong),
            "flagged_low_confidence": len(low), "caught_low_confidence": sum(e in low for e in wrong),
@@ -81,7 +112,10 @@ def main(argv=None) -> int:
     n = max(len(done), 1)
     print(f"{len(done)} held-out cases ({len(conf)} vertebrae, {100 * res['identified_share']:.0f}% identified, "
           f"mean confidence {res['mean_confidence']:.3f}), folds {', '.join(map(str, sorted(models)))}")
-    print(f"expected calibration error (cross-fitted): {res['ece']:.3f}")
+    print(f"expected calibration error (cross-fitted): {res['ece']:.3f} (90 % interval over resampled cases "
+          f"{res['ece_case_bootstrap_90'][0]:.3f}-{res['ece_case_bootstrap_90'][1]:.3f}); a perfectly calibrated "
+          f"confidence would read {floor['mean']:.3f} on these {len(conf)} vertebrae (95 % of draws below "
+          f"{floor['p95']:.3f})")
     for b in res["reliability"]:
         if b["n"]:
             print(f"  confidence {b['lo']:.1f}-{b['hi']:.1f}: {b['n']:4d} vertebrae, mean {b['confidence']:.2f}, "

@@ -13,6 +13,7 @@ Rows (``--rows``, default sup_n,semi,sup_all):
             with ``--init``
 
     python scripts/semi_ablation.py SOURCE OUT --labelled 4 [--fold 0] [--rows sup_n,semi,sup_all,pretrain]
+        [--choose random|diverse]
         [--time-budget 20] [--pretrain-budget 10] [--precision fp32] [--device cpu]
 
 The withheld-label dataset is ``OUT/data`` (``scripts/withhold_labels.py``); models and logs under
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--labelled", type=int, required=True)
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--choose", choices=("random", "diverse"), default="random",
+                   help="how the labelled scans are picked (scripts/withhold_labels.py --choose)")
     p.add_argument("--rows", default="sup_n,semi,sup_all")
     p.add_argument("--time-budget", type=float, default=20.0)
     p.add_argument("--pretrain-budget", type=float, default=10.0)
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     source, out = Path(args.source), Path(args.out)
     data = out / "data"
     if not (data / "withheld.json").is_file():
-        withhold_labels(source, data, args.labelled, args.fold, seed=args.seed)
+        withhold_labels(source, data, args.labelled, args.fold, seed=args.seed, choose=args.choose)
     spinelm = [sys.executable, "-m", "spinelm"]
     common = ["--device", args.device, "--time-budget", str(args.time_budget), "--precision", args.precision,
               "--no-progress"]

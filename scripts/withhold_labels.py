@@ -24,11 +24,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fold", type=int, default=0, help="cross-validation fold (default 0)")
     ap.add_argument("--folds", type=int, default=5, help="number of folds, as spinelm plans them (default 5)")
     ap.add_argument("--seed", type=int, default=0, help="which cases keep their labels (default 0)")
+    ap.add_argument("--choose", choices=("random", "diverse"), default="random",
+                    help="random: drawn with --seed (default); diverse: scans that cover the training scans' "
+                         "spacing, extent and intensity (greedy k-centre), so that a few labels do not all "
+                         "come from one scanner or protocol")
     ap.add_argument("--copy", action="store_true", help="copy the files instead of symlinking them")
     args = ap.parse_args(argv)
     try:
         rec = withhold_labels(args.source, args.out, args.labelled, args.fold, args.folds, args.seed,
-                              symlink=not args.copy)
+                              symlink=not args.copy, choose=args.choose)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -256,6 +256,11 @@ def cmd_calibrate(args) -> int:
     if "held_out_ece" in f:
         print(f"held out (each fold scored by a fit on the other folds, {f['held_out_vertebrae']} vertebrae): "
               f"expected calibration error {f['held_out_ece']:.3f}")
+        if "held_out_ece_if_calibrated" in f:
+            print(f"  a perfectly calibrated confidence would read {f['held_out_ece_if_calibrated']:.3f} on this many "
+                  f"vertebrae (95 % of draws below {f['held_out_ece_if_calibrated_p95']:.3f}): "
+                  + ("the difference is real" if f["held_out_ece"] > f["held_out_ece_if_calibrated_p95"]
+                     else "the difference is within sampling noise"))
     else:
         print("held-out error not measured: train two or more folds (--fold all) to measure it")
     print(f"written: {model.root / CALIBRATION_FILE} (predict now writes 'confidence' per vertebra)")

@@ -78,16 +78,60 @@ def _link_or_copy(src: Path, dst: Path, symlink: bool) -> None:
         shutil.copy2(src, dst)
 
 
+#: How :func:`withhold_labels` picks the cases that keep their labels.
+CHOICES = ("random", "diverse")
+
+
+def scan_descriptors(images: list[list[Path]]) -> np.ndarray:
+    """One row per scan (its first channel): log voxel spacing and log physical extent (each sorted,
+    so that storage orientation does not matter) and log intensity at the 50th and 99th percentile of
+    the non-zero voxels: what tells scanners and protocols apart."""
+    from spinelm.io.image import load_volume
+
+    rows = []
+    for paths in images:
+        arr, geom = load_volume(paths[0])
+        spacing = np.sort(np.asarray(geom.spacing, float))
+        extent = np.sort(np.asarray(arr.shape[::-1], float) * np.asarray(geom.spacing, float))
+        vals = arr[arr != 0] if np.any(arr != 0) else arr.ravel()
+        p50, p99 = np.percentile(vals, [50, 99])
+        rows.append([*np.log(spacing), *np.log(np.maximum(extent, 1e-3)),
+                     np.log1p(max(float(p50), 0.0)), np.log1p(max(float(p99), 0.0))])
+    return np.asarray(rows, float)
+
+
+def diverse_choice(descriptors: np.ndarray, n: int, seed: int = 0) -> list[int]:
+    """``n`` row indices that cover the descriptors (greedy k-centre): first the scan closest to the
+    mean, then each time the scan farthest from all chosen ones (standardised columns; ``seed``
+    only breaks ties). Deterministic."""
+    x = np.asarray(descriptors, float)
+    std = x.std(0)
+    z = (x - x.mean(0)) / np.where(std > 1e-9, std, 1.0)
+    order = np.random.default_rng(seed).permutation(len(z))  # tie-breaking only
+    z = z[order]
+    chosen = [int(np.argmin(np.linalg.norm(z, axis=1)))]
+    dist = np.linalg.norm(z - z[chosen[0]], axis=1)
+    while len(chosen) < n:
+        nxt = int(np.argmax(dist))
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(z - z[nxt], axis=1))
+    return [int(order[i]) for i in chosen]
+
+
 def withhold_labels(source: str | os.PathLike, out: str | os.PathLike, n_labelled: int, fold: int = 0,
-                    n_folds: int = 5, seed: int = 0, symlink: bool = True) -> dict:
+                    n_folds: int = 5, seed: int = 0, symlink: bool = True, choose: str = "random") -> dict:
     """Write ``out``: ``source`` with the labels of all but ``n_labelled`` training cases of ``fold``
     withheld (their images in ``imagesUnlabelled/``).
 
     The folds are those ``spinelm train`` makes for ``source`` (:func:`spinelm.training.make_splits`,
     identical scans grouped); ``out/splits.json`` holds one fold (the N labelled cases for training,
     fold ``fold``'s validation cases) and ``out/withheld.json`` records what was done. Which N cases
-    keep their labels is drawn with ``seed``. Returns the record.
+    keep their labels: ``choose="random"`` draws them with ``seed``; ``"diverse"`` picks scans that
+    cover the training scans' spacing, extent and intensity (:func:`diverse_choice`), so that a small
+    labelled set does not come from one scanner or protocol only. Returns the record.
     """
+    if choose not in CHOICES:
+        raise ValueError(f"unknown choice {choose!r}; expected one of {', '.join(CHOICES)}")
     from spinelm.dataset import discover_dataset
     from spinelm.training import make_splits
 
@@ -106,13 +150,16 @@ def withhold_labels(source: str | os.PathLike, out: str | os.PathLike, n_labelle
     train, val = list(splits[fold]["train"]), list(splits[fold]["val"])
     if not 1 <= n_labelled <= len(train):
         raise ValueError(f"--labelled must be between 1 and the fold's {len(train)} training cases, got {n_labelled}")
-    rng = np.random.default_rng(seed)
-    keep = sorted(train[i] for i in rng.choice(len(train), n_labelled, replace=False))
+    by_id = {c.case_id: c for c in ds.cases}
+    if choose == "diverse":
+        picked = diverse_choice(scan_descriptors([by_id[c].images for c in train]), n_labelled, seed)
+    else:
+        picked = np.random.default_rng(seed).choice(len(train), n_labelled, replace=False)
+    keep = sorted(train[i] for i in picked)
     withheld = sorted(set(train) - set(keep))
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; choose a new folder")
-    by_id = {c.case_id: c for c in ds.cases}
     for cid in keep + val:
         case = by_id[cid]
         for p in case.images:
@@ -137,6 +184,7 @@ def withhold_labels(source: str | os.PathLike, out: str | os.PathLike, n_labelle
             csv.writer(fh).writerows(rows[:1] + [r for r in rows[1:] if r and r[0] in set(keep + val)])
     write_json_atomic(out / "splits.json", [{"train": keep, "val": sorted(val)}])
     record = {"source": str(Path(source).resolve()), "fold": fold, "n_folds": len(splits), "seed": seed,
+              "choose": choose,
               "labelled": keep, "validation": sorted(val), "withheld": withheld,
               "unlabelled_before": sorted(c.case_id for c in ds.unlabelled)}
     write_json_atomic(out / "withheld.json", record)

@@ -121,6 +121,23 @@ def test_calibrate_stores_the_held_out_error_when_two_folds_are_trained(tmp_path
     cal = C.calibrate(tmp_path)
     stored = json.loads((tmp_path / C.CALIBRATION_FILE).read_text())["fitted_on"]
     assert stored["held_out_vertebrae"] == 300 and 0 <= stored["held_out_ece"] < 0.15
+    assert 0 < stored["held_out_ece_if_calibrated"] < stored["held_out_ece_if_calibrated_p95"] < 0.15
     assert cal.fitted_on["folds"] == [0, 1] and cal.fitted_on["vertebrae"] == 300
     one = C.calibrate(tmp_path, folds=[0])  # one fold: nothing held out to measure on
     assert "held_out_ece" not in one.fitted_on
+
+
+def test_ece_noise_floor_shrinks_with_the_sample_and_separates_real_miscalibration():
+    from spinelm.confidence import ece_noise_floor, expected_calibration_error
+
+    rng = np.random.default_rng(5)
+    small, large = rng.uniform(0, 1, 190), rng.uniform(0, 1, 5000)
+    f_small, f_large = ece_noise_floor(small, 500), ece_noise_floor(large, 200)
+    # a perfect confidence still reads well above 0 on 190 vertebrae, and about 4x less on 5000
+    assert 0.04 < f_small["mean"] < 0.1 and f_small["p95"] > f_small["mean"]
+    assert f_large["mean"] < f_small["mean"] / 3
+    # over-confidence by 0.2 on every vertebra stands out of the floor; calibrated draws do not
+    over = large
+    outcome = rng.random(len(over)) < np.clip(over - 0.2, 0, 1)
+    assert expected_calibration_error(over, outcome) > f_large["p95"]
+    assert expected_calibration_error(large, rng.random(len(large)) < large) < 2 * f_large["p95"]

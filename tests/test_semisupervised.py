@@ -32,6 +32,10 @@ def test_withhold_labels_keeps_the_folds_validation_and_n_labelled(phantom_datas
         withhold_labels(phantom_dataset, tmp_path / "a", n_labelled=1, n_folds=2)
     with pytest.raises(ValueError, match="between 1 and"):
         withhold_labels(phantom_dataset, tmp_path / "c", n_labelled=5, n_folds=2)
+    diverse = withhold_labels(phantom_dataset, tmp_path / "d", n_labelled=1, fold=0, n_folds=2, choose="diverse")
+    assert diverse["choose"] == "diverse" and len(diverse["labelled"]) == 1
+    with pytest.raises(ValueError, match="unknown choice"):
+        withhold_labels(phantom_dataset, tmp_path / "e", n_labelled=1, n_folds=2, choose="best")
 
 
 def test_a_datasets_splits_become_the_models_folds(phantom_copy, tmp_path):
@@ -197,3 +201,19 @@ def test_pretrain_then_fine_tune_from_the_command_line(phantom_dataset, tmp_path
     assert main(["plan-and-train", str(phantom_dataset), "-o", str(tmp_path / "m2"), "--device", "cpu", "--epochs",
                  "1", "--init", str(tmp_path / "nothing"), "--no-progress"]) == 2
     assert "not a pretrained folder" in capsys.readouterr().err
+
+
+def test_diverse_choice_covers_every_protocol_and_is_deterministic():
+    from spinelm.semisupervised import diverse_choice
+
+    rng = np.random.default_rng(0)
+    common = rng.normal([0.0, 5.0, 1.0], 0.05, (20, 3))  # 20 scans of one protocol
+    rare = rng.normal([0.7, 6.0, 2.0], 0.05, (5, 3))  # 5 of another (larger field of view, brighter)
+    x = np.vstack([common, rare])
+    picked = diverse_choice(x, 2)
+    assert len(set(picked)) == 2 and {p >= 20 for p in picked} == {True, False}  # one of each
+    assert diverse_choice(x, 4) == diverse_choice(x, 4)
+    assert len(set(diverse_choice(x, 25))) == 25  # asking for all gives all
+    # a random draw of 2 from these scans misses the rare protocol in 63 % of draws
+    draws = [set(np.random.default_rng(s).choice(25, 2, replace=False)) for s in range(200)]
+    assert np.mean([all(d < 20 for d in draw) for draw in draws]) > 0.5
