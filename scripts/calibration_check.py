@@ -32,7 +32,7 @@ import numpy as np
 
 
 def main(argv=None) -> int:
-    from spinelm.confidence import (REVIEW_BELOW, collect, cross_fitted, ece_noise_floor, expected_calibration_error,
+    from spinelm.confidence import (FEATURES, REVIEW_BELOW, collect, cross_fitted, ece_noise_floor, expected_calibration_error,
                                     reliability_bins)
     from spinelm.dataset import discover_dataset
     from spinelm.evaluation import _ground_truth, identification
@@ -51,15 +51,17 @@ def main(argv=None) -> int:
     model, out = ModelFolder(args.model), Path(args.out)
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     cache = out / "records.json"
-    if cache.is_file():
-        records = [(r["fold"], r["case"], np.asarray(r["features"], float).reshape(-1, 4), np.asarray(r["identified"], bool),
-                    r["n_gt"]) for r in json.loads(cache.read_text())]
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    if isinstance(stored, dict) and stored.get("features") == list(FEATURES):  # made for these features
+        records = [(r["fold"], r["case"], np.asarray(r["features"], float).reshape(-1, len(FEATURES)),
+                    np.asarray(r["identified"], bool), r["n_gt"]) for r in stored["records"]]
         records = [r for r in records if folds is None or r[0] in folds]
     else:
         records = collect(model.root, folds, args.device, progress=True)
         out.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps([{"fold": f, "case": c, "features": x.tolist(), "identified": y.tolist(), "n_gt": n}
-                                     for f, c, x, y, n in records]))
+        cache.write_text(json.dumps({"features": list(FEATURES), "records": [
+            {"fold": f, "case": c, "features": x.tolist(), "identified": y.tolist(), "n_gt": n}
+            for f, c, x, y, n in records]}))
     models, _, _ = cross_fitted(records)
     splits = json.loads(model.splits_path.read_text())
     cases = {c.case_id: c for c in discover_dataset(args.dataset).cases}

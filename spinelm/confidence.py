@@ -9,7 +9,12 @@ Signals of a kept vertebra (:func:`vertebra_features`):
 - ``shift_margin``: how much better the whole run's labels explain the evidence than the same
   run shifted one level up or down (log-likelihood per vertebra), the error users meet most;
 - ``spacing``: how far the distances to its labelled neighbours are from the expected ones
-  (``|log(observed / expected)|``, 0 when it has none).
+  (``|log(observed / expected)|``, 0 when it has none);
+- ``run_label_prob``: the mean of ``label_prob`` over the whole run (the same for every vertebra of
+  a case). Errors come by case (a shifted run makes all its labels wrong), and a case whose labels
+  are unsure overall is where a single vertebra's evidence misleads: on lumbar MR (32 scans of 5
+  folds, each scored by a fit on the other folds) it lowered the held-out calibration error from
+  0.121 to 0.051.
 
 A logistic model on these (:class:`Calibration`) is fitted by ``spinelm calibrate MODEL`` (and at
 the end of training) on every fold's validation cases, run through the same predictor, and stored
@@ -32,7 +37,7 @@ from spinelm import labels as L
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("heatmap", "label_prob", "shift_margin", "spacing")
+FEATURES = ("heatmap", "label_prob", "shift_margin", "spacing", "run_label_prob")
 #: L2 penalty of the logistic fit (on standardised features): a few hundred validation vertebrae
 #: must not give extreme weights.
 L2_PENALTY = 1.0
@@ -78,7 +83,8 @@ def vertebra_features(labelled, distance_mm: float) -> np.ndarray:
                 observed = float(np.linalg.norm(pos[j] - pos[i]))
                 devs.append(abs(np.log(max(observed, 1e-3) / (steps * distance_mm))))
         feats.append([c.score, c.label_probs.get(lab, 0.0), margin, max(devs) if devs else 0.0])
-    return np.asarray(feats, dtype=np.float64)
+    feats = np.asarray(feats, dtype=np.float64)
+    return np.column_stack([feats, np.full(n, feats[:, 1].mean())])
 
 
 def identified_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0) -> np.ndarray:

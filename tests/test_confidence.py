@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from spinelm import labels as L
-from spinelm.confidence import Calibration, expected_calibration_error, identified_flags, vertebra_features
+from spinelm.confidence import FEATURES, Calibration, expected_calibration_error, identified_flags, vertebra_features
 from spinelm.inference import Candidate, Labelled
 from spinelm.sanity import confidence_reasons
 
@@ -27,10 +27,13 @@ def _labelled(evidence_offset: int = 0, sharp: float = 0.8) -> Labelled:
 def test_a_run_whose_evidence_points_one_level_lower_has_a_negative_shift_margin():
     right = vertebra_features(_labelled(0), 35.0)
     shifted = vertebra_features(_labelled(1), 35.0)
-    assert right.shape == (5, 4)
+    assert right.shape == (5, len(FEATURES)) == (5, 5)
     assert right[0, 2] > 1.0 and shifted[0, 2] < 0  # shift_margin, per vertebra of the run
     assert right[0, 1] == pytest.approx(0.8) and shifted[0, 1] < 0.1  # own label's probability
     assert np.allclose(right[:, 3], 0.0)  # neighbours exactly one distance apart
+    # the run's mean label probability: one value for the whole case, low when the run is shifted
+    assert np.allclose(right[:, 4], right[:, 1].mean()) and np.allclose(shifted[:, 4], shifted[:, 1].mean())
+    assert shifted[0, 4] < 0.3 < right[0, 4]
 
 
 def test_identified_flags_follow_the_verse_rule():
@@ -43,7 +46,7 @@ def test_identified_flags_follow_the_verse_rule():
 
 def test_calibration_is_learned_from_the_features_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (600, 4))
+    x = rng.uniform(0, 1, (600, len(FEATURES)))
     p_true = 1 / (1 + np.exp(-(6 * x[:, 1] - 3)))  # identification depends on the label probability
     y = rng.random(600) < p_true
     cal = Calibration.fit(x, y, folds=[0])
@@ -55,7 +58,7 @@ def test_calibration_is_learned_from_the_features_and_round_trips(tmp_path):
     assert np.allclose(again(x), p)
     assert Calibration.load(tmp_path / "missing.json") is None
     with pytest.raises(ValueError, match="no validation vertebra"):
-        Calibration.fit(np.zeros((0, 4)), np.zeros(0))
+        Calibration.fit(np.zeros((0, len(FEATURES))), np.zeros(0))
 
 
 def test_ece_of_a_perfectly_calibrated_and_of_an_overconfident_model():
@@ -81,7 +84,7 @@ def test_cross_fitting_scores_each_fold_with_a_fit_that_never_saw_it():
     def records(fold, n_cases, shift):
         out = []
         for c in range(n_cases):
-            x = rng.uniform(0, 1, (6, 4))
+            x = rng.uniform(0, 1, (6, len(FEATURES)))
             y = rng.random(6) < 1 / (1 + np.exp(-(6 * x[:, 1] - 3 + shift)))
             out.append((fold, f"f{fold}c{c}", x, y, 6))
         return out
@@ -113,7 +116,7 @@ def test_calibrate_stores_the_held_out_error_when_two_folds_are_trained(tmp_path
         out = []
         for fold in (0, 1):
             for c in range(30):
-                x = rng.uniform(0, 1, (5, 4))
+                x = rng.uniform(0, 1, (5, len(FEATURES)))
                 out.append((fold, f"c{fold}{c}", x, rng.random(5) < x[:, 1], 5))
         return out if folds is None else [r for r in out if r[0] in folds]
 
