@@ -111,10 +111,12 @@ def diverse_choice(descriptors: np.ndarray, n: int, seed: int = 0) -> list[int]:
     z = z[order]
     chosen = [int(np.argmin(np.linalg.norm(z, axis=1)))]
     dist = np.linalg.norm(z - z[chosen[0]], axis=1)
+    dist[chosen[0]] = -1.0  # never picked twice, even among identical scans
     while len(chosen) < n:
         nxt = int(np.argmax(dist))
         chosen.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(z - z[nxt], axis=1))
+        dist[chosen] = -1.0
     return [int(order[i]) for i in chosen]
 
 

@@ -214,6 +214,7 @@ def test_diverse_choice_covers_every_protocol_and_is_deterministic():
     assert len(set(picked)) == 2 and {p >= 20 for p in picked} == {True, False}  # one of each
     assert diverse_choice(x, 4) == diverse_choice(x, 4)
     assert len(set(diverse_choice(x, 25))) == 25  # asking for all gives all
+    assert sorted(diverse_choice(np.vstack([x[:3], x[:3]]), 6)) == list(range(6))  # identical scans: each once
     # a random draw of 2 from these scans misses the rare protocol in 63 % of draws
     draws = [set(np.random.default_rng(s).choice(25, 2, replace=False)) for s in range(200)]
     assert np.mean([all(d < 20 for d in draw) for draw in draws]) > 0.5
