@@ -35,7 +35,6 @@ def main(argv=None) -> int:
     from spinelm.confidence import (FEATURES, REVIEW_BELOW, collect, cross_fitted, ece_noise_floor, expected_calibration_error,
                                     reliability_bins)
     from spinelm.dataset import discover_dataset
-    from spinelm.evaluation import _ground_truth, identification
     from spinelm.inference import Predictor
     from spinelm.plans import ModelFolder
     from spinelm.predict import predict_directory
@@ -84,12 +83,9 @@ def main(argv=None) -> int:
     low = [e for e in done if e.min_confidence is not None and e.min_confidence < REVIEW_BELOW]
     cov, err, aurc = risk_coverage([e.risk for e in done], [not e.correct for e in done])
     floor = ece_noise_floor(conf)
-    gts = _ground_truth(Path(args.dataset))
-    per_case = []  # (confidences, identified) of each case's vertebrae, as _attach_ground_truth pairs them
+    per_case = []  # (confidences, identified) of each case's vertebrae, as _attach_ground_truth paired them
     for e in done:
-        ok = identification({v["label"]: np.asarray(v["position_mm"], float) for v in e.vertebrae},
-                            gts[e.case]["landmarks"])["identified"]
-        pairs = [(float(v["confidence"]), v["label"] in ok) for v in e.vertebrae if v.get("confidence") is not None]
+        pairs = [(float(v["confidence"]), v["identified"]) for v in e.vertebrae if v.get("confidence") is not None]
         if pairs:
             per_case.append((np.asarray([c for c, _ in pairs]), np.asarray([i for _, i in pairs], float)))
     rng = np.random.default_rng(0)

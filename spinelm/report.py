@@ -85,7 +85,8 @@ def risk_coverage(risks, errors) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _attach_ground_truth(entries: list[CaseEntry], gt_dir) -> tuple[list[float], list[bool]]:
-    """Mark each case right/wrong and return per-vertebra (confidence, identified) pairs."""
+    """Mark each case right/wrong (and each vertebra: ``identified``) and return per-vertebra
+    (confidence, identified) pairs."""
     from spinelm.evaluation import _ground_truth, identification
 
     gts = _ground_truth(Path(gt_dir))
@@ -99,9 +100,10 @@ def _attach_ground_truth(entries: list[CaseEntry], gt_dir) -> tuple[list[float],
         e.correct = e.status == "done" and not r["missed"] and not r["false_positive"] and \
             len(r["identified"]) == r["n_gt"]
         for v in e.vertebrae:
+            v["identified"] = v["label"] in r["identified"]
             if v.get("confidence") is not None:
                 conf.append(float(v["confidence"]))
-                ident.append(v["label"] in r["identified"])
+                ident.append(v["identified"])
     return conf, ident
 
 
