@@ -7,7 +7,8 @@ Rows (``--rows``, default all):
   labels25   25 % of the class rows kept (drawn by ``--seed``), every mask and centroid kept
   no_head    no classesTr.csv: no classification head (identification without the head)
   loose      ``--loose-train DIR``: the same phantoms with loose annotations for some cases
-             (``spinelm synth ... --loose 0.5``: half the cases with a partial mask or centroids only)
+             (``spinelm synth ... --loose 0.5``: half the cases with a partial mask or centroids only;
+             with ``--loose-kinds boxes,scribbles``, half with boxes or scribbles only)
   recon      the training set as it is, plus the auxiliary reconstruction head (a copy of the cpu
              preset with ``reconstruction_weight`` ``--reconstruction-weight``)
   aux        both auxiliary heads: ``--structures-train DIR`` (the same phantoms whose masks also carry

@@ -81,7 +81,7 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
     import numpy as np
     import torch
 
-    from spinelm.losses import MultiTaskLoss
+    from spinelm.losses import AUXILIARY_CONFIGURATIONS, MultiTaskLoss
     from spinelm.network import build_network
     from spinelm.plans import as_plans
     from spinelm.training import make_optimizer, resolve_precision, train_step
@@ -94,7 +94,8 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
                "batch": cfg.batch_size, "in": plans.n_channels, "out": plans.n_outputs,
                "optimizer": plans.training.get("optimizer", "sgd"),
                "classification": plans.classification if configuration == "fine" else None,
-               "identification": plans.identification if configuration == "coarse" else None}
+               "identification": plans.identification if configuration == "coarse" else None,
+               "auxiliary": configuration in AUXILIARY_CONFIGURATIONS}
     key = hashlib.sha1(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()
     path = cache_dir() / "step_times.json"
     cache = _read_cache(path) if use_cache else {}
@@ -107,7 +108,7 @@ def measure_step(plans, device: str = "cpu", precision: str = "auto", use_cache:
     net = build_network(plans, configuration=configuration).to(dev)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
-    loss_fn = MultiTaskLoss(plans.head_dict, cfg.n_stages)
+    loss_fn = MultiTaskLoss(plans.head_dict, cfg.n_stages, auxiliary=configuration in AUXILIARY_CONFIGURATIONS)
     opt = make_optimizer(net, plans.training.get("optimizer", "sgd"), plans.training["initial_lr"])
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and dtype == torch.float16 else None
     shape = (cfg.batch_size, *cfg.patch_size)

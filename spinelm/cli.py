@@ -53,7 +53,8 @@ def cmd_synth(args) -> int:
                         structures=args.structures, ribs=args.ribs)
     t0 = time.time()
     out = synthesize_dataset(args.out, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled,
-                             with_classes=not args.no_classes, progress=not args.no_progress, loose=args.loose)
+                             with_classes=not args.no_classes, progress=not args.no_progress, loose=args.loose,
+                             loose_kinds=tuple(k.strip() for k in args.loose_kinds.split(",") if k.strip()))
     print(f"wrote {args.n} labelled + {args.unlabelled} unlabelled phantom(s) to {out} in {time.time() - t0:.1f} s")
     return 0
 
@@ -370,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of cases with loose annotations, alternately a partial mask (every other vertebra "
                         "unannotated: value 'ignore' of dataset.json) and centroids only (no mask); centroids and "
                         "classes stay complete; annotations.json lists each case's kind (default 0)")
+    s.add_argument("--loose-kinds", default="partial,centroids", metavar="KINDS",
+                   help="the kinds of loose annotation --loose hands out in turn, comma-separated, from: partial, "
+                        "centroids, boxes (boxesTr/CASE.json, one box per vertebra; no mask, no centroid file), "
+                        "scribbles (scribblesTr/CASE.nii.gz, strokes through each vertebra and its neighbours; no "
+                        "centroid file) (default partial,centroids)")
     s.add_argument("--structures", action="store_true",
                    help="masks also carry discs (100 + the vertebra above), canal (61) and cord (60), as in "
                         "TPTBox: spinelm then trains an auxiliary structures head")

@@ -85,8 +85,9 @@ class PatchSampler:
         lms = props["landmarks"]
         positions = np.asarray([lm["index"] for lm in lms], dtype=np.float64).reshape(-1, 3)
         labels = [int(lm["label"]) for lm in lms]
-        if len(lms) and rng.random() < FOREGROUND_PROBABILITY:
-            centre = positions[int(rng.integers(len(lms)))] + rng.uniform(-0.25, 0.25, 3) * np.asarray(self.patch_size)
+        near = positions if len(lms) else np.asarray([b["center"] for b in props.get("boxes", [])]).reshape(-1, 3)
+        if len(near) and rng.random() < FOREGROUND_PROBABILITY:  # on a vertebra (its centroid, else its box)
+            centre = near[int(rng.integers(len(near)))] + rng.uniform(-0.25, 0.25, 3) * np.asarray(self.patch_size)
         else:
             centre = rng.uniform(0, 1, 3) * shape
         img, lo = _crop(np.asarray(data), centre, self.crop_size, 0.0)
@@ -106,7 +107,9 @@ class PatchSampler:
                                              self.sigma_vox) for want in self.heatmap_labels])
         else:
             hm = render_heatmap(self.patch_size, found, self.sigma_vox)[None]
-        item = {"image": img_t.float(), "heatmap": hm, "case": case}
+        item = {"image": img_t.float(), "heatmap": hm, "case": case,
+                # False for boxes or scribbles without centroids: the heatmap learns from the background only
+                "heatmap_known": torch.tensor(bool(props.get("landmarks_known", True)))}
         if self.ignore_label is not None:
             sg_t = sg_t.long()
             if self.structures_ignore is not None:

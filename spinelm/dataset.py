@@ -31,6 +31,10 @@ from spinelm.io.scan import channel_problem, group_channels, read_scan
 from spinelm.io.landmarks import Landmark, centroids_from_mask, read_landmarks
 
 CENTROID_SUFFIXES = (".mrk.json", "_ctd.json", ".json")
+BOX_SUFFIXES = (".mrk.json", ".json")
+#: Mask value that marks unknown voxels of training masks derived from boxes when dataset.json has no
+#: ``"ignore"`` label.
+DEFAULT_IGNORE_VALUE = L.MAX_LABEL + 1
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,24 @@ class Case:
     centroids: Path | None = None
     classes: tuple[tuple[int, str, float], ...] = ()  # (label, class name, weight): classesTr.csv rows
     ignore_value: int | None = None  # mask value of unannotated voxels (dataset.json labels "ignore")
+    scribbles: Path | None = None  # scribblesTr/: strokes (label or 0), ignore_value elsewhere
+    boxes: Path | None = None  # boxesTr/: one box per vertebra (spinelm.io.boxes)
 
     @property
     def annotated(self) -> bool:
-        return self.mask is not None or self.centroids is not None
+        return any(x is not None for x in (self.mask, self.centroids, self.scribbles, self.boxes))
+
+    @property
+    def annotation(self) -> str:
+        """What the case's voxel annotation is: ``mask`` (full or partial), ``scribbles``, ``boxes`` or
+        ``centroids`` (none)."""
+        if self.mask is not None:
+            return "mask"
+        if self.scribbles is not None:
+            return "scribbles"
+        if self.boxes is not None:
+            return "boxes"
+        return "centroids"
 
 
 @dataclass(frozen=True)
@@ -299,15 +317,22 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
     unlabelled = _cases_from(by_case_u, n_ch, problems, unl_dir)
     masks = _find_by_case(root / "labelsTr", tuple(IMAGE_ENDINGS), problems, "mask")
     centroids = _find_by_case(root / "centroidsTr", CENTROID_SUFFIXES, problems, "centroid")
+    scribbles = _find_by_case(root / "scribblesTr", tuple(IMAGE_ENDINGS), problems, "scribble")
+    boxes = _find_by_case(root / "boxesTr", BOX_SUFFIXES, problems, "box")
     classes = _read_classes(root / "classesTr.csv", problems, djson.get("classes") if isinstance(djson.get("classes"), dict) else None)
     for case, path in masks.items():
         if case not in images and case not in by_case:
             problems.append(Problem("error", str(path), f"mask without image: no imagesTr/{case}_0000*",
                                     "add the image or remove the mask", case))
-    for case, path in centroids.items():
-        if case not in images and case not in by_case:
-            problems.append(Problem("error", str(path), f"centroids without image: no imagesTr/{case}_0000*",
-                                    "add the image or remove the file", case))
+    for what, found in (("centroids", centroids), ("scribbles", scribbles), ("boxes", boxes)):
+        for case, path in found.items():
+            if case not in images and case not in by_case:
+                problems.append(Problem("error", str(path), f"{what} without image: no imagesTr/{case}_0000*",
+                                        "add the image or remove the file", case))
+    for case, path in scribbles.items():
+        if case in masks:
+            problems.append(Problem("error", str(path), f"case {case!r} has both a mask (labelsTr) and scribbles; "
+                                    "a case has one voxel annotation", "keep one of them", case))
     for case in classes:
         if case not in images:
             problems.append(Problem("error", str(root / "classesTr.csv"), f"classes for case {case!r}, which "
@@ -316,12 +341,18 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
         problems.append(Problem("error", str(unl_dir / f"{case}_0000{file_ending}"), f"duplicated case: "
                                 f"{case!r} is in both imagesTr and imagesUnlabelled", "rename one of them", case))
     ignore_value = _ignore_value(djson, root, problems)
+    if scribbles and ignore_value is None:
+        problems.append(Problem("error", str(root / "dataset.json"), "scribblesTr/ needs an 'ignore' label in "
+                                "dataset.json: the value of the voxels that carry no stroke",
+                                f'add "ignore": {DEFAULT_IGNORE_VALUE} to "labels" and use it in the scribble files'))
     cases = []
     for case, imgs in images.items():
-        c = Case(case, imgs, masks.get(case), centroids.get(case), tuple(classes.get(case, ())), ignore_value)
+        c = Case(case, imgs, masks.get(case), centroids.get(case), tuple(classes.get(case, ())), ignore_value,
+                 scribbles.get(case), boxes.get(case))
         if not c.annotated:
-            problems.append(Problem("error", str(imgs[0]), f"case {case!r} has neither a mask (labelsTr/"
-                                    f"{case}{file_ending}) nor centroids (centroidsTr/{case}.json)",
+            problems.append(Problem("error", str(imgs[0]), f"case {case!r} has no annotation: no mask (labelsTr/"
+                                    f"{case}{file_ending}), centroids (centroidsTr/{case}.json), scribbles "
+                                    f"(scribblesTr/) or boxes (boxesTr/{case}.json)",
                                     "add an annotation or move the image to imagesUnlabelled/", case))
         cases.append(c)
     if not cases:
@@ -377,6 +408,8 @@ class LoadedCase:
         geometry: canonical geometry shared by all channels and the mask.
         landmarks: centroids in world LPS mm (from the centroid file, else from the mask).
         landmarks_from_mask: True when the centroids were derived from the mask.
+        scribbles: (z, y, x) int16 strokes (``scribblesTr/``), or None.
+        boxes: the case's vertebra boxes (``boxesTr/``), world LPS mm.
     """
 
     case_id: str
@@ -385,6 +418,22 @@ class LoadedCase:
     geometry: Geometry
     landmarks: list[Landmark]
     landmarks_from_mask: bool
+    scribbles: np.ndarray | None = None
+    boxes: tuple = ()
+
+    def training_mask(self, ignore_value: int | None) -> np.ndarray | None:
+        """The voxel target training learns from: the mask; else the scribbles; else a mask derived from
+        the boxes (:func:`spinelm.io.boxes.rasterize_boxes`); None for a centroid-only case."""
+        if self.mask is not None:
+            return self.mask
+        if self.scribbles is not None:
+            return self.scribbles
+        if self.boxes:
+            from spinelm.io.boxes import rasterize_boxes
+
+            return rasterize_boxes(list(self.boxes), self.geometry,
+                                   DEFAULT_IGNORE_VALUE if ignore_value is None else ignore_value)
+        return None
 
 
 def read_case_landmarks(case: Case, geometry: Geometry | None = None) -> list[Landmark]:
@@ -403,7 +452,9 @@ def read_case_landmarks(case: Case, geometry: Geometry | None = None) -> list[La
 def ground_truth_landmarks(case: Case, mask: np.ndarray | None = None,
                            geometry: Geometry | None = None) -> tuple[list[Landmark], bool]:
     """A case's annotated centroids: from its centroid file, else the centres of its mask's labels
-    (``mask``/``geometry`` when already read, else read from ``case.mask``).
+    (``mask``/``geometry`` when already read, else read from ``case.mask``). Boxes and scribbles give
+    none: a box's centre can lie 25 mm from the centroid (a thoracic spinous process), and the mean of
+    a stroke is not a centroid.
 
     Returns ``(landmarks in world LPS mm, derived_from_mask)``; ``([], False)`` without either.
     """
@@ -434,5 +485,17 @@ def load_case(case: Case, canonical: bool = True) -> LoadedCase:
         if not gm.same_as(geom):
             raise ValueError(f"{case.mask}: mask geometry differs from its image ({'; '.join(gm.differences(geom))})")
         mask = np.rint(mask).astype(np.int16) if mask.dtype.kind == "f" else mask.astype(np.int16)
+    scribbles = None
+    if case.scribbles is not None:
+        scribbles, gs = load_volume(case.scribbles, canonical=canonical, dtype=None)
+        if not gs.same_as(geom):
+            raise ValueError(f"{case.scribbles}: scribble geometry differs from its image "
+                             f"({'; '.join(gs.differences(geom))})")
+        scribbles = np.rint(scribbles).astype(np.int16) if scribbles.dtype.kind == "f" else scribbles.astype(np.int16)
+    boxes = ()
+    if case.boxes is not None:
+        from spinelm.io.boxes import read_boxes
+
+        boxes = tuple(read_boxes(case.boxes))
     lms, derived = ground_truth_landmarks(case, mask, geom)
-    return LoadedCase(case.case_id, image, mask, geom, lms, derived)
+    return LoadedCase(case.case_id, image, mask, geom, lms, derived, scribbles, boxes)

@@ -181,7 +181,7 @@ def _ground_truth(gt_dir: Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if any((gt_dir / d).is_dir() for d in ("imagesTr", "labelsTr", "centroidsTr")):
         for case in discover_dataset(gt_dir).cases:
-            if case.annotated:
+            if case.mask is not None or case.centroids is not None:  # boxes or scribbles alone give no centroids
                 out[case.case_id] = {"landmarks": as_dict(ground_truth_landmarks(case)[0]), "mask": case.mask,
                                      "classes": list(case.classes)}
         return out

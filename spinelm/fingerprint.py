@@ -52,13 +52,32 @@ def _centroid_balls(shape, geometry, landmarks) -> np.ndarray:
     return seg
 
 
+def _foreground(lc) -> np.ndarray:
+    """Where a case's foreground intensities are sampled: its mask; else the vertebra strokes of its
+    scribbles; else the inside of its boxes (a box also holds some soft tissue); else balls around its
+    centroids."""
+    if lc.mask is not None:
+        return lc.mask
+    shape = lc.image.shape[1:]
+    if lc.scribbles is not None:
+        return np.where(np.isin(lc.scribbles, L.VALID_LABELS), lc.scribbles, 0).astype(np.int16)
+    if lc.boxes:
+        from spinelm.io.boxes import box_mask
+
+        seg = np.zeros(shape, np.int16)
+        for b in lc.boxes:
+            seg[box_mask(b, lc.geometry, shape)] = b.label
+        return seg
+    return _centroid_balls(shape, lc.geometry, lc.landmarks)
+
+
 def analyze_case(case: Case, num_samples: int) -> dict:
     """Fingerprint of one case (runs in a worker process)."""
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 
     lc = load_case(case, canonical=True)
-    seg = lc.mask if lc.mask is not None else _centroid_balls(lc.image.shape[1:], lc.geometry, lc.landmarks)
+    seg = _foreground(lc)
     data_c, seg_c, _ = crop_to_nonzero(lc.image, seg[None].astype(np.int16))
     intensities, _ = DatasetFingerprintExtractor.collect_foreground_intensities(seg_c, data_c, num_samples=num_samples)
     spacing = lc.geometry.array_spacing
@@ -73,6 +92,11 @@ def analyze_case(case: Case, num_samples: int) -> dict:
             ext = [(s.stop - s.start) * spacing[a] for a, s in enumerate(box)]
             extents[lab] = {"si": ext[0], "ap": ext[1], "lr": ext[2],
                             "volume_ml": float(np.count_nonzero(lc.mask[box] == lab) * np.prod(spacing) / 1000)}
+    elif lc.boxes:  # a box's reach along the world axes (LPS z, y, x: si, ap, lr); its volume bounds the vertebra's
+        for b in lc.boxes:
+            reach = np.ptp(b.corners(), axis=0)
+            extents[int(b.label)] = {"si": float(reach[2]), "ap": float(reach[1]), "lr": float(reach[0]),
+                                     "volume_ml": float(np.prod(b.size_mm) / 1000)}
     return {
         "case": case.case_id,
         "shape_after_crop": list(data_c.shape[1:]),
@@ -84,6 +108,11 @@ def analyze_case(case: Case, num_samples: int) -> dict:
         "structures": sorted({st for v in (np.unique(lc.mask).tolist() if lc.mask is not None else [])
                               if (st := L.structure_of(v)) is not None}),
         "landmarks": {lm.label: list(lm.position_mm) for lm in lc.landmarks},
+        "annotation": case.annotation,
+        # vertebrae that boxes or scribbles annotate (they give no centroid)
+        "loose_labels": sorted({int(b.label) for b in lc.boxes} | (
+            {int(v) for v in np.unique(lc.scribbles) if L.is_valid_label(int(v))} if lc.scribbles is not None
+            else set())) if lc.mask is None else [],
         "extents": extents,
         "fov_mm": [float(n * s) for n, s in zip(lc.image.shape[1:], spacing)],
     }
@@ -191,7 +220,7 @@ def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int |
                           "percentile_99_5": float(p995), "percentile_00_5": float(p005)}
     label_counts: dict[str, int] = defaultdict(int)
     for rec in per_case:
-        for lab in rec["landmarks"]:
+        for lab in set(map(int, rec["landmarks"])) | set(rec.get("loose_labels", [])):
             label_counts[L.name_of(int(lab))] += 1
     extents: dict[int, list[dict]] = defaultdict(list)
     for rec in per_case:
@@ -202,7 +231,8 @@ def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int |
     pairs = _pair_statistics(per_case)
     class_stats = class_statistics(ds, [rec["case"] for rec in per_case])
     all_dists = [p["distance_mm_mean"] for p in pairs.values() for _ in range(p["n"])]
-    seg_labels = sorted({int(lab) for rec in per_case if rec["has_mask"] for lab in rec["extents"]})
+    seg_labels = sorted({int(lab) for rec in per_case if rec["has_mask"] for lab in rec["extents"]}
+                        | {int(lab) for rec in per_case for lab in rec.get("loose_labels", [])})
     fp = {
         "format": "spinelm-fingerprint",
         "version": FINGERPRINT_VERSION,
@@ -222,13 +252,16 @@ def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int |
         # spine statistics
         "spine": {
             "cranio_caudal_axis": 0,
-            "labels_per_case": {rec["case"]: L.sort_cranio_caudal(int(k) for k in rec["landmarks"]) for rec in per_case},
+            "labels_per_case": {rec["case"]: L.sort_cranio_caudal(set(map(int, rec["landmarks"]))
+                                                                  | set(rec.get("loose_labels", [])))
+                                for rec in per_case},
             "label_counts": dict(sorted(label_counts.items(), key=lambda kv: L.cranio_caudal_rank(L.label_of(kv[0])))),
             "segmentation_labels": seg_labels,
             "cases_with_mask": int(sum(r["has_mask"] for r in per_case)),
             "structures": {st: n for st in L.STRUCTURES
                            if (n := int(sum(st in r.get("structures", []) for r in per_case)))},
-            "cases_with_centroids_only": int(sum(not r["has_mask"] for r in per_case)),
+            "cases_with_centroids_only": int(sum(r.get("annotation", "centroids") == "centroids" for r in per_case)),
+            "cases_with_boxes_or_scribbles": int(sum(r.get("annotation") in ("boxes", "scribbles") for r in per_case)),
             "vertebra_extent_mm": extent_stats,
             "consecutive_pairs": pairs,
             "median_consecutive_distance_mm": float(np.median(all_dists)) if all_dists else None,

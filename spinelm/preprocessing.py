@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from spinelm import labels as L
-from spinelm.dataset import Case, discover_dataset, load_case
+from spinelm.dataset import DEFAULT_IGNORE_VALUE, Case, discover_dataset, load_case
 from spinelm.io.files import atomic_path, read_json, write_json_atomic
 from spinelm.io.image import Frame
 from spinelm.nnunet import run_preprocessor
@@ -77,7 +77,7 @@ def structure_target(mask: np.ndarray, names, ignore_value: int | None = None) -
 def source_signature(case: Case) -> str:
     """Changes when any source file of the case (path, size, modification time) or its classes change."""
     parts = []
-    for p in list(case.images) + [case.mask, case.centroids]:
+    for p in list(case.images) + [case.mask, case.centroids, case.scribbles, case.boxes]:
         if p is not None:
             st = Path(p).stat()
             parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
@@ -102,23 +102,31 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
     """Preprocess one case in memory: ``(data, seg, properties)``."""
     lc = load_case(case, canonical=True)
     seg = None
-    if lc.mask is not None:
-        lut = label_lookup(plans, case.ignore_value)
-        values = np.asarray(lc.mask)
+    ignore_value = case.ignore_value
+    if ignore_value is None and case.annotation == "boxes":
+        ignore_value = DEFAULT_IGNORE_VALUE
+    target = lc.training_mask(ignore_value)
+    if target is not None:
+        lut = label_lookup(plans, ignore_value)
+        values = np.asarray(target)
         seg = np.where((values >= 0) & (values < len(lut)), lut[np.clip(values, 0, len(lut) - 1)], 0)[None]
         seg = seg.astype(np.int16)
         names = as_plans(plans).raw["heads"].get("structures", {}).get("names")
-        if names:  # a second channel for the auxiliary structures head
-            seg = np.concatenate([seg, structure_target(values, names, case.ignore_value)[None]])
+        if names and lc.mask is not None:  # a second channel for the auxiliary structures head
+            seg = np.concatenate([seg, structure_target(values, names, ignore_value)[None]])
     data, seg_out, info = run_preprocessor(lc.image, lc.geometry.array_spacing, plans, configuration, seg)
     bbox, shape_after_crop, new_shape = info["bbox"], info["shape_after_cropping"], info["shape"]
     pts = np.asarray([lm.position_mm for lm in lc.landmarks]).reshape(-1, 3)
-    vox = Frame.from_info(lc.geometry, as_plans(plans).transpose_forward, info).from_world(pts)
+    frame = Frame.from_info(lc.geometry, as_plans(plans).transpose_forward, info)
+    vox = frame.from_world(pts)
     properties = {
         "case": case.case_id,
-        "has_mask": lc.mask is not None,
-        "partial_mask": bool(case.ignore_value is not None and lc.mask is not None
-                             and np.any(lc.mask == case.ignore_value)),
+        "has_mask": target is not None,
+        "annotation": case.annotation,
+        # boxes or scribbles without a centroid file do not say where the centroids are: the heatmap
+        # learns only from their background voxels
+        "landmarks_known": case.mask is not None or case.centroids is not None,
+        "partial_mask": bool(ignore_value is not None and target is not None and np.any(target == ignore_value)),
         "landmarks_from_mask": lc.landmarks_from_mask,
         "landmarks": [{"label": lm.label, "index": [round(float(v), 3) for v in p], "position_mm": list(lm.position_mm)}
                       for lm, p in zip(lc.landmarks, vox)],
@@ -128,9 +136,19 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
         "shape": new_shape,
         "spacing": list(as_plans(plans).configuration(configuration).spacing),
         "classes": [[int(lab), cls, float(w)] for lab, cls, w in case.classes],
+        "boxes": [_box_in_voxels(b, frame) for b in lc.boxes],
     }
     seg_out = seg_out.astype(np.int8 if int(np.max(seg_out, initial=0)) < 127 else np.int16)
     return data, seg_out, properties
+
+
+def _box_in_voxels(box, frame: Frame) -> dict:
+    """A vertebra box in preprocessed voxel coordinates: its centre and the three vectors from the centre
+    to the middle of its faces (a box stays a parallelepiped under the resampling map)."""
+    ends = box.center_mm[None] + box.axes * (box.size_mm[:, None] / 2)
+    c, e = frame.from_world(box.center_mm[None])[0], frame.from_world(ends)
+    return {"label": int(box.label), "center": [round(float(v), 3) for v in c],
+            "half_axes": [[round(float(v), 4) for v in row - c] for row in e]}
 
 
 def _preprocess_and_save(case: Case, plans: dict, configuration: str, out_dir: str, signature: str) -> str:

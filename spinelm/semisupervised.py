@@ -170,6 +170,10 @@ def withhold_labels(source: str | os.PathLike, out: str | os.PathLike, n_labelle
             _link_or_copy(case.mask, out / "labelsTr" / case.mask.name, symlink)
         if case.centroids is not None:
             _link_or_copy(case.centroids, out / "centroidsTr" / case.centroids.name, symlink)
+        if case.scribbles is not None:
+            _link_or_copy(case.scribbles, out / "scribblesTr" / case.scribbles.name, symlink)
+        if case.boxes is not None:
+            _link_or_copy(case.boxes, out / "boxesTr" / case.boxes.name, symlink)
     for cid in withheld:
         for p in by_id[cid].images:
             _link_or_copy(p, out / "imagesUnlabelled" / p.name, symlink)

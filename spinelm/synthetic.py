@@ -672,16 +672,65 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
 
 #: Mask value of unannotated voxels in loosely annotated phantoms (dataset.json ``labels["ignore"]``).
 IGNORE_VALUE = L.MAX_LABEL + 1
-#: Kinds of loose annotation, in the order they are handed out (:func:`loose_annotation_kinds`).
+#: Kinds of loose annotation handed out by default, in turn (:func:`loose_annotation_kinds`).
 LOOSE_KINDS = ("partial", "centroids")
+#: Every kind ``spinelm synth --loose-kinds`` can write.
+ALL_LOOSE_KINDS = ("partial", "centroids", "boxes", "scribbles")
+#: Half-length of each scribble stroke (mm): three strokes along the array axes through each centroid.
+SCRIBBLE_REACH_MM = 25.0
+#: Radius of the brush the strokes are painted with (mm): wide enough to survive resampling to a coarser
+#: training spacing (a one-voxel line would vanish under nnU-Net's label resampling).
+SCRIBBLE_BRUSH_MM = 3.0
 
 
-def loose_annotation_kinds(n: int, fraction: float, seed: int) -> dict[int, str]:
+def loose_annotation_kinds(n: int, fraction: float, seed: int, kinds=LOOSE_KINDS) -> dict[int, str]:
     """Which of ``n`` cases get a loose annotation (``round(fraction * n)`` of them, drawn by ``seed``),
-    and which kind: ``partial`` (every other vertebra of the run left unannotated: its voxels carry
-    :data:`IGNORE_VALUE`) or ``centroids`` (no mask at all), alternately."""
+    and which kind, in turn from ``kinds``: ``partial`` (every other vertebra of the run left unannotated:
+    its voxels carry :data:`IGNORE_VALUE`), ``centroids`` (no mask at all), ``boxes`` (one box per
+    vertebra, no mask, no centroid file) or ``scribbles`` (strokes, no centroid file)."""
+    unknown = [k for k in kinds if k not in ALL_LOOSE_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown loose annotation kind(s) {unknown or list(kinds)}; expected some of "
+                         f"{', '.join(ALL_LOOSE_KINDS)}")
     chosen = np.random.default_rng([seed, 7919]).permutation(n)[: int(round(fraction * n))]
-    return {int(i): LOOSE_KINDS[k % len(LOOSE_KINDS)] for k, i in enumerate(sorted(chosen))}
+    return {int(i): kinds[k % len(kinds)] for k, i in enumerate(sorted(chosen))}
+
+
+def scribbles_from_mask(mask: np.ndarray, centroids_zyx: np.ndarray, spacing_zyx, ignore_value: int) -> np.ndarray:
+    """Scribbles as an annotator might draw them, from a (z, y, x) mask: through each centroid, one stroke
+    along each array axis (:data:`SCRIBBLE_REACH_MM` each way), painted with a brush of radius
+    :data:`SCRIBBLE_BRUSH_MM`; a stroke voxel keeps its true value (the vertebra's label, or 0 on discs and
+    soft tissue) where all six neighbours share it, so strokes never sit on a boundary; every other voxel
+    is ``ignore_value``."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask).astype(np.int16)
+    interior = np.ones(mask.shape, dtype=bool)
+    for ax in range(3):
+        for step in (1, -1):
+            nb = np.roll(mask, step, axis=ax)
+            edge = [slice(None)] * 3
+            edge[ax] = 0 if step == 1 else -1
+            same = nb == mask
+            same[tuple(edge)] = False
+            interior &= same
+    lines = np.zeros(mask.shape, dtype=bool)
+    shape = np.asarray(mask.shape)
+    for c in np.rint(np.asarray(centroids_zyx).reshape(-1, 3)).astype(int):
+        if np.any(c < 0) or np.any(c >= shape):
+            continue
+        for ax in range(3):
+            reach = int(round(SCRIBBLE_REACH_MM / float(spacing_zyx[ax])))
+            sl = [slice(int(v), int(v) + 1) for v in c]
+            sl[ax] = slice(max(c[ax] - reach, 0), min(c[ax] + reach + 1, int(shape[ax])))
+            lines[tuple(sl)] = True
+    r = np.floor(SCRIBBLE_BRUSH_MM / np.asarray(spacing_zyx, dtype=np.float64)).astype(int)
+    grid = np.meshgrid(*[np.arange(-k, k + 1) * float(sp) for k, sp in zip(r, spacing_zyx)], indexing="ij")
+    brush = sum(g ** 2 for g in grid) <= SCRIBBLE_BRUSH_MM ** 2
+    strokes = ndimage.binary_dilation(lines, structure=brush) & interior
+    out = np.full(mask.shape, ignore_value, dtype=np.int16)
+    out[strokes] = mask[strokes]
+    return out
 
 
 def _add_structures(labels: np.ndarray, tissue: np.ndarray) -> None:
@@ -705,17 +754,39 @@ def _add_structures(labels: np.ndarray, tissue: np.ndarray) -> None:
             labels[grown][comp] = L.DISC_OFFSET + above
 
 
+def _write_loose(out: Path, case: str, ph, kind: str) -> None:
+    """A phantom's boxes (``boxesTr/CASE.json``) or scribbles (``scribblesTr/CASE.nii.gz``)."""
+    import SimpleITK as sitk
+
+    from spinelm.io.boxes import boxes_from_mask, write_boxes_json
+    from spinelm.io.image import Geometry
+
+    arr = sitk.GetArrayFromImage(ph.mask).astype(np.int16)
+    geom = Geometry.from_sitk(ph.mask)
+    if kind == "boxes":
+        (out / "boxesTr").mkdir(exist_ok=True)
+        write_boxes_json(out / "boxesTr" / f"{case}.json", boxes_from_mask(arr, geom), source="spinelm synth")
+        return
+    (out / "scribblesTr").mkdir(exist_ok=True)
+    centres = geom.world_to_array_index(np.asarray([lm.position_mm for lm in ph.landmarks]).reshape(-1, 3))
+    strokes = sitk.GetImageFromArray(scribbles_from_mask(arr, centres, geom.array_spacing, IGNORE_VALUE).astype(np.uint8))
+    strokes.CopyInformation(ph.mask)
+    write_image(strokes, out / "scribblesTr" / f"{case}.nii.gz")
+
+
 def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config: PhantomConfig | None = None,
                        n_unlabelled: int = 0, with_classes: bool = True, progress: bool = True,
-                       prefix: str = "phantom", loose: float = 0.0) -> Path:
+                       prefix: str = "phantom", loose: float = 0.0, loose_kinds=LOOSE_KINDS) -> Path:
     """Write ``n`` labelled (+ ``n_unlabelled``) phantoms as a spinelm/nnU-Net raw dataset folder.
 
     Layout: ``imagesTr/``, ``labelsTr/``, ``centroidsTr/`` (spinelm JSON), ``classesTr.csv`` (when
     ``with_classes``), ``imagesUnlabelled/`` and ``dataset.json``. Cases already written are kept
     (the generator is deterministic), so an interrupted run can simply be repeated.
 
-    ``loose``: the share of labelled cases whose masks are degraded (:func:`loose_annotation_kinds`);
-    their centroids and classes stay complete. ``annotations.json`` lists each case's kind.
+    ``loose``: the share of labelled cases whose masks are degraded (:func:`loose_annotation_kinds`, in
+    turn from ``loose_kinds``); classes stay complete, centroids too except for ``boxes`` (``boxesTr/``:
+    their centres stand for the centroids) and ``scribbles`` (``scribblesTr/``: no centroids).
+    ``annotations.json`` lists each case's kind.
     """
     from tqdm import tqdm
 
@@ -725,7 +796,7 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows = []
     channel = "CT" if cfg.modality.upper() == "CT" else ("MR" if cfg.modality.upper() == "MR" else "mixed")
-    kinds = loose_annotation_kinds(n, loose, seed) if loose else {}
+    kinds = loose_annotation_kinds(n, loose, seed, tuple(loose_kinds)) if loose else {}
     for i in tqdm(range(n + n_unlabelled), desc="Synthesising phantoms", disable=not progress, unit="case"):
         labelled = i < n
         case = f"{prefix}_{i:03d}"
@@ -741,10 +812,13 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config
                 partial = sitk.GetImageFromArray(arr)
                 partial.CopyInformation(ph.mask)
                 write_image(partial, out / "labelsTr" / f"{case}.nii.gz")
+            elif kinds.get(i) in ("boxes", "scribbles"):
+                _write_loose(out, case, ph, kinds[i])
             elif kinds.get(i) != "centroids":
                 write_image(ph.mask, out / "labelsTr" / f"{case}.nii.gz")
-            write_spinelm_json(out / "centroidsTr" / f"{case}.json", ph.landmarks, source="spinelm synth",
-                               phantom=ph.info)
+            if kinds.get(i) not in ("boxes", "scribbles"):
+                write_spinelm_json(out / "centroidsTr" / f"{case}.json", ph.landmarks, source="spinelm synth",
+                                   phantom=ph.info)
             rows += [(case, lab, cls) for lab, cls in sorted(ph.classes.items(), key=lambda kv: L.cranio_caudal_rank(kv[0]))]
         folder.mkdir(parents=True, exist_ok=True)
         for c, img in enumerate(ph.channels or [ph.image]):
@@ -760,7 +834,8 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, config
         "channel_names": ({str(c): DIXON_CHANNELS[c] for c in range(cfg.channels)} if cfg.protocol == "dixon"
                           else {"0": channel if channel != "mixed" else "MR"}),
         "labels": {"background": 0, **{L.name_of(v.label): v.label for v in L.VERTEBRAE},
-                   **({"ignore": IGNORE_VALUE} if kinds else {})},
+                   **({"ignore": IGNORE_VALUE} if kinds and set(kinds.values()) & {"partial", "scribbles"}
+                      else {})},
         "numTraining": n,
         "file_ending": ".nii.gz",
         "classes": CLASS_NAMES,

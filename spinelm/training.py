@@ -33,7 +33,7 @@ import torch
 from spinelm.data import PatchSampler
 from spinelm.evaluation import identification, summarise
 from spinelm.io.files import atomic_path, read_json, write_json_atomic
-from spinelm.losses import MultiTaskLoss
+from spinelm.losses import AUXILIARY_CONFIGURATIONS, MultiTaskLoss
 from spinelm.network import build_network
 from spinelm.plans import ModelFolder
 
@@ -193,13 +193,14 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
     hm = batch["heatmap"].to(device, non_blocking=True)
     seg = batch["seg"].to(device, non_blocking=True) if "seg" in batch else None
     structures = batch["structures"].to(device, non_blocking=True) if "structures" in batch else None
+    known = batch.get("heatmap_known")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and autocast_dtype is None:
         autocast_dtype = torch.float16
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         outputs = network(x)
         loss, _ = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], seg, hm, structures,
-                          target, hidden)
+                          target, hidden, known)
         if "class_image" in batch:  # masked vertebra crops through the shared encoder and the class head
             from spinelm.classification import class_logits, soft_cross_entropy
 
@@ -275,6 +276,8 @@ def validate(network, cache: Path, case_ids: list[str], plans, device, configura
     results, nearest, precise = [], [], []
     for case in case_ids:
         data, frame, props = _cached_case(cache, case, predictor.plans)
+        if not props.get("landmarks_known", True):  # boxes or scribbles only: no centroids to score against
+            continue
         coarse_input = _cached_case(coarse[1], case, predictor.plans)[:2] if coarse else None
         lab = predictor.predict_preprocessed(data, frame, with_mask=False, coarse=coarse_input).labelled
         gt_mm = {int(lm["label"]): np.asarray(lm["position_mm"], dtype=np.float64) for lm in props["landmarks"]}
@@ -560,7 +563,7 @@ def _with_class_crops(next_batch, plans, cache: Path, train_cases: list[str], co
                         "the head is not trained")
         return next_batch
     if main_rank:
-        log.info("classification: %d annotated vertebrae (%s; %d more have a class but no voxels in the mask), "
+        log.info("classification: %d annotated vertebrae (%s; %d more have a class but no voxels in the mask, or only strokes), "
                  "%d masked crops %s per step", len(sampler),
                  ", ".join(f"{plans.classification['classes'][int(np.argmax(sampler.items[g[0]][2]))]} "
                            f"{len(g)}" for g in sampler.by_class), sampler.not_in_mask,
@@ -694,7 +697,7 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     network = network.to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
-    loss_fn = MultiTaskLoss(plans.head_dict, cfg.n_stages)
+    loss_fn = MultiTaskLoss(plans.head_dict, cfg.n_stages, auxiliary=configuration in AUXILIARY_CONFIGURATIONS)
     lr0 = plans.training["initial_lr"]
     optimizer = make_optimizer(network, plans.training.get("optimizer", "sgd"), lr0)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and autocast_dtype == torch.float16 else None

@@ -153,6 +153,53 @@ def _check_centroids(case: Case, geom: Geometry, mask: np.ndarray | None) -> lis
     return probs
 
 
+def _check_scribbles(case: Case, geom: Geometry) -> list[Problem]:
+    """A scribble file: readable, on the image's grid, values 0 (background strokes), vertebra labels or the
+    dataset's ignore value (no stroke), and at least one stroke."""
+    path, cid = case.scribbles, case.case_id
+    sgeom, arr, probs = _check_image_file(path, cid, is_mask=True)
+    if arr is None or sgeom is None:
+        return probs
+    diffs = sgeom.differences(geom)
+    if diffs:
+        probs.append(Problem("error", str(path), f"scribble geometry differs from its image ({'; '.join(diffs)})",
+                             "draw the scribbles on the image itself or fix the header", cid))
+    values = np.unique(np.round(arr)).astype(np.int64)
+    bad = [int(v) for v in values if v != L.BACKGROUND and not L.is_valid_label(int(v)) and v != case.ignore_value]
+    if bad:
+        probs.append(Problem("error", str(path), f"value(s) {bad} in the scribbles; expected 0 (a background "
+                             f"stroke), a vertebra label 1-{L.MAX_LABEL} (a stroke on that vertebra) or the 'ignore' "
+                             f"value of dataset.json ({case.ignore_value}: no stroke)", "relabel the strokes", cid))
+    if case.ignore_value is not None and np.all(values == case.ignore_value):
+        probs.append(Problem("warning", str(path), "no stroke in the scribbles (every voxel is 'ignore')",
+                             "draw the strokes or remove the file", cid))
+    return probs
+
+
+def _check_boxes(case: Case, geom: Geometry) -> list[Problem]:
+    """A box file: readable, known vertebrae, one box each, every box centre inside the image."""
+    from spinelm.io.boxes import read_boxes
+
+    path, cid = case.boxes, case.case_id
+    try:
+        boxes = read_boxes(path)
+    except (ValueError, FileNotFoundError) as exc:
+        return [Problem("error", str(path), str(exc).split(": ", 1)[-1], "fix the file", cid)]
+    probs: list[Problem] = []
+    if not boxes:
+        probs.append(Problem("warning", str(path), "no boxes in the file", "", cid))
+    for b in boxes:
+        if not geom.contains(b.center_mm, CENTROID_OUTSIDE_MARGIN_VOXELS):
+            probs.append(Problem("error", str(path), f"the box of {b.name} is centred at {_mm(b.center_mm)} mm, "
+                                 f"outside the image (voxel {_mm(geom.world_to_index(b.center_mm))}, image size "
+                                 f"{geom.size})", "check the coordinate system (LPS vs RAS) and that the file "
+                                 "belongs to this image", cid))
+    if case.mask is not None and boxes:
+        probs.append(Problem("warning", str(path), "the case also has a mask: training learns from the mask, "
+                             "the boxes are not used", "remove one of them", cid))
+    return probs
+
+
 def _mm(v) -> str:
     return "(" + ", ".join(f"{x:.1f}" for x in np.asarray(v).ravel()) + ")"
 
@@ -182,6 +229,10 @@ def _check_case(case: Case, labelled: bool) -> tuple[list[Problem], str | None]:
         probs += p
         if mgeom is not None and not mgeom.same_as(geom0):
             mask = None  # geometry mismatch already reported; distances would be meaningless
+    if case.scribbles is not None:
+        probs += _check_scribbles(case, geom0)
+    if case.boxes is not None:
+        probs += _check_boxes(case, geom0)
     if case.centroids is not None:
         probs += _check_centroids(case, geom0, mask)
     if case.classes:

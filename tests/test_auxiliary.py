@@ -156,3 +156,21 @@ def test_reconstruction_loss_counts_only_the_hidden_voxels():
     total, parts = loss_fn([wrong_inside], None, hm, None, image, hidden)
     assert parts["reconstruction"] == pytest.approx(9.0)
     assert float(total) == pytest.approx(2.0 * 9.0 + parts["heatmap"], rel=1e-5)
+
+
+def test_the_coarse_stage_trains_no_auxiliary_head():
+    from spinelm.losses import AUXILIARY_CONFIGURATIONS, MultiTaskLoss
+
+    heads = {"heatmap": {"channels": 1}, "structures": {"channels": 2, "names": ["disc"]},
+             "reconstruction": {"channels": 1, "loss_weight": 1.0}}
+    assert "coarse" not in AUXILIARY_CONFIGURATIONS and "fine" in AUXILIARY_CONFIGURATIONS
+    image, hm = torch.randn(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8)
+    out = torch.cat([hm, torch.randn(1, 2, 8, 8, 8), image + 3.0], 1)  # structures and reconstruction wrong
+    structures = torch.ones(1, 1, 8, 8, 8, dtype=torch.long)
+    hidden = torch.ones(1, 1, 8, 8, 8, dtype=torch.bool)
+    _, fine = MultiTaskLoss(heads, 1)([out], None, hm, structures, image, hidden)
+    coarse_fn = MultiTaskLoss(heads, 1, auxiliary=False)
+    _, coarse = coarse_fn([out], None, hm, structures, image, hidden)
+    assert fine["structures"] > 0 and fine["reconstruction"] > 0
+    assert coarse["structures"] == 0.0 and coarse["reconstruction"] == 0.0 and coarse["heatmap"] == fine["heatmap"]
+    assert not coarse_fn.has_reconstruction  # so the coarse step hides no block of its input
