@@ -235,3 +235,16 @@ def test_torchrun_world_size_two_with_gloo_trains_one_model(model_dir):
     assert json.loads((model_dir / "fold_0" / "checkpoint_final.json").read_text())["epoch"] == 1
     log_text = (model_dir / "fold_0" / "training_log.txt").read_text()
     assert "batch 1" in log_text  # the plan's batch of 2 split over the two ranks
+
+
+def test_validations_during_training_take_at_most_their_share_of_the_time():
+    from spinelm.training import VALIDATION_SHARE, validation_due
+
+    assert VALIDATION_SHARE == 0.1
+    assert validation_due(True, 10.0, 0.0)  # the first scheduled validation always runs
+    assert not validation_due(False, 1e6, 0.0)  # only scheduled ones
+    # a validation of 60 s (whole-body volumes) waits for 9 x 60 s of training
+    assert not validation_due(True, 300.0, 60.0)
+    assert validation_due(True, 540.0, 60.0)
+    # a cheap validation (2 s after 40 s of training) keeps the schedule
+    assert validation_due(True, 40.0, 2.0)
