@@ -523,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every trained fold's final model on its own validation cases (the one "
                                    "predictor), and fit a logistic model of 'this vertebra is identified' (right "
                                    "label within 20 mm) on its heatmap peak, label probability, the margin of its "
-                                   "run over the run shifted by one level, and neighbour spacing. Writes "
+                                   "run over the run shifted by one level, neighbour spacing, and the mean label probability of "
+                                   "the whole run (errors come by case: a shifted run makes all its labels wrong). Writes "
                                    "MODEL/calibration.json; predict then writes a 'confidence' per vertebra and "
                                    "flags cases with a vertebra below 0.5 for review. Training runs it at its end.")
     s.add_argument("model", help="trained model folder")
