@@ -112,7 +112,7 @@ def test_case_without_annotation_orphans_and_duplicates(phantom_copy):
                     str(phantom_copy / "imagesTr" / "phantom_002_0000.mha"))
     rep, errs = _errors(phantom_copy)
     text = "\n".join(rep.lines())
-    assert "neither a mask" in text and "phantom_000" in text
+    assert "case 'phantom_000' has no annotation: no mask" in text and "boxes (boxesTr/phantom_000.json)" in text
     assert "ghost.nii.gz: mask without image" in text
     assert "duplicated case: channel 0000 of case 'phantom_002'" in text
     assert len(errs) >= 3  # all reported in one run
