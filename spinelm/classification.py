@@ -262,22 +262,6 @@ class Classifier:
 MASK_GROW, MASK_SHRINK, MASK_CUT = 0.3, 0.3, 0.3
 
 
-def box_voxels(box: dict, shape) -> np.ndarray:
-    """Boolean mask of the voxels inside a box given in voxel coordinates (``center`` and ``half_axes``,
-    the vectors from the centre to its faces: see :func:`spinelm.preprocessing.preprocess_case`)."""
-    c = np.asarray(box["center"], dtype=np.float64)
-    h = np.asarray(box["half_axes"], dtype=np.float64).reshape(3, 3)
-    reach = np.abs(h).sum(axis=0)
-    lo = np.clip(np.floor(c - reach).astype(int), 0, shape)
-    hi = np.clip(np.ceil(c + reach).astype(int) + 1, 0, shape)
-    out = np.zeros(shape, dtype=bool)
-    if np.all(hi > lo):
-        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
-        local = np.linalg.solve(h.T, (grid - c).reshape(-1, 3).T).T  # coordinates along the half-axes
-        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.all(np.abs(local) <= 1 + 1e-6, axis=1).reshape(grid.shape[:3])
-    return out
-
-
 def perturb_mask(own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A vertebra mask as a predicted one may come out: grown or shrunk by a voxel (each with
     :data:`MASK_GROW` / :data:`MASK_SHRINK`), and with :data:`MASK_CUT` a cap beyond a random plane
@@ -374,7 +358,12 @@ class ClassCropSampler:
         case, channel, target = self.items[group[int(rng.integers(len(group)))]]
         data = np.load(self.cache / f"{case}_data.npy", mmap_mode="r")
         seg = np.load(self.cache / f"{case}_seg.npy", mmap_mode="r")
-        own = box_voxels(channel, seg.shape[1:]) if isinstance(channel, dict) else np.asarray(seg[0]) == channel
+        if isinstance(channel, dict):  # a boxed vertebra: the box in preprocessed voxels (spinelm.preprocessing)
+            from spinelm.io.boxes import parallelepiped_mask
+
+            own = parallelepiped_mask(seg.shape[1:], channel["center"], channel["half_axes"])
+        else:
+            own = np.asarray(seg[0]) == channel
         if self.augment:
             own = perturb_mask(own, rng)
         offset = rng.integers(-2, 3, 3) if self.augment else (0, 0, 0)  # the window moves by up to 2 voxels

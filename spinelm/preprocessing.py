@@ -143,12 +143,10 @@ def preprocess_case(case: Case, plans: dict, configuration: str) -> tuple[np.nda
 
 
 def _box_in_voxels(box, frame: Frame) -> dict:
-    """A vertebra box in preprocessed voxel coordinates: its centre and the three vectors from the centre
-    to the middle of its faces (a box stays a parallelepiped under the resampling map)."""
-    ends = box.center_mm[None] + box.axes * (box.size_mm[:, None] / 2)
-    c, e = frame.from_world(box.center_mm[None])[0], frame.from_world(ends)
+    """A vertebra box in preprocessed voxel coordinates (:meth:`spinelm.io.boxes.Box.in_index_space`)."""
+    c, h = box.in_index_space(frame.from_world)
     return {"label": int(box.label), "center": [round(float(v), 3) for v in c],
-            "half_axes": [[round(float(v), 4) for v in row - c] for row in e]}
+            "half_axes": [[round(float(v), 4) for v in row] for row in h]}
 
 
 def _preprocess_and_save(case: Case, plans: dict, configuration: str, out_dir: str, signature: str) -> str:

@@ -57,6 +57,13 @@ class Box:
         signs = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], dtype=np.float64)
         return self.center_mm + (signs * (self.size_mm / 2)) @ self.axes
 
+    def in_index_space(self, to_index) -> tuple[np.ndarray, np.ndarray]:
+        """``(centre, half_axes)`` under an affine world-to-index map ``to_index`` ((N, 3) -> (N, 3)): the
+        centre and the three vectors from it to the middle of the faces (a box stays a parallelepiped)."""
+        ends = self.center_mm[None] + self.axes * (self.size_mm[:, None] / 2)
+        c = to_index(self.center_mm[None])[0]
+        return c, to_index(ends) - c
+
     def contains(self, points: np.ndarray) -> np.ndarray:
         """Which of the (..., 3) world points lie inside (edges included)."""
         local = (np.asarray(points, dtype=np.float64) - self.center_mm) @ self.axes.T
@@ -194,27 +201,25 @@ def boxes_from_mask(mask: np.ndarray, geometry) -> list[Box]:
     return sorted(out, key=lambda b: L.cranio_caudal_rank(b.label))
 
 
-def _world_grid(geometry, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """World positions (..., 3) of the voxel centres of the array-index block ``lo:hi`` (z, y, x)."""
-    zz, yy, xx = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
-    return geometry.array_index_to_world(np.stack([zz, yy, xx], axis=-1))
-
-
-def box_index_range(box: Box, geometry, shape) -> tuple[np.ndarray, np.ndarray]:
-    """The array-index block ``(lo, hi)`` (z, y, x) that holds the box, clipped to ``shape``."""
-    idx = geometry.world_to_array_index(box.corners())
-    lo = np.clip(np.floor(idx.min(axis=0)).astype(int), 0, shape)
-    hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 1, 0, shape)
-    return lo, hi
+def parallelepiped_mask(shape, center, half_axes) -> np.ndarray:
+    """Boolean mask (array of ``shape``) of the voxels whose index lies in ``center`` +- the rows of
+    ``half_axes`` (a box in index space: :meth:`Box.in_index_space`)."""
+    c = np.asarray(center, dtype=np.float64)
+    h = np.asarray(half_axes, dtype=np.float64).reshape(3, 3)
+    reach = np.abs(h).sum(axis=0)
+    lo = np.clip(np.floor(c - reach).astype(int), 0, shape)
+    hi = np.clip(np.ceil(c + reach).astype(int) + 1, 0, shape)
+    out = np.zeros(shape, dtype=bool)
+    if np.all(hi > lo):
+        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
+        local = np.linalg.solve(h.T, (grid - c).reshape(-1, 3).T).T  # coordinates along the half-axes
+        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.all(np.abs(local) <= 1 + 1e-6, axis=1).reshape(grid.shape[:3])
+    return out
 
 
 def box_mask(box: Box, geometry, shape) -> np.ndarray:
     """Boolean (z, y, x) mask of the voxels whose centres lie inside the box."""
-    out = np.zeros(shape, dtype=bool)
-    lo, hi = box_index_range(box, geometry, np.asarray(shape))
-    if np.all(hi > lo):
-        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = box.contains(_world_grid(geometry, lo, hi))
-    return out
+    return parallelepiped_mask(shape, *box.in_index_space(geometry.world_to_array_index))
 
 
 def rasterize_boxes(boxes: list[Box], geometry, ignore_value: int) -> np.ndarray:
