@@ -8,6 +8,11 @@ reasons (:mod:`spinelm.sanity`) are recorded; a corrupted scan counts as caught 
 
     python scripts/header_sanity.py MODEL_DIR HELD_OUT [--folds 0] [--out results.json] [--device cpu]
     python scripts/header_sanity.py MODEL_DIR HELD_OUT --rescore results.json
+    python scripts/header_sanity.py MODEL_DIR HELD_OUT --turned-only   # the coarse comparison alone
+
+``--turned-only`` runs only the turned-over comparison (the model's coarse stage on the scan as
+stored and turned five ways), not the whole prediction: seconds instead of minutes per whole-body
+scan; only the "turned-over comparison" line is then meaningful.
 
 HELD_OUT: a dataset folder (``imagesTr/``) or a folder of ``CASE_0000.nii.gz`` files.
 
@@ -98,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", default=None, help="folds to use, e.g. 0 (default: every trained fold)")
     ap.add_argument("--rescore", default=None, metavar="RESULTS_JSON",
                     help="re-apply the current rules to a results file of an earlier run (no model is run)")
+    ap.add_argument("--turned-only", action="store_true",
+                    help="run only the turned-over comparison (the coarse stage), not the whole prediction")
     args = ap.parse_args(argv)
     if args.rescore:
         summarise(json.loads(Path(args.rescore).read_text())["rows"])
@@ -114,7 +121,22 @@ def main(argv=None) -> int:
         for variant in VARIANTS:
             canon = [to_canonical(corrupt(im, variant) if variant != "clean" else im) for im in images]
             arr = np.stack([sitk.GetArrayFromImage(c).astype(np.float32) for c in canon])
-            res = predictor.predict_array(arr, Geometry.from_sitk(canon[0]), str(f))
+            geometry = Geometry.from_sitk(canon[0])
+            if args.turned_only:
+                from spinelm.io.image import Frame
+                from spinelm.nnunet import run_preprocessor
+                from spinelm.sanity import turned_over_reasons
+
+                cdata, _, cinfo = run_preprocessor(arr, geometry.array_spacing, predictor.plans, "coarse")
+                turned = predictor.turned_over(cdata, Frame.from_info(geometry, predictor.plans.transpose_forward,
+                                                                      cinfo))
+                reasons = turned_over_reasons(turned)
+                rows.append({"case": case, "variant": variant, "flagged": bool(reasons), "reasons": reasons,
+                             "n_vertebrae": None, "turned": turned})
+                print(f"{case:16s} {variant:11s} {'REVIEW' if reasons else 'ok    '} {'; '.join(reasons)[:150]}",
+                      flush=True)
+                continue
+            res = predictor.predict_array(arr, geometry, str(f))
             rows.append({"case": case, "variant": variant, "flagged": bool(res.qc_reasons),
                          "reasons": res.qc_reasons, "n_vertebrae": len(res.landmarks), "turned": res.turned})
             print(f"{case:16s} {variant:11s} {'REVIEW' if res.qc_reasons else 'ok    '} "

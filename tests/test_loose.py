@@ -99,6 +99,44 @@ def test_phantom_boxes_hold_their_vertebra_and_teach_background_only_between_the
     assert heights.min() >= span.min() - 1e-6 and heights.max() <= span.max() + 1e-6
 
 
+def _dice(a, b):
+    return 2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
+
+
+def test_a_boxed_vertebra_is_masked_by_a_vertebra_shape_not_by_its_box():
+    """The class head sees a boxed vertebra through the mean shape of masked vertebrae stretched onto
+    its box: much closer to the vertebra's own mask than the box, whatever order its axes come in."""
+    import SimpleITK as sitk
+
+    from spinelm.classification import shape_template, template_in_box
+    from spinelm.io.boxes import parallelepiped_mask
+    from spinelm.io.image import Geometry, to_canonical
+
+    cfg = PhantomConfig(modality="MR", max_vertebrae=6, max_voxels=400_000)
+    masks = [sitk.GetArrayFromImage(to_canonical(make_phantom(seed, 3, cfg).mask)) for seed in (15, 16)]
+    template = shape_template([m == v for m in masks for v in np.unique(m) if v in L.VALID_LABELS])
+    image = to_canonical(make_phantom(17, 4, cfg).mask)  # another phantom: its vertebrae by their boxes
+    mask, geom = sitk.GetArrayFromImage(image), Geometry.from_sitk(image)
+    whole = 0
+    for b in boxes_from_mask(mask, geom):
+        own = mask == b.label
+        center, half = b.in_index_space(geom.world_to_array_index)
+        shaped = template_in_box(mask.shape, center, half, template)
+        boxed = parallelepiped_mask(mask.shape, center, half)
+        assert 0 < shaped.sum() < boxed.sum() and not (shaped & ~boxed).any()
+        idx = np.argwhere(own)
+        if (idx.min(0) > 0).all() and (idx.max(0) < np.asarray(mask.shape) - 1).all():  # not cut by the border
+            whole += 1
+            assert _dice(shaped, own) > 0.45 and _dice(shaped, own) > _dice(boxed, own) + 0.15, b.label
+        # the same box given with its half-axes reordered and reversed gives the same mask
+        turned = template_in_box(mask.shape, center, -np.asarray(half)[[2, 0, 1]], template)
+        assert np.array_equal(turned, shaped)
+    assert whole >= 4
+    # no masked vertebra to learn from: an ellipsoid that touches the box's faces
+    ellipsoid = shape_template([])
+    assert ellipsoid[12, 12, 12] == 1 and ellipsoid[0, 0, 0] == 0 and ellipsoid[12, 12, 0] == 1
+
+
 def test_scribbles_carry_only_true_values_away_from_boundaries():
     mask = np.zeros((30, 30, 30), np.int16)
     mask[5:14, 8:22, 8:22] = 20
@@ -192,10 +230,11 @@ def test_training_learns_from_boxes_and_scribbles_what_they_say(boxes_and_scribb
     assert parts["heatmap"] == pytest.approx(expected, rel=1e-5)
     _, known = loss_fn(outputs, unknown, batch["heatmap"], heatmap_known=torch.tensor([True, False]))
     assert known["heatmap"] > 0.0
-    # the class head grades box cases from the voxels inside each box, and skips scribbled vertebrae
+    # the class head grades box cases from a vertebra shape inside each box, and skips scribbled vertebrae
     classes = ClassCropSampler(cache, sorted(kinds), plans)
     box_rows = sum(len(json.loads((cache / f"{c}.json").read_text())["classes"]) for c, k in kinds.items() if k == "boxes")
     assert len(classes) == box_rows > 0 and {it[0] for it in classes.items} == {c for c, k in kinds.items() if k == "boxes"}
+    assert set(classes.templates) == {None}  # no masked vertebra to average: boxes are masked by an ellipsoid
     crop, _ = classes.sample(rng)
     assert np.any(crop != classes.outside) and np.any(crop == classes.outside)
     result = train(model, 0, epochs=1, iterations_per_epoch=2, validate_every=5, progress=False,

@@ -201,19 +201,29 @@ def boxes_from_mask(mask: np.ndarray, geometry) -> list[Box]:
     return sorted(out, key=lambda b: L.cranio_caudal_rank(b.label))
 
 
-def parallelepiped_mask(shape, center, half_axes) -> np.ndarray:
-    """Boolean mask (array of ``shape``) of the voxels whose index lies in ``center`` +- the rows of
-    ``half_axes`` (a box in index space: :meth:`Box.in_index_space`)."""
+def box_local_coordinates(shape, center, half_axes) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The voxels of an array of ``shape`` around a box in index space (``center`` +- the rows of
+    ``half_axes``, :meth:`Box.in_index_space`): the slices of the box's bounding region and, for each
+    voxel of that region, its coordinates along the three half-axes ((*region, 3); inside the box
+    where every coordinate lies in [-1, 1]). The region is empty when the box misses the array."""
     c = np.asarray(center, dtype=np.float64)
     h = np.asarray(half_axes, dtype=np.float64).reshape(3, 3)
     reach = np.abs(h).sum(axis=0)
     lo = np.clip(np.floor(c - reach).astype(int), 0, shape)
     hi = np.clip(np.ceil(c + reach).astype(int) + 1, 0, shape)
+    region = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
+    local = np.linalg.solve(h.T, (grid - c).reshape(-1, 3).T).T  # coordinates along the half-axes
+    return region, local.reshape(grid.shape)
+
+
+def parallelepiped_mask(shape, center, half_axes) -> np.ndarray:
+    """Boolean mask (array of ``shape``) of the voxels whose index lies in ``center`` +- the rows of
+    ``half_axes`` (a box in index space: :meth:`Box.in_index_space`)."""
     out = np.zeros(shape, dtype=bool)
-    if np.all(hi > lo):
-        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
-        local = np.linalg.solve(h.T, (grid - c).reshape(-1, 3).T).T  # coordinates along the half-axes
-        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.all(np.abs(local) <= 1 + 1e-6, axis=1).reshape(grid.shape[:3])
+    region, local = box_local_coordinates(shape, center, half_axes)
+    if local.size:
+        out[region] = np.all(np.abs(local) <= 1 + 1e-6, axis=-1)
     return out
 
 
