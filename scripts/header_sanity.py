@@ -47,10 +47,10 @@ def corrupt(image, variant: str):
     return out
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], flip_check: dict | None = None) -> dict:
     """Print and return the caught / false-alarm counts: any QC reason, the orientation reasons only
     (every reason but low confidence), and the turned-over comparison alone (its current rule,
-    re-applied to the recorded evidence)."""
+    re-applied to the recorded evidence, with the model's learned ``flip_check``)."""
     from spinelm.sanity import turned_over_reasons
 
     turned_prefix = "the scan looks more like a spine turned over"
@@ -58,11 +58,11 @@ def summarise(rows: list[dict]) -> dict:
     for r in rows:  # the current rule of the turned-over comparison, on the recorded evidence
         if r.get("turned"):
             r["reasons"] = [x for x in r["reasons"] if not x.startswith((turned_prefix, level_prefix))] + \
-                turned_over_reasons(r["turned"])
+                turned_over_reasons(r["turned"], flip_check=flip_check)
     kinds = {
         "any QC reason": lambda r: bool(r["reasons"]),
         "orientation reasons": lambda r: any(not x.startswith("low confidence") for x in r["reasons"]),
-        "turned-over comparison": lambda r: bool(turned_over_reasons(r.get("turned") or [])),
+        "turned-over comparison": lambda r: bool(turned_over_reasons(r.get("turned") or [], flip_check=flip_check)),
     }
     summary = {}
     for kind, flagged in kinds.items():
@@ -106,8 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--turned-only", action="store_true",
                     help="run only the turned-over comparison (the coarse stage), not the whole prediction")
     args = ap.parse_args(argv)
+    from spinelm.sanity import describe_flip_check, load_flip_check
+
+    flip_check = load_flip_check(args.model)
+    print(f"{args.model}: {describe_flip_check(flip_check)}")
     if args.rescore:
-        summarise(json.loads(Path(args.rescore).read_text())["rows"])
+        summarise(json.loads(Path(args.rescore).read_text())["rows"], flip_check)
         return 0
     folds = None if args.folds is None else [int(f) for f in args.folds.split(",")]
     predictor = Predictor.from_model_folder(args.model, folds=folds, device=args.device)
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
                 cdata, _, cinfo = run_preprocessor(arr, geometry.array_spacing, predictor.plans, "coarse")
                 turned = predictor.turned_over(cdata, Frame.from_info(geometry, predictor.plans.transpose_forward,
                                                                       cinfo))
-                reasons = turned_over_reasons(turned)
+                reasons = turned_over_reasons(turned, flip_check=flip_check)
                 rows.append({"case": case, "variant": variant, "flagged": bool(reasons), "reasons": reasons,
                              "n_vertebrae": None, "turned": turned})
                 print(f"{case:16s} {variant:11s} {'REVIEW' if reasons else 'ok    '} {'; '.join(reasons)[:150]}",
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
                          "reasons": res.qc_reasons, "n_vertebrae": len(res.landmarks), "turned": res.turned})
             print(f"{case:16s} {variant:11s} {'REVIEW' if res.qc_reasons else 'ok    '} "
                   f"{'; '.join(res.qc_reasons)[:150]}", flush=True)
-    summary = summarise(rows)
+    summary = summarise(rows, flip_check)
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     return 0

@@ -265,6 +265,11 @@ def cmd_calibrate(args) -> int:
     else:
         print("held-out error not measured: train two or more folds (--fold all) to measure it")
     print(f"written: {model.root / CALIBRATION_FILE} (predict now writes 'confidence' per vertebra)")
+    if model.plans.has_coarse:
+        from spinelm.sanity import FLIP_CHECK_FILE, describe_flip_check, load_flip_check
+
+        print(f"header check: {describe_flip_check(load_flip_check(model.root))}")
+        print(f"written: {model.root / FLIP_CHECK_FILE}")
     return 0
 
 
@@ -526,7 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run over the run shifted by one level, neighbour spacing, and the mean label probability of "
                                    "the whole run (errors come by case: a shifted run makes all its labels wrong). Writes "
                                    "MODEL/calibration.json; predict then writes a 'confidence' per vertebra and "
-                                   "flags cases with a vertebra below 0.5 for review. Training runs it at its end.")
+                                   "flags cases with a vertebra below 0.5 for review. It also learns the header check's flip "
+                                   "check: on each validation scan, whether the coarse stage scores the scan turned "
+                                   "head over foot clearly lower than as stored (MODEL/orientation.json); where it "
+                                   "does, predict reports scans that score higher flipped. Training runs it at its end.")
     s.add_argument("model", help="trained model folder")
     s.add_argument("--fold", help="folds to calibrate on, e.g. 0,1 (default: every trained fold)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -203,10 +203,13 @@ class Calibration:
         return cls(raw["mean"], raw["std"], raw["weights"], float(raw["bias"]), raw.get("fitted_on", {}))
 
 
-def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True):
+def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True,
+            flips: list | None = None):
     """Features and outcomes of every validation vertebra of the trained folds (each fold's final
     checkpoint on its own validation cases, through the one predictor); also returns per-case
-    records ``(fold, case, confidence features, outcomes, n ground truth)``."""
+    records ``(fold, case, confidence features, outcomes, n ground truth)``. ``flips``: a list that
+    receives, for every validation case of a model with a coarse stage, the turned-over comparison's
+    rows of the scan as stored and flipped head over foot (:func:`spinelm.sanity.fit_flip_check`)."""
     from tqdm import tqdm
 
     from spinelm.inference import Predictor
@@ -225,7 +228,11 @@ def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", prog
         for case in tqdm(splits[fold]["val"], desc=f"calibrating on fold {fold}", disable=not progress):
             data, frame, props = _cached_case(model.cache_dir(), case, pred.plans)
             coarse = _cached_case(model.cache_dir("coarse"), case, pred.plans)[:2] if pred.uses_coarse else None
-            lab = pred.predict_preprocessed(data, frame, with_mask=False, coarse=coarse).labelled
+            res = pred.predict_preprocessed(data, frame, with_mask=False, coarse=coarse)
+            lab = res.labelled
+            if flips is not None and coarse is not None:
+                rows = pred.turned_over(*coarse, res.coarse_outputs, keys=("flip",))
+                flips.append((rows[0], rows[1]))
             gt = {int(lm["label"]): np.asarray(lm["position_mm"], float) for lm in props["landmarks"]}
             records.append((fold, case, vertebra_features(lab, pred.plans.distance_mm), identified_flags(lab, gt),
                             len(gt)))
@@ -258,10 +265,17 @@ def cross_fitted(records) -> tuple[dict[int, Calibration], np.ndarray, np.ndarra
 
 
 def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True) -> Calibration:
-    """Fit and store ``calibration.json`` in the model folder. With two or more folds the file also
+    """Fit and store ``calibration.json`` in the model folder, and the flip check of the header check
+    (``orientation.json``, :func:`spinelm.sanity.fit_flip_check`). With two or more folds the file also
     records the held-out figure (``fitted_on.held_out_ece``): each fold's vertebrae scored by a model
     fitted on the other folds (:func:`cross_fitted`), the error to expect on new scans."""
-    records = collect(model_dir, folds, device, progress)
+    from spinelm.io.files import write_json_atomic
+    from spinelm.sanity import FLIP_CHECK_FILE, fit_flip_check
+
+    flips: list = []
+    records = collect(model_dir, folds, device, progress, flips)
+    if flips:  # what the coarse stage can tell of a scan turned head over foot (the header check)
+        write_json_atomic(Path(model_dir) / FLIP_CHECK_FILE, fit_flip_check(flips))
     x, y = _stack(records)
     info = {}
     if len({r[0] for r in records}) >= 2 and len(y):

@@ -350,7 +350,8 @@ def _axis_letter(frame: Frame, axis: int) -> str:
 _AXIS_NAMES = {"L": "left-right", "P": "front-back", "S": "head-foot"}
 
 
-def turned_arrays(data: np.ndarray, cc_axis: int, spacing, frame: Frame) -> list[tuple[str, str, np.ndarray]]:
+def turned_arrays(data: np.ndarray, cc_axis: int, spacing, frame: Frame,
+                  flip_only: bool = False) -> list[tuple[str, str, np.ndarray]]:
     """The five ways a (C, X, Y, Z) preprocessed array would look had its header lied about the
     head-foot axis, turned back: ``[(key, header fault in words, array)]``.
 
@@ -358,13 +359,14 @@ def turned_arrays(data: np.ndarray, cc_axis: int, spacing, frame: Frame) -> list
     axis exchanged with the axis that runs along world ``letter`` (L: left-right, P: front-back),
     with either sign. Each turned array is read with the stored array's frame, as if the header had
     been right for it; with anisotropic spacing the swapped axes are resampled to keep millimetres.
+    ``flip_only``: the first only.
     """
     from scipy.ndimage import zoom
 
     spacing = np.asarray(spacing, float)
     cc = int(cc_axis)
     out = [("flip", "head-foot axis flipped", np.ascontiguousarray(np.flip(data, 1 + cc)))]
-    for a in [i for i in range(3) if i != cc]:
+    for a in [i for i in range(3) if i != cc and not flip_only]:
         swapped = np.swapaxes(data, 1 + cc, 1 + a)
         if not np.isclose(spacing[a], spacing[cc], rtol=0.05):
             factor = np.ones(4)
@@ -494,7 +496,7 @@ class Predictor:
 
     def __init__(self, plans, networks: list, device: str | torch.device = "cpu", mirror: bool = False,
                  step_size: float = 0.5, info: dict | None = None, configuration: str = "fine",
-                 coarse_networks: list | None = None, calibration=None):
+                 coarse_networks: list | None = None, calibration=None, flip_check: dict | None = None):
         from spinelm.plans import as_plans
 
         self.plans = as_plans(plans)
@@ -508,6 +510,7 @@ class Predictor:
         self.info = info or {}
         self.classifier = None
         self.turned_check = TURNED_CHECK  # the turned-over comparison in predict_array
+        self.flip_check = flip_check  # the model's learned flip check (spinelm.sanity.fit_flip_check)
         if self.plans.classification is not None and configuration == "fine":
             from spinelm.classification import Classifier
 
@@ -542,9 +545,11 @@ class Predictor:
         info = {"model": str(model.root.resolve()), "folds": list(folds), "checkpoint": checkpoint,
                 "stages": plans.stages}
         from spinelm.confidence import CALIBRATION_FILE, Calibration
+        from spinelm.sanity import load_flip_check
 
         return cls(plans, networks, device, mirror, step_size, info, coarse_networks=coarse,
-                   calibration=Calibration.load(model.root / CALIBRATION_FILE))
+                   calibration=Calibration.load(model.root / CALIBRATION_FILE),
+                   flip_check=load_flip_check(model.root))
 
     # ------------------------------------------------------------------------------ running
 
@@ -617,17 +622,21 @@ class Predictor:
         stored = coarse_out[0] if coarse_out is not None else pred if self.configuration == "coarse" else None
         return CaseResult(landmarks, mask, len(lab.candidates), time.perf_counter() - t0, lab, coarse_outputs=stored)
 
-    def turned_over(self, data, frame: Frame, stored_outputs: dict | None = None) -> list[dict]:
+    def turned_over(self, data, frame: Frame, stored_outputs: dict | None = None,
+                    keys: tuple | None = None) -> list[dict]:
         """The turned-over comparison: the coarse stage labels the scan preprocessed for it (``data``
         in ``frame``) as stored and turned each way of :func:`turned_arrays`; one row per
         orientation (``key`` ``stored`` first) with :func:`turned_evidence`. A header whose head-foot
         axis is wrong shows up as a turned orientation that looks more like a spine than the stored
         one (:func:`spinelm.sanity.turned_over_reasons`). ``stored_outputs``: the coarse outputs on
-        ``data`` when the prediction already has them (not computed again)."""
+        ``data`` when the prediction already has them (not computed again); ``keys``: only these turned
+        orientations (e.g. ``("flip",)``; default all)."""
         spacing = self.plans.configuration("coarse").spacing
         rows = []
         variants = [("stored", "as stored", np.asarray(data, np.float32))]
-        variants += turned_arrays(np.asarray(data, np.float32), self.plans.cc_axis, spacing, frame)
+        variants += [v for v in turned_arrays(np.asarray(data, np.float32), self.plans.cc_axis, spacing, frame,
+                                              flip_only=keys is not None and set(keys) <= {"flip"})
+                     if keys is None or v[0] in keys]
         for key, name, arr in variants:
             out = stored_outputs if key == "stored" and stored_outputs is not None else \
                 self.network_outputs(torch.as_tensor(arr), "coarse")
@@ -702,7 +711,7 @@ class Predictor:
         lab = result.labelled
         result.qc_reasons += orientation_reasons(lab.candidate_world_mm, [c.label_probs for c in lab.candidates],
                                                  lab.kept, level_order=not turned)
-        result.qc_reasons += turned_over_reasons(turned)
+        result.qc_reasons += turned_over_reasons(turned, flip_check=self.flip_check)
         result.qc_reasons += confidence_reasons(result.landmarks)
         result.turned = turned
         result.seconds = time.perf_counter() - t0

@@ -212,6 +212,12 @@ def calibrate_quietly(model_dir, device: str = "cpu", progress: bool = True):
             f"others)") if "held_out_ece" in f else ""
     log.info("calibrated per-vertebra confidence on %d validation vertebrae (%.0f%% identified)%s",
              f["vertebrae"], 100 * f["identified_share"], held)
+    from spinelm.sanity import describe_flip_check, load_flip_check
+
+    from spinelm.plans import ModelFolder
+
+    if ModelFolder(model_dir).plans.has_coarse:
+        log.info("header check: %s", describe_flip_check(load_flip_check(model_dir)))
     return cal
 
 

@@ -477,3 +477,22 @@ def test_a_scan_that_looks_like_a_spine_only_turned_over_is_flagged_with_the_fau
                      "--no-progress", "--no-qc", *flag]) == 0
         row = next(csv.DictReader(open(out / "summary.csv")))
         assert ("head-foot axis flipped" in row["qc_reasons"]) == expected, row["qc_reasons"]
+
+
+def test_calibration_learns_the_flip_check_that_prediction_then_uses(trained_model, tmp_path):
+    """`spinelm calibrate` compares each validation scan's coarse evidence as stored and flipped head
+    over foot, writes what it learned to orientation.json, and the predictor loads it."""
+    import json
+    import shutil
+
+    from spinelm.cli import main
+    from spinelm.sanity import FLIP_CHECK_FILE, FLIP_METRICS
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    assert main(["calibrate", str(model), "--device", "cpu", "--no-progress"]) == 0
+    check = json.loads((model / FLIP_CHECK_FILE).read_text())
+    n_val = len(json.loads((model / "splits.json").read_text())[0]["val"])
+    assert check["format"] == "spinelm-orientation" and check["cases"] == n_val
+    assert set(check["metrics"]) == set(FLIP_METRICS)
+    assert Predictor.from_model_folder(model, folds=[0]).flip_check == check

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from spinelm import labels as L
 from spinelm.sanity import header_reasons, orientation_reasons, spearman
@@ -89,3 +90,40 @@ def test_a_column_across_the_header_axis_is_named_by_the_peaks():
     assert "swapped" in turned_over_reasons(_rows({"peaks": 1.1}, swap_L={"peaks": 3.4}))[0]
     assert turned_over_reasons(_rows({"peaks": 3.0}, flip={"peaks": 3.3})) == []
     assert turned_over_reasons([]) == [] and turned_over_reasons(_rows({"peaks": 1.0})) == []
+
+
+def _pair(level_p, upright, flipped_level_p, flipped_upright):
+    stored = {"key": "stored", "name": "as stored", "n": 18, "peak_sum": 9.0, "level_p": level_p, "upright": upright,
+              "upright_sum": 9.0 * upright}
+    flip = {"key": "flip", "name": "head-foot axis flipped", "n": 18, "peak_sum": 9.5, "level_p": flipped_level_p,
+            "upright": flipped_upright, "upright_sum": 9.5 * flipped_upright}
+    return stored, flip
+
+
+def test_a_model_learns_a_flip_check_only_from_evidence_that_tells_its_validation_scans_from_their_flips():
+    """Whole-body Dixon phantoms: turned head over foot, every validation scan kept 0.56-0.90 of its
+    level probability while the upright head moved both ways; only the level probability joins the
+    check, and a scan that scores higher flipped is then reported."""
+    from spinelm.sanity import describe_flip_check, fit_flip_check, turned_over_reasons
+
+    pairs = [_pair(0.40, 0.75, 0.25, 0.70), _pair(0.27, 0.69, 0.243, 0.72), _pair(0.39, 0.77, 0.30, 0.64),
+             _pair(0.35, 0.74, 0.22, 0.79)]
+    check = fit_flip_check(pairs)
+    assert check["cases"] == 4
+    assert check["metrics"]["level_p"]["enabled"] and not check["metrics"]["upright"]["enabled"]
+    assert check["metrics"]["level_p"]["worst"] == pytest.approx(np.log(0.243 / 0.27))
+    assert "level probability" in describe_flip_check(check)
+    clean = [pairs[0][0], {**pairs[0][1]}]
+    flipped = [dict(pairs[0][1], key="stored", name="as stored"), dict(pairs[0][0], key="flip",
+                                                                      name="head-foot axis flipped")]
+    assert turned_over_reasons(clean, flip_check=check) == []
+    reasons = turned_over_reasons(flipped, flip_check=check)
+    assert len(reasons) == 1 and "head-foot axis flipped in the header" in reasons[0] and "level_p" in reasons[0]
+    # without a learned check (none stored, or no metric that separated) the same rows raise nothing
+    assert turned_over_reasons(flipped) == []
+    blind = fit_flip_check([_pair(0.40, 0.75, 0.55, 0.70), _pair(0.30, 0.70, 0.20, 0.75), _pair(0.3, 0.7, 0.2, 0.6)])
+    assert not any(m["enabled"] for m in blind["metrics"].values())
+    assert turned_over_reasons(flipped, flip_check=blind) == []
+    assert "no flip check learned" in describe_flip_check(blind)
+    # too few validation scans to trust a margin
+    assert not fit_flip_check(pairs[:2])["metrics"]["level_p"]["enabled"]
