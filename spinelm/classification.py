@@ -378,7 +378,8 @@ class ClassCropSampler:
     canal, a block that looks like no predicted vertebra mask. Measured on classification phantoms (half
     the cases boxed or scribbled): grading was as poor either way (balanced accuracy 0.554 with whole
     boxes, 0.529 with the shape), limited by the few abnormal vertebrae left. A scribbled vertebra is
-    graded through the box its strokes span (:func:`stroke_boxes`).
+    graded through the box its strokes span (:func:`stroke_boxes`): with the scribbled vertebrae back
+    in training, the same phantoms reached 0.867 (0.920 with every mask).
 
     Args:
         cache: one configuration's cache (the fine one: the crop size is in its voxels).
@@ -405,7 +406,7 @@ class ClassCropSampler:
             if "segmentation" in plans.heads else {}
         # (case, the vertebra's segmentation channel or its box in preprocessed voxels, soft target)
         self.items: list[tuple[str, int | dict, np.ndarray]] = []
-        self.not_in_mask = 0  # vertebrae with a class but no voxels in the (resampled) mask, or only strokes
+        self.not_in_mask = 0  # vertebrae with a class but no voxels in the (resampled) mask, box or strokes
         for case in case_ids:
             props = json.loads((self.cache / f"{case}.json").read_text())
             if not props.get("has_mask"):

@@ -576,7 +576,7 @@ def _with_class_crops(next_batch, plans, cache: Path, train_cases: list[str], co
                         "the head is not trained")
         return next_batch
     if main_rank:
-        log.info("classification: %d annotated vertebrae (%s; %d more have a class but no voxels in the mask, or only strokes), "
+        log.info("classification: %d annotated vertebrae (%s; %d more have a class but no voxels in their mask, box or strokes), "
                  "%d masked crops %s per step", len(sampler),
                  ", ".join(f"{plans.classification['classes'][int(np.argmax(sampler.items[g[0]][2]))]} "
                            f"{len(g)}" for g in sampler.by_class), sampler.not_in_mask,
