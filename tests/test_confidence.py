@@ -112,7 +112,7 @@ def test_calibrate_stores_the_held_out_error_when_two_folds_are_trained(tmp_path
 
     rng = np.random.default_rng(2)
 
-    def fake_collect(model_dir, folds=None, device="cpu", progress=True):
+    def fake_collect(model_dir, folds=None, device="cpu", progress=True, flips=None):
         out = []
         for fold in (0, 1):
             for c in range(30):
