@@ -127,13 +127,9 @@ def main(argv=None) -> int:
             arr = np.stack([sitk.GetArrayFromImage(c).astype(np.float32) for c in canon])
             geometry = Geometry.from_sitk(canon[0])
             if args.turned_only:
-                from spinelm.io.image import Frame
-                from spinelm.nnunet import run_preprocessor
                 from spinelm.sanity import turned_over_reasons
 
-                cdata, _, cinfo = run_preprocessor(arr, geometry.array_spacing, predictor.plans, "coarse")
-                turned = predictor.turned_over(cdata, Frame.from_info(geometry, predictor.plans.transpose_forward,
-                                                                      cinfo))
+                turned = predictor.turned_over(*predictor.preprocess(arr, geometry, "coarse")[:2])
                 reasons = turned_over_reasons(turned, flip_check=flip_check)
                 rows.append({"case": case, "variant": variant, "flagged": bool(reasons), "reasons": reasons,
                              "n_vertebrae": None, "turned": turned})

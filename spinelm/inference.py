@@ -686,20 +686,22 @@ class Predictor:
                               f"{list(self.plans.configuration(self.configuration).spacing)} mm); {avail / 2 ** 30:.1f} GB are "
                               f"available. Crop the scan or predict it on a machine with more memory")
 
-    def predict_array(self, image: np.ndarray, geometry, path: str = "scan") -> CaseResult:
-        """Label a canonical (C, z, y, x) image whose canonical geometry is ``geometry``."""
+    def preprocess(self, image: np.ndarray, geometry, configuration: str | None = None):
+        """``(data, frame, info)``: a canonical (C, z, y, x) image preprocessed for ``configuration``
+        (default the predictor's) with the plan, and the frame that places its voxels in the world."""
         from spinelm.nnunet import run_preprocessor
 
+        data, _, info = run_preprocessor(image, geometry.array_spacing, self.plans, configuration or self.configuration)
+        return data, Frame.from_info(geometry, self.plans.transpose_forward, info), info
+
+    def predict_array(self, image: np.ndarray, geometry, path: str = "scan") -> CaseResult:
+        """Label a canonical (C, z, y, x) image whose canonical geometry is ``geometry``."""
         t0 = time.perf_counter()
         self.check_memory(geometry, path)
         header = header_reasons(np.asarray(geometry.size) * np.asarray(geometry.spacing),
                                 self.plans.raw.get("scan_extent_mm"))
-        data, _, info = run_preprocessor(image, geometry.array_spacing, self.plans, self.configuration)
-        frame = Frame.from_info(geometry, self.plans.transpose_forward, info)
-        coarse = None
-        if self.uses_coarse:
-            cdata, _, cinfo = run_preprocessor(image, geometry.array_spacing, self.plans, "coarse")
-            coarse = (cdata, Frame.from_info(geometry, self.plans.transpose_forward, cinfo))
+        data, frame, info = self.preprocess(image, geometry)
+        coarse = self.preprocess(image, geometry, "coarse")[:2] if self.uses_coarse else None
         result = self.predict_preprocessed(data, frame, coarse=coarse)
         turned = []
         if self.turned_check and self.plans.has_coarse and (coarse is not None or self.configuration == "coarse"):
