@@ -34,6 +34,7 @@ import numpy as np
 def main(argv=None) -> int:
     from spinelm.confidence import (FEATURES, REVIEW_BELOW, collect, cross_fitted, ece_noise_floor, expected_calibration_error,
                                     reliability_bins)
+    from spinelm import labels as L
     from spinelm.dataset import discover_dataset
     from spinelm.inference import Predictor
     from spinelm.plans import ModelFolder
@@ -79,13 +80,15 @@ def main(argv=None) -> int:
     conf, ident = _attach_ground_truth(entries, args.dataset)
     done = [e for e in entries if e.correct is not None]
     wrong = [e for e in done if not e.correct]
+    strict = [e for e in done if not e.correct or e.beyond]
     flagged = [e for e in done if e.qc == "review"]
     low = [e for e in done if e.min_confidence is not None and e.min_confidence < REVIEW_BELOW]
     cov, err, aurc = risk_coverage([e.risk for e in done], [not e.correct for e in done])
     floor = ece_noise_floor(conf)
     per_case = []  # (confidences, identified) of each case's vertebrae, as _attach_ground_truth paired them
     for e in done:
-        pairs = [(float(v["confidence"]), v["identified"]) for v in e.vertebrae if v.get("confidence") is not None]
+        pairs = [(float(v["confidence"]), v["identified"]) for v in e.vertebrae
+                 if v.get("confidence") is not None and v["identified"] is not None]
         if pairs:
             per_case.append((np.asarray([c for c, _ in pairs]), np.asarray([i for _, i in pairs], float)))
     rng = np.random.default_rng(0)
@@ -99,12 +102,15 @@ def main(argv=None) -> int:
            "ece_case_bootstrap_90": [float(np.percentile(boot, 5)), float(np.percentile(boot, 95))],
            "ece_if_calibrated": floor["mean"], "ece_if_calibrated_p95": floor["p95"],
            "cases_with_error": len(wrong), "flagged": len(flagged),
+           # strict: a label outside the annotated range counted as an error too
+           "cases_with_error_strict": len(strict), "caught_strict": sum(e.qc == "review" for e in strict),
            "caught": sum(e.qc == "review" for e in wrong),
            "flagged_low_confidence": len(low), "caught_low_confidence": sum(e in low for e in wrong),
            "aurc": aurc, "error_rate_all": float(np.mean([not e.correct for e in done])) if done else None,
            "folds": sorted(models),
            "fits": {str(f): m.fitted_on for f, m in models.items()},
-           "per_case": [{"case": e.case, "correct": e.correct, "qc": e.qc, "reasons": e.reasons,
+           "per_case": [{"case": e.case, "correct": e.correct, "beyond_annotation": [L.name_of(x) for x in e.beyond],
+                         "qc": e.qc, "reasons": e.reasons,
                          "min_confidence": e.min_confidence} for e in done]}
     (out / "calibration_check.json").write_text(json.dumps(res, indent=1))
     n = max(len(done), 1)
@@ -118,7 +124,8 @@ def main(argv=None) -> int:
         if b["n"]:
             print(f"  confidence {b['lo']:.1f}-{b['hi']:.1f}: {b['n']:4d} vertebrae, mean {b['confidence']:.2f}, "
                   f"identified {b['accuracy']:.2f}")
-    print(f"cases with a wrong or missing label: {len(wrong)} ({100 * len(wrong) / n:.0f}%)")
+    print(f"cases with a wrong or missing label: {len(wrong)} ({100 * len(wrong) / n:.0f}%); counting labels "
+          f"outside the annotated range as errors too: {len(strict)} (flag caught {res['caught_strict']})")
     print(f"review flag: caught {res['caught']}/{len(wrong)}, flagged {len(flagged)}/{len(done)} "
           f"({100 * len(flagged) / n:.0f}%)")
     print(f"low-confidence reason alone: caught {res['caught_low_confidence']}/{len(wrong)}, flagged "

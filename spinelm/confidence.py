@@ -97,6 +97,17 @@ def identified_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 
     return np.asarray([lab in ok for lab in labelled.labels], dtype=bool)
 
 
+def annotated_flags(labelled, gt_mm: dict[int, np.ndarray]) -> np.ndarray:
+    """For each kept vertebra: does the annotation judge it? False for a label outside the annotated
+    range (:func:`spinelm.evaluation.beyond_annotation`: e.g. a T12 in view of a scan annotated
+    L1-L5), which is neither right nor wrong."""
+    from spinelm.evaluation import beyond_annotation
+
+    pred = {lab: labelled.candidate_world_mm[i] for i, lab in zip(labelled.kept, labelled.labels)}
+    beyond = set(beyond_annotation(pred, gt_mm)) if pred and gt_mm else set()
+    return np.asarray([lab not in beyond for lab in labelled.labels], dtype=bool)
+
+
 def expected_calibration_error(prob, outcome, bins: int = 10) -> float:
     """ECE with equal-width bins: the mean |accuracy - confidence| weighted by bin size."""
     prob, outcome = np.asarray(prob, float), np.asarray(outcome, float)
@@ -234,8 +245,9 @@ def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", prog
                 rows = pred.turned_over(*coarse, res.coarse_outputs, keys=("flip",))
                 flips.append((rows[0], rows[1]))
             gt = {int(lm["label"]): np.asarray(lm["position_mm"], float) for lm in props["landmarks"]}
-            records.append((fold, case, vertebra_features(lab, pred.plans.distance_mm), identified_flags(lab, gt),
-                            len(gt)))
+            known = annotated_flags(lab, gt)  # labels outside the annotated range teach nothing
+            records.append((fold, case, vertebra_features(lab, pred.plans.distance_mm)[known],
+                            identified_flags(lab, gt)[known], len(gt)))
     return records
 
 

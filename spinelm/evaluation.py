@@ -54,12 +54,48 @@ def level_shift(pred: dict[int, np.ndarray], gt: dict[int, np.ndarray],
     return k if k != 0 and counts.max() > len(offsets) / 2 else 0
 
 
+#: A predicted label outside the annotated levels lies "beyond the annotation" when it is further
+#: along the column than the annotated end vertebra on its side by at least this fraction of the
+#: annotated neighbour distance (see :func:`beyond_annotation`).
+BEYOND_FRACTION = 0.5
+
+
+def beyond_annotation(pred: dict[int, np.ndarray], gt: dict[int, np.ndarray]) -> list[int]:
+    """Predicted labels that the annotation says nothing about: a level above the first annotated
+    one, found further towards the head than that vertebra (or below the last, further towards the
+    feet), by at least :data:`BEYOND_FRACTION` of the annotated neighbour distance. Data sets
+    annotate a fixed range (e.g. L1-L5) and leave out vertebrae that are in view, often cut by the
+    field of view; such a label is neither right nor wrong. A shifted run is not beyond: its extra
+    label sits on an annotated vertebra. Needs two or more annotated vertebrae."""
+    from spinelm import labels as L
+
+    order = L.sort_cranio_caudal(gt)
+    if len(order) < 2:
+        return []
+    first, last = np.asarray(gt[order[0]], float), np.asarray(gt[order[-1]], float)
+    pts = np.asarray([gt[k] for k in order], float)
+    spacing = float(np.median(np.linalg.norm(np.diff(pts, axis=0), axis=1)))
+    axis = (last - first) / max(float(np.linalg.norm(last - first)), 1e-9)  # towards the feet
+    out = []
+    for lab, p in pred.items():
+        if lab in gt:
+            continue
+        p = np.asarray(p, float)
+        rank = L.cranio_caudal_rank(lab)
+        if rank < L.cranio_caudal_rank(order[0]) and float((first - p) @ axis) >= BEYOND_FRACTION * spacing:
+            out.append(lab)
+        elif rank > L.cranio_caudal_rank(order[-1]) and float((p - last) @ axis) >= BEYOND_FRACTION * spacing:
+            out.append(lab)
+    return out
+
+
 def identification(pred: dict[int, np.ndarray], gt: dict[int, np.ndarray],
                    radius_mm: float = IDENTIFICATION_RADIUS_MM) -> dict:
     """Identification rate and localisation distances of one case.
 
     Returns ``{"n_gt", "identified" (labels), "distances_mm" ({label: d} for gt labels that were
-    predicted), "missed" (gt labels not predicted), "false_positive" (predicted labels not in gt)}``.
+    predicted), "missed" (gt labels not predicted), "false_positive" (predicted labels not in gt),
+    "beyond_annotation" (those of them outside the annotated range, :func:`beyond_annotation`)}``.
     """
     gt_labels = list(gt)
     gt_pos = np.asarray([gt[k] for k in gt_labels], dtype=np.float64).reshape(-1, 3)
@@ -75,7 +111,14 @@ def identification(pred: dict[int, np.ndarray], gt: dict[int, np.ndarray],
             identified.append(lab)
     return {"n_gt": len(gt), "gt_labels": gt_labels, "identified": identified, "distances_mm": distances,
             "missed": [k for k in gt if k not in pred], "false_positive": [k for k in pred if k not in gt],
-            "level_shift": level_shift(pred, gt, radius_mm)}
+            "beyond_annotation": beyond_annotation(pred, gt), "level_shift": level_shift(pred, gt, radius_mm)}
+
+
+def case_is_right(result: dict) -> bool:
+    """Every annotated vertebra identified and no wrong label: a label outside the annotated range
+    (:func:`beyond_annotation`) is not counted against the case."""
+    wrong = set(result["false_positive"]) - set(result.get("beyond_annotation", []))
+    return not result["missed"] and not wrong and len(result["identified"]) == result["n_gt"]
 
 
 #: Regions reported separately (identification rate per region: thoracic levels are the hardest to count).
@@ -102,6 +145,7 @@ def summarise(results: list[dict]) -> dict:
             "id_rate": ident / n if n else float("nan"), "d_mean_mm": float(np.mean(dists)) if dists else float("nan"),
             "n_gt": n, "n_identified": ident, "n_missed": sum(len(r["missed"]) for r in results),
             "n_false_positive": sum(len(r["false_positive"]) for r in results),
+            "n_beyond_annotation": sum(len(r.get("beyond_annotation", [])) for r in results),
             "n_cases": len(results), "n_cases_level_shifted": sum(1 for r in results if r.get("level_shift")),
             "level_shifted_share": (sum(1 for r in results if r.get("level_shift")) / len(results)) if results
             else float("nan")}
@@ -312,7 +356,8 @@ def format_table(report: dict) -> str:
     lines.append(f"overall: identification rate {o['id_rate']:.3f} ({o['n_identified']}/{o['n_gt']}), d_mean "
                  f"{o['d_mean_mm']:.2f} mm, {o['n_cases_level_shifted']} of {o['n_cases']} case(s) level-shifted, "
                  f"{o['n_missed']} missed, {o['n_false_positive']} false positive "
-                 f"label(s){dice}; {o['n_cases']} case(s), {o['n_cases_without_prediction']} without prediction"
+                 f"label(s)" + (f" ({o['n_beyond_annotation']} of them outside the annotated levels, where the annotation "
+                                "says nothing)" if o.get("n_beyond_annotation") else "") + f"{dice}; {o['n_cases']} case(s), {o['n_cases_without_prediction']} without prediction"
                  + (f"; {o['n_ground_truth_cases_not_evaluated']} ground-truth case(s) not predicted and not "
                     f"evaluated (--all-gt counts them)" if o.get("n_ground_truth_cases_not_evaluated") else ""))
     c = o.get("classification")

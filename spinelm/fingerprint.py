@@ -24,6 +24,7 @@ from spinelm import labels as L
 from spinelm.dataset import Case, Dataset, discover_dataset, load_case
 from spinelm.io.files import read_versioned_json, write_json_atomic
 from spinelm.parallel import parallel_map
+from spinelm.sanity import column_shape_statistics
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ def compute_fingerprint(dataset: str | os.PathLike | Dataset, num_workers: int |
             "cases_with_boxes_or_scribbles": int(sum(r.get("annotation") in ("boxes", "scribbles") for r in per_case)),
             "vertebra_extent_mm": extent_stats,
             "consecutive_pairs": pairs,
+            "column_shape": column_shape_statistics([rec["landmarks"] for rec in per_case], pairs),
             "median_consecutive_distance_mm": float(np.median(all_dists)) if all_dists else None,
             "median_vertebrae_per_case": float(np.median([len(r["landmarks"]) for r in per_case])),
             "median_fov_mm": np.median([r["fov_mm"] for r in per_case], 0).tolist(),

@@ -22,7 +22,8 @@ from scipy import ndimage
 
 from spinelm.io.image import Frame
 from spinelm.network import split_heads
-from spinelm.sanity import confidence_reasons, header_reasons, orientation_reasons, turned_over_reasons
+from spinelm.sanity import (column_reasons, confidence_reasons, header_reasons, orientation_reasons,
+                            turned_over_reasons)
 
 #: Heatmap peaks below this value (targets peak at 1) are not candidates. Low on purpose: the
 #: ordering weighs every candidate by its peak value, so the threshold only has to keep noise out;
@@ -714,6 +715,7 @@ class Predictor:
         result.qc_reasons += orientation_reasons(lab.candidate_world_mm, [c.label_probs for c in lab.candidates],
                                                  lab.kept, level_order=not turned)
         result.qc_reasons += turned_over_reasons(turned, flip_check=self.flip_check)
+        result.qc_reasons += column_reasons(result.landmarks, self.plans.raw.get("spine"))
         result.qc_reasons += confidence_reasons(result.landmarks)
         result.turned = turned
         result.seconds = time.perf_counter() - t0

@@ -533,6 +533,7 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
                      "optimizer": preset.optimizer, "initial_lr": preset.initial_lr, "num_folds": preset.num_folds, "time_budget_min": budget},
         "spine": {"median_consecutive_distance_mm": distance,
                   "consecutive_pairs": fingerprint.get("spine", {}).get("consecutive_pairs", {}),
+                  "column_shape": fingerprint.get("spine", {}).get("column_shape"),
                   **run_end_counts(fingerprint)},
         "scan_extent_mm": scan_extent_range(fingerprint),
         "rationale": why,

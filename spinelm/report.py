@@ -28,7 +28,8 @@ class CaseEntry:
     reasons: list[str]
     vertebrae: list[dict] = field(default_factory=list)  # name, confidence
     error: str = ""
-    correct: bool | None = None  # every gt vertebra identified and no false label (with --gt)
+    correct: bool | None = None  # every gt vertebra identified and no wrong label (with --gt)
+    beyond: list[int] = field(default_factory=list)  # labels outside the annotated range (with --gt)
 
     @property
     def min_confidence(self) -> float | None:
@@ -87,7 +88,7 @@ def risk_coverage(risks, errors) -> tuple[np.ndarray, np.ndarray, float]:
 def _attach_ground_truth(entries: list[CaseEntry], gt_dir) -> tuple[list[float], list[bool]]:
     """Mark each case right/wrong (and each vertebra: ``identified``) and return per-vertebra
     (confidence, identified) pairs."""
-    from spinelm.evaluation import _ground_truth, identification
+    from spinelm.evaluation import _ground_truth, case_is_right, identification
 
     gts = _ground_truth(Path(gt_dir))
     conf, ident = [], []
@@ -97,11 +98,12 @@ def _attach_ground_truth(entries: list[CaseEntry], gt_dir) -> tuple[list[float],
         gt = gts[e.case]["landmarks"]
         pred = {v["label"]: np.asarray(v["position_mm"], float) for v in e.vertebrae}
         r = identification(pred, gt)
-        e.correct = e.status == "done" and not r["missed"] and not r["false_positive"] and \
-            len(r["identified"]) == r["n_gt"]
+        e.correct = e.status == "done" and case_is_right(r)
+        e.beyond = [int(x) for x in r["beyond_annotation"]]
         for v in e.vertebrae:
-            v["identified"] = v["label"] in r["identified"]
-            if v.get("confidence") is not None:
+            # a label outside the annotated range is neither right nor wrong: left out of the figures
+            v["identified"] = None if v["label"] in r["beyond_annotation"] else v["label"] in r["identified"]
+            if v.get("confidence") is not None and v["identified"] is not None:
                 conf.append(float(v["confidence"]))
                 ident.append(v["identified"])
     return conf, ident

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from spinelm import labels as L
 from spinelm.evaluation import identification, summarise
 
 
@@ -85,3 +86,21 @@ def test_level_shift_counts_runs_labelled_off_by_the_same_number_of_levels():
     assert level_shift({20: gt[19] + 1.0}, {19: gt[19], 28: gt[19] - 30.0}) == 1  # one case, all one off
     r = summarise([identification(right, gt), identification(up_one, gt), identification(down_two, gt)])
     assert r["n_cases_level_shifted"] == 2 and r["level_shifted_share"] == pytest.approx(2 / 3)
+
+
+def test_a_label_beyond_the_annotated_range_is_neither_right_nor_wrong():
+    """Data sets annotate a fixed range (e.g. L1-L5) and leave out a T12 in view: predicting it is
+    not an error, while a shifted run's extra label sits on an annotated vertebra and is one."""
+    from spinelm.evaluation import beyond_annotation, case_is_right
+
+    names = ("L1", "L2", "L3", "L4", "L5")
+    gt = {L.label_of(n): np.array([0.0, 5.0 * i, -36.0 * i]) for i, n in enumerate(names)}
+    t12 = L.label_of("T12")
+    pred = dict(gt) | {t12: np.array([0.0, -5.0, 34.0])}
+    r = identification(pred, gt)
+    assert r["false_positive"] == [t12] and r["beyond_annotation"] == [t12] and case_is_right(r)
+
+    shifted = {t12: gt[L.label_of("L1")]} | {L.label_of(a): gt[L.label_of(b)] for a, b in zip(names[:-1], names[1:])}
+    r = identification(shifted, gt)
+    assert r["beyond_annotation"] == [] and not case_is_right(r)
+    assert beyond_annotation(pred, {t12: np.zeros(3)}) == []  # one annotated vertebra: no range to be beyond

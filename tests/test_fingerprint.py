@@ -67,3 +67,12 @@ def test_real_lumbar_mr_statistics_are_anatomical():
         off = np.asarray(pairs[name]["offset_mm_mean"])
         assert off[2] < 0 and abs(off[2]) > np.linalg.norm(off[:2])
     assert fp["spacings"][0] == [1.0, 1.0, 1.0]
+    # the column-shape check's limits (spinelm.sanity.column_reasons) come from the annotations:
+    # real lumbar columns bend at most about 25 degrees at a vertebra
+    shape = fp["spine"]["column_shape"]
+    assert 10 < shape["bend_deg_max"] < 35 and shape["bends"] == 8 * 5 + 24 * 3
+    assert shape["max_bend_deg"] == pytest.approx(1.5 * shape["bend_deg_max"])
+    lo, hi = shape["relative_distance"]
+    assert 0.8 < lo < 1.0 < hi < 1.2
+    assert shape["distance_limits"][0] < lo and shape["distance_limits"][1] > hi
+

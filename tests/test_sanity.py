@@ -127,3 +127,60 @@ def test_a_model_learns_a_flip_check_only_from_evidence_that_tells_its_validatio
     assert "no flip check learned" in describe_flip_check(blind)
     # too few validation scans to trust a margin
     assert not fit_flip_check(pairs[:2])["metrics"]["level_p"]["enabled"]
+
+
+# ----------------------------------------------------------------------------- column shape
+def _lumbar_case(rng, scale=1.0):
+    """T11-L5 centroids 35 mm apart with a gentle lordosis and some annotation noise."""
+    names = ("T11", "T12", "L1", "L2", "L3", "L4", "L5")
+    t = np.arange(len(names))
+    pos = np.stack([rng.normal(0, 1, len(t)), 8 * np.sin(t / 3.0) + rng.normal(0, 1, len(t)),
+                    -35.0 * scale * t + rng.normal(0, 1, len(t))], axis=1)
+    return {L.label_of(n): p for n, p in zip(names, pos)}
+
+
+def _spine_section(n_cases=10):
+    from spinelm.fingerprint import _pair_statistics
+    from spinelm.sanity import column_shape_statistics
+
+    rng = np.random.default_rng(1)
+    cases = [_lumbar_case(rng, scale=rng.uniform(0.9, 1.1)) for _ in range(n_cases)]
+    pairs = _pair_statistics([{"landmarks": c} for c in cases])
+    return {"consecutive_pairs": pairs, "column_shape": column_shape_statistics(cases, pairs)}
+
+
+def _landmarks(case):
+    from spinelm.io.landmarks import Landmark
+
+    return [Landmark(lab, tuple(map(float, p))) for lab, p in case.items()]
+
+
+def test_a_column_shaped_like_the_training_annotations_passes_the_shape_check():
+    from spinelm.sanity import column_reasons
+
+    spine = _spine_section()
+    rng = np.random.default_rng(7)
+    for scale in (0.85, 1.0, 1.15):  # smaller and larger bodies
+        assert column_reasons(_landmarks(_lumbar_case(rng, scale)), spine) == []
+    assert column_reasons(_landmarks(_lumbar_case(rng)), {"consecutive_pairs": spine["consecutive_pairs"]}) == []
+
+
+def test_a_centroid_off_its_vertebra_a_missed_and_a_skipped_vertebra_are_reasons_to_review():
+    from spinelm.sanity import column_reasons
+
+    spine = _spine_section()
+    case = _lumbar_case(np.random.default_rng(3))
+    arch = dict(case)
+    arch[L.label_of("L5")] = case[L.label_of("L5")] + np.array([0.0, 25.0, 8.0])  # on the posterior arch
+    reasons = column_reasons(_landmarks(arch), spine)
+    assert len(reasons) == 1 and "bends" in reasons[0] and "at L4" in reasons[0]
+
+    # L3 not found, the labels run on: L3's label sits on L4, and so on (a missed vertebra)
+    names = [L.label_of(n) for n in ("T11", "T12", "L1", "L2", "L3", "L4")]
+    kept = [case[L.label_of(n)] for n in ("T11", "T12", "L1", "L2", "L4", "L5")]
+    reasons = column_reasons(_landmarks(dict(zip(names, kept))), spine)
+    assert any("L2-L3" in r and "missed" in r for r in reasons)
+
+    skipped = {lab: p for lab, p in case.items() if lab != L.label_of("L3")}
+    reasons = column_reasons(_landmarks(skipped), spine)
+    assert reasons == ["no vertebra between L2 and L4: L3 missed?"]
