@@ -213,6 +213,8 @@ def write_report(out_dir: str | os.PathLike, gt_dir: str | os.PathLike | None = 
             + (f" <i>{esc(v['class'])}</i>" if v.get("class") else "") for v in e.vertebrae)
         status = e.qc if e.status == "done" else f"failed: {e.error}"
         truth = "" if e.correct is None else ("<br>ground truth: right" if e.correct else "<br>ground truth: WRONG")
+        if e.beyond:
+            truth += f"<br>outside the annotated levels (not judged): {esc(', '.join(L.name_of(x) for x in e.beyond))}"
         parts.append(f"<tr class='{cls}'><td>{img}</td><td>{esc(e.case)}</td><td>{esc(status)}<br>"
                      f"{'<br>'.join(esc(r) for r in e.reasons)}{truth}</td><td>{verts}</td></tr>")
     parts.append("</table></body></html>")

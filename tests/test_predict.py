@@ -496,3 +496,25 @@ def test_calibration_learns_the_flip_check_that_prediction_then_uses(trained_mod
     assert check["format"] == "spinelm-orientation" and check["cases"] == n_val
     assert set(check["metrics"]) == set(FLIP_METRICS)
     assert Predictor.from_model_folder(model, folds=[0]).flip_check == check
+
+
+def test_the_plan_carries_column_shape_limits_that_the_annotated_columns_pass(trained_model, phantom_dataset):
+    """The column-shape check reads its limits from the plan (learned from the training centroids):
+    every annotated column passes them; the same column with one centroid moved onto the posterior
+    arch is a reason to review."""
+    from spinelm.io.landmarks import Landmark
+    from spinelm.sanity import column_reasons
+
+    predictor = Predictor.from_model_folder(trained_model, folds=[0])
+    spine = predictor.plans.raw["spine"]
+    assert spine["column_shape"]["max_bend_deg"] > spine["column_shape"]["bend_deg_max"] > 0
+    for path in sorted((phantom_dataset / "centroidsTr").glob("*.json")):
+        lms = read_landmarks(path)
+        assert column_reasons(lms, spine) == [], path.name
+    lms = read_landmarks(sorted((phantom_dataset / "centroidsTr").glob("*.json"))[0])
+    mid = len(lms) // 2
+    along = np.asarray(lms[mid + 1].position_mm) - np.asarray(lms[mid - 1].position_mm)
+    across = np.cross(along, [1.0, 0.0, 0.0] if abs(along[0]) < 0.9 * np.linalg.norm(along) else [0.0, 1.0, 0.0])
+    p = np.asarray(lms[mid].position_mm) + 0.8 * spine["median_consecutive_distance_mm"] * across / np.linalg.norm(across)
+    moved = lms[:mid] + [Landmark(lms[mid].label, tuple(p))] + lms[mid + 1:]
+    assert any("bends" in r for r in column_reasons(moved, spine))
