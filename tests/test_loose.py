@@ -268,3 +268,47 @@ def test_training_learns_from_boxes_and_scribbles_what_they_say(boxes_and_scribb
     # it trains end to end; no case has centroids, so there is nothing to score identification against
     assert (model / "fold_0" / "checkpoint_final.pt").is_file()
     assert result[0]["final"]["n_gt"] == 0
+
+
+def test_a_vertebra_known_by_its_centroid_alone_is_graded_through_its_levels_mean_shape(tmp_path):
+    """A centroid-only case's graded vertebrae join the class head's training: each through the mean
+    box of its level (from the masked vertebrae) placed at its centroid, masked by the vertebra shape;
+    that region lies mostly on the vertebra itself (checked against the mask the case was made with)."""
+    from spinelm.classification import ClassCropSampler, template_in_box
+    from spinelm.fingerprint import compute_fingerprint
+    from spinelm.pipeline import preprocess
+    from spinelm.planning import plan, save_plans
+
+    full = tmp_path / "full"
+    synthesize_dataset(full, 6, seed=5, config=PhantomConfig(modality="MR", max_vertebrae=7, max_voxels=400_000,
+                                                             p_class=0.2), progress=False)
+    loose = tmp_path / "loose"
+    shutil.copytree(full, loose)
+    centroid_only = ["phantom_000", "phantom_001"]
+    for case in centroid_only:
+        (loose / "labelsTr" / f"{case}.nii.gz").unlink()
+    fp = compute_fingerprint(loose, num_workers=0, progress=False)
+    plans = plan(fp, device="cpu", time_budget_min=2, seconds_per_mvoxel=5.0)
+    assert plans.get("classification")
+    caches = {}
+    for name, ds in (("loose", loose), ("full", full)):
+        model = tmp_path / f"model_{name}"
+        model.mkdir()
+        save_plans(plans, model / "plans.json")
+        preprocess(ds, model, 0, progress=False)
+        caches[name] = model / "preprocessed" / "fine"
+    cases = sorted(p.name[: -len(".json")] for p in caches["loose"].glob("phantom_*.json"))
+    sampler = ClassCropSampler(caches["loose"], cases, plans)
+    graded = [it for it in sampler.items if isinstance(it[1], dict) and it[1].get("from_centroid")]
+    n_rows = sum(len(json.loads((caches["loose"] / f"{c}.json").read_text())["classes"]) for c in centroid_only)
+    assert {it[0] for it in graded} == set(centroid_only) and len(graded) >= 0.8 * n_rows
+    channel_of = {lab: i for i, lab in enumerate(plans["heads"]["segmentation"]["labels"], start=1)}
+    on_vertebra = []
+    for case, box, _ in graded:
+        if box["label"] not in channel_of:  # a level no mask shows: no truth to compare on this plan's grid
+            continue
+        truth = np.load(caches["full"] / f"{case}_seg.npy")[0] == channel_of[box["label"]]
+        template = sampler.templates.get(box["label"], sampler.templates[None])
+        region = template_in_box(truth.shape, box["center"], box["half_axes"], template)
+        on_vertebra.append(np.count_nonzero(region & truth) / max(np.count_nonzero(region), 1))
+    assert len(on_vertebra) >= 5 and np.median(on_vertebra) > 0.5, np.round(on_vertebra, 2)
