@@ -7,6 +7,8 @@ Two groups, both giving plain-words reasons that end up in ``summary.csv`` (``qc
   outside the training data's (a header whose spacing is in cm or m, a single slice);
 - :func:`confidence_reasons`: a vertebra whose calibrated confidence (:mod:`spinelm.confidence`)
   is low;
+- :func:`column_reasons`: a labelled column whose shape the training annotations do not allow (a
+  skipped level, the neighbour distance of a missed or split vertebra, a sharp bend);
 - :func:`orientation_reasons`, after labelling, from where the vertebrae were found: a column that
   runs across the header's cranio-caudal (S-I) axis (axes swapped in the header), label evidence
   that increases towards the head (S-I flipped), or no column at all;
@@ -123,7 +125,6 @@ def confidence_reasons(landmarks, below: float | None = None) -> list[str]:
     return [f"low confidence: {', '.join(low)}"] if low else []
 
 
-
 # --------------------------------------------------------------------------------- column shape
 #: The labelled column's shape is checked against what the training annotations allow (the
 #: fingerprint's ``column_shape``, :func:`column_shape_statistics`):
@@ -224,7 +225,7 @@ def column_reasons(landmarks, spine: dict | None) -> list[str]:
     order = L.sort_cranio_caudal(lms)
     for a, b in zip(order[:-1], order[1:]):
         if b not in L.successors(a):
-            between = [x for x in L.regular_sequence(a, b)[1:-1]]
+            between = L.regular_sequence(a, b)[1:-1]
             if between:
                 reasons.append(f"no vertebra between {L.name_of(a)} and {L.name_of(b)}: "
                                f"{', '.join(map(L.name_of, between))} missed?")
