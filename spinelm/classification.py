@@ -381,8 +381,7 @@ class ClassCropSampler:
     graded through the box its strokes span (:func:`stroke_boxes`): with the scribbled vertebrae back
     in training, the same phantoms reached 0.867 (0.920 with every mask). A vertebra known only by its
     centroid (a centroid-only case) is graded through its level's mean box (:meth:`_level_boxes`, from
-    the masked training vertebrae) placed at the centroid and masked by the vertebra shape; so is a
-    vertebra that a partial mask leaves out, when the case's centroids come from a centroid file.
+    the masked training vertebrae) placed at the centroid and masked by the vertebra shape.
 
     Args:
         cache: one configuration's cache (the fine one: the crop size is in its voxels).
@@ -440,17 +439,11 @@ class ClassCropSampler:
                         self.not_in_mask += 1
                 continue
             shown = set(np.unique(np.load(self.cache / f"{case}_seg.npy", mmap_mode="r")).tolist())
-            hidden = {}  # vertebrae a partial mask leaves out: graded like centroid-only ones when placed
             for lab, target in targets.items():
                 if channel_of.get(lab) in shown:
                     self.items.append((case, channel_of[lab], target))
                 else:
-                    hidden[lab] = target
-            if hidden:
-                if props.get("landmarks_known", True) and not props.get("landmarks_from_mask"):
-                    pending.append((case, props, hidden))
-                else:
-                    self.not_in_mask += len(hidden)
+                    self.not_in_mask += 1
         if pending:  # a vertebra known by its centroid alone: its level's mean box placed on it
             level_boxes = self._level_boxes(channel_of)
             for case, props, targets in pending:
