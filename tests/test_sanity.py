@@ -184,3 +184,17 @@ def test_a_centroid_off_its_vertebra_a_missed_and_a_skipped_vertebra_are_reasons
     skipped = {lab: p for lab, p in case.items() if lab != L.label_of("L3")}
     reasons = column_reasons(_landmarks(skipped), spine)
     assert reasons == ["no vertebra between L2 and L4: L3 missed?"]
+
+
+def test_a_broken_flip_check_file_is_ignored_with_a_warning_naming_it(tmp_path, caplog):
+    from spinelm.sanity import FLIP_CHECK_FILE, fit_flip_check, load_flip_check
+
+    assert load_flip_check(tmp_path) is None and not caplog.records  # no file: nothing to say
+    (tmp_path / FLIP_CHECK_FILE).write_text("{not json")
+    with caplog.at_level("WARNING"):
+        assert load_flip_check(tmp_path) is None
+    assert FLIP_CHECK_FILE in caplog.text and "unreadable" in caplog.text
+    import json
+
+    (tmp_path / FLIP_CHECK_FILE).write_text(json.dumps(fit_flip_check([])))
+    assert load_flip_check(tmp_path)["format"] == "spinelm-orientation"
