@@ -87,25 +87,23 @@ def vertebra_features(labelled, distance_mm: float) -> np.ndarray:
     return np.column_stack([feats, np.full(n, feats[:, 1].mean())])
 
 
-def identified_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0) -> np.ndarray:
+def judged_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
     """For each kept vertebra: is it identified (``spinelm evaluate``'s VerSe rule,
-    :func:`spinelm.evaluation.identification`)?"""
+    :func:`spinelm.evaluation.identification`), and does the annotation judge it at all (False for a
+    label outside the annotated range, :func:`spinelm.evaluation.beyond_annotation`: e.g. a T12 in
+    view of a scan annotated L1-L5, which is neither right nor wrong)?"""
     from spinelm.evaluation import identification
 
     pred = {lab: labelled.candidate_world_mm[i] for i, lab in zip(labelled.kept, labelled.labels)}
-    ok = set(identification(pred, gt_mm, radius_mm)["identified"]) if pred and gt_mm else set()
-    return np.asarray([lab in ok for lab in labelled.labels], dtype=bool)
+    r = identification(pred, gt_mm, radius_mm) if pred and gt_mm else {"identified": [], "beyond_annotation": []}
+    ok, beyond = set(r["identified"]), set(r["beyond_annotation"])
+    return (np.asarray([lab in ok for lab in labelled.labels], dtype=bool),
+            np.asarray([lab not in beyond for lab in labelled.labels], dtype=bool))
 
 
-def annotated_flags(labelled, gt_mm: dict[int, np.ndarray]) -> np.ndarray:
-    """For each kept vertebra: does the annotation judge it? False for a label outside the annotated
-    range (:func:`spinelm.evaluation.beyond_annotation`: e.g. a T12 in view of a scan annotated
-    L1-L5), which is neither right nor wrong."""
-    from spinelm.evaluation import beyond_annotation
-
-    pred = {lab: labelled.candidate_world_mm[i] for i, lab in zip(labelled.kept, labelled.labels)}
-    beyond = set(beyond_annotation(pred, gt_mm)) if pred and gt_mm else set()
-    return np.asarray([lab not in beyond for lab in labelled.labels], dtype=bool)
+def identified_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0) -> np.ndarray:
+    """For each kept vertebra: is it identified (:func:`judged_flags`)?"""
+    return judged_flags(labelled, gt_mm, radius_mm)[0]
 
 
 def expected_calibration_error(prob, outcome, bins: int = 10) -> float:
@@ -245,9 +243,9 @@ def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", prog
                 rows = pred.turned_over(*coarse, res.coarse_outputs, keys=("flip",))
                 flips.append((rows[0], rows[1]))
             gt = {int(lm["label"]): np.asarray(lm["position_mm"], float) for lm in props["landmarks"]}
-            known = annotated_flags(lab, gt)  # labels outside the annotated range teach nothing
-            records.append((fold, case, vertebra_features(lab, pred.plans.distance_mm)[known],
-                            identified_flags(lab, gt)[known], len(gt)))
+            identified, known = judged_flags(lab, gt)  # labels outside the annotated range teach nothing
+            records.append((fold, case, vertebra_features(lab, pred.plans.distance_mm)[known], identified[known],
+                            len(gt)))
     return records
 
 
