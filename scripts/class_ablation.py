@@ -15,7 +15,8 @@ Rows (``--rows``, default all):
              discs, canal and cord: ``spinelm synth ... --structures``) and the reconstruction head
 
     python scripts/class_ablation.py TRAIN HELD_OUT OUT [--rows head,labels25,no_head,loose,recon,aux]
-        [--loose-train DIR] [--structures-train DIR] [--time-budget 20] [--precision fp32] [--device cpu]
+        [--loose-train DIR] [--structures-train DIR] [--plans-from MODEL_DIR] [--time-budget 20]
+        [--precision fp32] [--device cpu]
 
 Variants are folders of symbolic links to TRAIN's files under ``OUT/<row>/data``; models, predictions and
 ``evaluation.json`` under ``OUT/<row>/``; the table (Markdown) is printed and written to
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loose-train", help="the training set with loose annotations (row 'loose')")
+    p.add_argument("--plans-from", help="adopt this model folder's plan in every row (spinelm plan-and-train "
+                                        "--plans-from): rows then differ in their data only, not in a re-timed patch")
     p.add_argument("--structures-train", help="the training set whose masks carry discs, canal, cord (row 'aux')")
     p.add_argument("--reconstruction-weight", type=float, default=0.5,
                    help="loss weight of the reconstruction head in rows 'recon' and 'aux' (default 0.5)")
@@ -92,14 +95,14 @@ def main(argv=None) -> int:
             source = Path(args.structures_train) if row == "aux" else train
             data = Path(args.loose_train) if row == "loose" else make_variant(source, base / "data", row, args.seed)
             log = base / "log.txt"
-            extra = []
+            extra = ["--plans-from", args.plans_from] if args.plans_from else []
             if row in ("recon", "aux"):
                 from spinelm.planning import load_preset
 
                 preset = {**load_preset("cpu").__dict__, "name": "cpu-reconstruction",
                           "reconstruction_weight": args.reconstruction_weight}
                 (base / "preset.json").write_text(json.dumps(preset, indent=1))
-                extra = ["--preset", str(base / "preset.json")]
+                extra += ["--preset", str(base / "preset.json")]
             minutes = run([*spinelm, "plan-and-train", str(data), "-o", str(base / "model"), "--device", args.device,
                            "--time-budget", str(args.time_budget), "--precision", args.precision, "--no-progress",
                            *extra], log) / 60

@@ -100,7 +100,8 @@ def cmd_plan(args) -> int:
     from spinelm.planning import summarize
 
     plans = plan_dataset(args.dataset, args.output, args.device, args.gpu_memory, args.time_budget, args.preset,
-                         args.workers, not args.no_progress, args.precision, not args.no_unlabelled)
+                         args.workers, not args.no_progress, args.precision, not args.no_unlabelled,
+                         plans_from=args.plans_from)
     print(summarize(plans))
     print(f"wrote {Path(args.output) / 'plans.json'}, fingerprint.json and dataset.json")
     return 0
@@ -176,7 +177,8 @@ def cmd_plan_and_train(args) -> int:
     for key in ("device", "time_budget_min", "progress"):
         settings.pop(key)
     r = plan_and_train(args.dataset, args.output, args.device, args.gpu_memory, args.time_budget, args.preset,
-                       args.workers, args.fold, not args.no_progress, say=print, **settings)
+                       args.workers, args.fold, not args.no_progress, say=print, plans_from=args.plans_from,
+                       **settings)
     if not r.validation.ok:
         print("fix the errors above first (spinelm validate lists them)", file=sys.stderr)
         return 1
@@ -432,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "on this device to size the patch (default auto)")
     s.add_argument("--no-unlabelled", action="store_true",
                    help="plan without the scans of imagesUnlabelled/ (default: self-training on them)")
+    s.add_argument("--plans-from", metavar="MODEL_DIR",
+                   help="adopt the spacing, patch, batch, network and budget split of an earlier plan (a model folder "
+                        "or its plans.json) instead of timing training steps: to compare annotations or code at a "
+                        "fixed plan, or reuse a plan on similar data")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("preprocess", parents=[common], help="preprocess a dataset into a model folder's cache",
@@ -476,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory", type=_positive, help="GPU memory in GB (default: detected)")
     s.add_argument("--preset", help="planner preset name or JSON path")
     s.add_argument("--workers", type=_workers, default=None, help="fingerprint/preprocessing worker processes")
+    s.add_argument("--plans-from", metavar="MODEL_DIR",
+                   help="adopt the spacing, patch, batch, network and budget split of an earlier plan (a model folder "
+                        "or its plans.json) instead of timing training steps: to compare annotations or code at a "
+                        "fixed plan, or reuse a plan on similar data")
     _add_train_options(s)
     s.set_defaults(func=cmd_plan_and_train)
 

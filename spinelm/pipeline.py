@@ -41,11 +41,13 @@ def detect_gpu_memory(device: str, given: float | None) -> float | None:
 def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None = None,
                  gpu_memory: float | None = None, time_budget: float | None = None, preset: str | None = None,
                  workers: int | None = None, progress: bool = True, precision: str = "auto",
-                 unlabelled: bool = True, init: str | Path | None = None):
+                 unlabelled: bool = True, init: str | Path | None = None, plans_from: str | Path | None = None):
     """Fingerprint + plan a dataset into a self-contained model folder (``plans.json``,
     ``fingerprint.json``, ``dataset.json``); returns the :class:`~spinelm.plans.Plans`. With a time
     budget the plan is fitted to a training step measured on this device in ``precision``
-    (:func:`spinelm.budget.plan_within_budget`)."""
+    (:func:`spinelm.budget.plan_within_budget`); with ``plans_from`` (an earlier model folder or its
+    ``plans.json``) nothing is timed and its grids, networks and budget split are adopted
+    (:func:`adopt_plan`)."""
     from spinelm.dataset import discover_dataset
     from spinelm.fingerprint import compute_fingerprint, save_fingerprint
     from spinelm.io.files import write_json_atomic
@@ -60,7 +62,13 @@ def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None 
     t0 = time.time()
     fp = compute_fingerprint(dataset, num_workers=workers, progress=progress)
     log.info("fingerprint of %d case(s) in %.1f s", len(fp["cases"]), time.time() - t0)
-    raw = plan_within_budget(fp, preset, device, gpu_memory, time_budget, precision)
+    if plans_from:
+        from spinelm.planning import plan
+
+        raw = plan(fp, preset, device, gpu_memory, time_budget)
+        adopt_plan(raw, plans_from)
+    else:
+        raw = plan_within_budget(fp, preset, device, gpu_memory, time_budget, precision)
     model.root.mkdir(parents=True, exist_ok=True)
     save_fingerprint(fp, model.root / "fingerprint.json")
     write_json_atomic(model.root / "dataset.json", {
@@ -84,6 +92,61 @@ def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None 
         log.info("folds from %s: %d", dataset / "splits.json", len(ds.splits))
     save_plans(raw, model.plans_path)
     return Plans(raw, str(model.plans_path))
+
+
+#: What :func:`adopt_plan` takes from the earlier plan, per configuration: the grid and the network.
+ADOPTED_CONFIGURATION_KEYS = ("spacing", "patch_size", "batch_size", "architecture", "heatmap_sigma_mm")
+#: ... and from its measured budget: the timings and how a fold's time is split between the stages.
+ADOPTED_BUDGET_KEYS = ("measured_step", "affordable_steps", "measured_step_coarse", "affordable_steps_coarse",
+                       "stage_shares")
+
+
+def adopt_plan(raw: dict, source: str | Path) -> None:
+    """Give the plan ``raw`` the configurations (spacing, patch, batch, network, heatmap width), the
+    classification and level crop sizes and the budget split of an earlier plan (a model folder or
+    its ``plans.json``). What is measured on this dataset (intensities, labels, the column's
+    statistics) stays its own. For comparisons at a fixed plan (other annotations or code on the same
+    scans, where a re-timed budget would size the patch anew), or to reuse a plan on a similar dataset.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file, when it is missing, not a plan, or planned for
+        other channels, another axis order or other stages than this dataset.
+    """
+    from spinelm.io.files import read_json
+
+    path = Path(source)
+    path = path / "plans.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: no plans.json there (give a model folder made by 'spinelm plan', or its "
+                                f"plans.json)")
+    theirs = read_json(path)
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("configurations"), dict):
+        raise ValueError(f"{path}: not a spinelm plans file (no configurations)")
+
+    def differs(what: str, mine, other) -> ValueError:
+        return ValueError(f"{path}: planned for {what} {other}, this dataset's plan has {mine}; its plan cannot be "
+                          f"adopted (plan without --plans-from)")
+
+    if list(theirs.get("channel_names", {}).values()) != list(raw.get("channel_names", {}).values()):
+        raise differs("channels", list(raw.get("channel_names", {}).values()),
+                      list(theirs.get("channel_names", {}).values()))
+    if theirs.get("transpose_forward") != raw.get("transpose_forward"):
+        raise differs("the axis order", raw.get("transpose_forward"), theirs.get("transpose_forward"))
+    if sorted(theirs["configurations"]) != sorted(raw["configurations"]):
+        raise differs("the stages", sorted(raw["configurations"]), sorted(theirs["configurations"]))
+    for name, cfg in raw["configurations"].items():
+        for key in ADOPTED_CONFIGURATION_KEYS:
+            if key in theirs["configurations"][name]:
+                cfg[key] = theirs["configurations"][name][key]
+    for spec in ("classification", "identification"):
+        if raw.get(spec) and (theirs.get(spec) or {}).get("crop_size"):
+            raw[spec]["crop_size"] = theirs[spec]["crop_size"]
+    budget = theirs.get("budget") or {}
+    raw.setdefault("budget", {}).update({k: budget[k] for k in ADOPTED_BUDGET_KEYS if k in budget})
+    raw["budget"]["adopted_from"] = str(path.resolve())
+    patches = ", ".join(f"{n} {'x'.join(map(str, c['patch_size']))}" for n, c in raw["configurations"].items())
+    raw["rationale"].append(f"spacing, patch, batch, network and budget split adopted from {path} ({patches}); "
+                            f"no training step timed")
 
 
 def adopt_pretrained_network(raw: dict, pretrained: str | Path) -> None:
@@ -232,7 +295,7 @@ class PlanAndTrainResult:
 def plan_and_train(dataset: str | Path, model_dir: str | Path, device: str | None = None,
                    gpu_memory: float | None = None, time_budget: float | None = None, preset: str | None = None,
                    workers: int | None = None, folds: str | int | None = "0", progress: bool = True,
-                   say: Say = log.info, **settings) -> PlanAndTrainResult:
+                   say: Say = log.info, plans_from: str | Path | None = None, **settings) -> PlanAndTrainResult:
     """Validate, fingerprint, plan, preprocess and train, reporting each step through ``say`` as it
     ends. Stops after validation when the dataset has errors (``result.validation.ok`` is False);
     cases that fail preprocessing are left out."""
@@ -246,7 +309,7 @@ def plan_and_train(dataset: str | Path, model_dir: str | Path, device: str | Non
         return result
     result.plans = plan_dataset(dataset, model_dir, device, gpu_memory, time_budget, preset, workers, progress,
                                 settings.get("precision", "auto"), settings.get("unlabelled", True),
-                                settings.get("init"))
+                                settings.get("init"), plans_from)
     say(summarize(result.plans))
     status = preprocess(dataset, model_dir, workers, progress)
     result.failed_preprocessing = sorted(c for c, st in status.items() if st.startswith("failed"))

@@ -46,6 +46,44 @@ def test_plan_writes_a_self_contained_model_folder(phantom_dataset, tmp_path, ca
     assert "0 preprocessed, 4 reused" in capsys.readouterr().out
 
 
+def test_plans_from_holds_an_earlier_plan_fixed(phantom_dataset, tmp_path, capsys):
+    """--plans-from adopts an earlier plan's grids, networks and budget split (no step is timed), so
+    two runs on other annotations compare at one plan; a plan for other channels is refused."""
+    first = tmp_path / "first"
+    assert main(["plan", str(phantom_dataset), "-o", str(first), "--device", "cpu", "--no-progress"]) == 0
+    earlier = json.loads((first / "plans.json").read_text())
+    fine = earlier["configurations"]["fine"]
+    fine["patch_size"] = [max(8, p // 2 // 4 * 4) for p in fine["patch_size"]]  # as a smaller budget would
+    fine["batch_size"] = 3
+    earlier["budget"]["stage_shares"] = {name: 1.0 / len(earlier["configurations"])
+                                         for name in earlier["configurations"]}
+    (first / "plans.json").write_text(json.dumps(earlier))
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["plan", str(phantom_dataset), "-o", str(again), "--device", "cpu", "--time-budget", "10",
+                 "--plans-from", str(first), "--no-progress"]) == 0
+    assert "adopted from" in capsys.readouterr().out
+    plans = json.loads((again / "plans.json").read_text())
+    for name, cfg in plans["configurations"].items():
+        for key in ("spacing", "patch_size", "batch_size", "architecture"):
+            assert cfg[key] == earlier["configurations"][name][key], (name, key)
+    assert plans["budget"]["stage_shares"] == earlier["budget"]["stage_shares"]
+    assert plans["budget"].get("measured_step") == earlier["budget"].get("measured_step")  # its timing, not a new one
+    assert any("no training step timed" in line for line in plans["rationale"])
+    assert plans["budget"]["time_budget_min"] == 10  # the command's own budget
+    assert plans["foreground_intensity_properties_per_channel"]  # still this dataset's own
+
+    earlier["channel_names"] = {"0": "water", "1": "fat"}
+    (first / "plans.json").write_text(json.dumps(earlier))
+    assert main(["plan", str(phantom_dataset), "-o", str(tmp_path / "x"), "--device", "cpu",
+                 "--plans-from", str(first / "plans.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "plans.json" in err and "channels" in err and err.count("\n") == 1
+    assert main(["plan", str(phantom_dataset), "-o", str(tmp_path / "y"), "--device", "cpu",
+                 "--plans-from", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert "nowhere: no plans.json there" in capsys.readouterr().err
+
+
 def test_bad_input_gives_one_line_not_a_traceback(phantom_dataset, tmp_path, capsys):
     rc = main(["plan", str(tmp_path / "missing"), "-o", str(tmp_path / "m"), "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
