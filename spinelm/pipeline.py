@@ -6,6 +6,8 @@ callable taking one line; the CLI passes ``print``, the default logs).
 """
 from __future__ import annotations
 
+import copy
+
 import logging
 import os
 import time
@@ -110,7 +112,8 @@ def adopt_plan(raw: dict, source: str | Path) -> None:
 
     Raises:
         FileNotFoundError / ValueError: naming the file, when it is missing, not a plan, or planned for
-        other channels, another axis order or other stages than this dataset.
+        other channels or another axis order than this dataset. Its stages are adopted too (a coarse
+        identification stage comes with a patch too small to hold the scan).
     """
     from spinelm.io.files import read_json
 
@@ -132,21 +135,26 @@ def adopt_plan(raw: dict, source: str | Path) -> None:
                       list(theirs.get("channel_names", {}).values()))
     if theirs.get("transpose_forward") != raw.get("transpose_forward"):
         raise differs("the axis order", raw.get("transpose_forward"), theirs.get("transpose_forward"))
-    if sorted(theirs["configurations"]) != sorted(raw["configurations"]):
+    if "fine" not in theirs["configurations"]:
         raise differs("the stages", sorted(raw["configurations"]), sorted(theirs["configurations"]))
-    for name, cfg in raw["configurations"].items():
-        for key in ADOPTED_CONFIGURATION_KEYS:
-            if key in theirs["configurations"][name]:
-                cfg[key] = theirs["configurations"][name][key]
-    for spec in ("classification", "identification"):
-        if raw.get(spec) and (theirs.get(spec) or {}).get("crop_size"):
-            raw[spec]["crop_size"] = theirs[spec]["crop_size"]
+    configs = {}
+    for name, cfg in theirs["configurations"].items():  # its stages too: a coarse stage comes with a capped patch
+        configs[name] = dict(raw["configurations"].get(name) or copy.deepcopy(cfg))
+        configs[name].update({k: copy.deepcopy(cfg[k]) for k in ADOPTED_CONFIGURATION_KEYS if k in cfg})
+    raw["configurations"] = configs
+    if "coarse" in configs and theirs.get("identification"):
+        raw["identification"] = {**(raw.get("identification") or copy.deepcopy(theirs["identification"])),
+                                 "crop_size": theirs["identification"]["crop_size"]}
+    elif "coarse" not in configs:
+        raw.pop("identification", None)
+    if raw.get("classification") and (theirs.get("classification") or {}).get("crop_size"):
+        raw["classification"]["crop_size"] = theirs["classification"]["crop_size"]
     budget = theirs.get("budget") or {}
     raw.setdefault("budget", {}).update({k: budget[k] for k in ADOPTED_BUDGET_KEYS if k in budget})
     raw["budget"]["adopted_from"] = str(path.resolve())
     patches = ", ".join(f"{n} {'x'.join(map(str, c['patch_size']))}" for n, c in raw["configurations"].items())
-    raw["rationale"].append(f"spacing, patch, batch, network and budget split adopted from {path} ({patches}); "
-                            f"no training step timed")
+    raw["rationale"] = [f"spacing, patch, batch, network and budget split adopted from {path} ({patches}); no "
+                        f"training step timed; the earlier plan's reasons follow"] + list(theirs.get("rationale", []))
 
 
 def adopt_pretrained_network(raw: dict, pretrained: str | Path) -> None:

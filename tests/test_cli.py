@@ -64,6 +64,7 @@ def test_plans_from_holds_an_earlier_plan_fixed(phantom_dataset, tmp_path, capsy
                  "--plans-from", str(first), "--no-progress"]) == 0
     assert "adopted from" in capsys.readouterr().out
     plans = json.loads((again / "plans.json").read_text())
+    assert sorted(plans["configurations"]) == sorted(earlier["configurations"])  # its stages too
     for name, cfg in plans["configurations"].items():
         for key in ("spacing", "patch_size", "batch_size", "architecture"):
             assert cfg[key] == earlier["configurations"][name][key], (name, key)
