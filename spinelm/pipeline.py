@@ -7,7 +7,6 @@ callable taking one line; the CLI passes ``print``, the default logs).
 from __future__ import annotations
 
 import copy
-
 import logging
 import os
 import time
