@@ -313,6 +313,11 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
+PLANS_FROM_HELP = ("adopt the stages, spacing, patch, batch, network and budget split of an earlier plan (a model "
+                   "folder or its plans.json) instead of timing training steps: to compare annotations or code at "
+                   "a fixed plan, or reuse a plan on similar data")
+
+
 def _add_train_options(s) -> None:
     s.add_argument("--fold", default="0", help="fold number, comma list, or 'all' (default 0)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -434,10 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on this device to size the patch (default auto)")
     s.add_argument("--no-unlabelled", action="store_true",
                    help="plan without the scans of imagesUnlabelled/ (default: self-training on them)")
-    s.add_argument("--plans-from", metavar="MODEL_DIR",
-                   help="adopt the spacing, patch, batch, network and budget split of an earlier plan (a model folder "
-                        "or its plans.json) instead of timing training steps: to compare annotations or code at a "
-                        "fixed plan, or reuse a plan on similar data")
+    s.add_argument("--plans-from", metavar="MODEL_DIR", help=PLANS_FROM_HELP)
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("preprocess", parents=[common], help="preprocess a dataset into a model folder's cache",
@@ -482,10 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory", type=_positive, help="GPU memory in GB (default: detected)")
     s.add_argument("--preset", help="planner preset name or JSON path")
     s.add_argument("--workers", type=_workers, default=None, help="fingerprint/preprocessing worker processes")
-    s.add_argument("--plans-from", metavar="MODEL_DIR",
-                   help="adopt the spacing, patch, batch, network and budget split of an earlier plan (a model folder "
-                        "or its plans.json) instead of timing training steps: to compare annotations or code at a "
-                        "fixed plan, or reuse a plan on similar data")
+    s.add_argument("--plans-from", metavar="MODEL_DIR", help=PLANS_FROM_HELP)
     _add_train_options(s)
     s.set_defaults(func=cmd_plan_and_train)
 
