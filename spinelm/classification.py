@@ -467,16 +467,15 @@ class ClassCropSampler:
         the mean offset from a vertebra's centroid to the centre of its mask's bounding box, and the
         mean half extent of that box; one per label with at least 3 masked examples, and one of every
         label (key ``None``). Empty without masked vertebrae."""
-        label_of = {ch: lab for lab, ch in channel_of.items()}
         found: dict = {}
-        for case in sorted({it[0] for it in self.items if not isinstance(it[1], dict)}):
-            props = json.loads((self.cache / f"{case}.json").read_text())
-            where = {int(lm["label"]): np.asarray(lm["index"], float) for lm in props.get("landmarks", [])}
-            seg = np.asarray(np.load(self.cache / f"{case}_seg.npy", mmap_mode="r")[0])
-            for ch, sl in enumerate(ndimage.find_objects(np.clip(seg, 0, None).astype(np.int32)), start=1):
-                lab = label_of.get(ch)
-                if sl is None or lab not in where:
-                    continue
+        centroids: dict = {}
+        for case, lab, sl, _ in self._masked_vertebrae(channel_of):
+            if case not in centroids:
+                props = json.loads((self.cache / f"{case}.json").read_text())
+                centroids[case] = {int(lm["label"]): np.asarray(lm["index"], float)
+                                   for lm in props.get("landmarks", [])}
+            where = centroids[case]
+            if lab in where:
                 lo = np.asarray([x.start for x in sl], float)
                 hi = np.asarray([x.stop for x in sl], float)
                 found.setdefault(lab, []).append(((lo + hi - 1) / 2 - where[lab], (hi - lo) / 2))
@@ -488,18 +487,24 @@ class ClassCropSampler:
         out.update({lab: mean(xs) for lab, xs in found.items() if len(xs) >= 3})
         return out
 
+    def _masked_vertebrae(self, channel_of: dict):
+        """``(case, label, bounding-box slices, the vertebra's mask in that box)`` for every vertebra of
+        the masked training cases, in case order (preprocessed voxels)."""
+        label_of = {ch: lab for lab, ch in channel_of.items()}
+        for case in sorted({it[0] for it in self.items if not isinstance(it[1], dict)}):
+            seg = np.asarray(np.load(self.cache / f"{case}_seg.npy", mmap_mode="r")[0])
+            for ch, sl in enumerate(ndimage.find_objects(np.clip(seg, 0, None).astype(np.int32)), start=1):
+                if sl is not None and ch in label_of:
+                    yield case, label_of[ch], sl, seg[sl] == ch
+
     def _shape_templates(self, channel_of: dict) -> dict:
         """Vertebra shape templates (:func:`shape_template`) from the masked training vertebrae: one per
         label with at least 3 masked examples, and one of every label (key ``None``)."""
-        label_of = {ch: lab for lab, ch in channel_of.items()}
         masks: dict = {}
-        count = 0
-        for case in sorted({it[0] for it in self.items if not isinstance(it[1], dict)}):
-            seg = np.asarray(np.load(self.cache / f"{case}_seg.npy", mmap_mode="r")[0])
-            for ch, where in enumerate(ndimage.find_objects(np.clip(seg, 0, None).astype(np.int32)), start=1):
-                if where is not None and ch in label_of and count < TEMPLATE_MAX_VERTEBRAE:
-                    masks.setdefault(label_of[ch], []).append(seg[where] == ch)
-                    count += 1
+        for i, (_, lab, _, own) in enumerate(self._masked_vertebrae(channel_of)):
+            if i >= TEMPLATE_MAX_VERTEBRAE:
+                break
+            masks.setdefault(lab, []).append(own)
         out = {None: shape_template([m for ms in masks.values() for m in ms])}
         out.update({lab: shape_template(ms) for lab, ms in masks.items() if len(ms) >= 3})
         return out

@@ -101,11 +101,6 @@ def judged_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0
             np.asarray([lab not in beyond for lab in labelled.labels], dtype=bool))
 
 
-def identified_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0) -> np.ndarray:
-    """For each kept vertebra: is it identified (:func:`judged_flags`)?"""
-    return judged_flags(labelled, gt_mm, radius_mm)[0]
-
-
 def expected_calibration_error(prob, outcome, bins: int = 10) -> float:
     """ECE with equal-width bins: the mean |accuracy - confidence| weighted by bin size."""
     prob, outcome = np.asarray(prob, float), np.asarray(outcome, float)
@@ -197,17 +192,11 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration | None":
-        p = Path(path)
-        if not p.is_file():
-            return None
-        try:
-            raw = json.loads(p.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("%s: unreadable (%s); no confidences until 'spinelm calibrate %s' rewrites it", p, exc, p.parent)
-            return None
-        if raw.get("features") != list(FEATURES):
-            log.warning("%s: made for other features (%s); no confidences until 'spinelm calibrate %s' rewrites it",
-                        p, raw.get("features"), p.parent)
+        from spinelm.io.files import read_model_file
+
+        raw = read_model_file(path, lambda doc: None if doc.get("features") == list(FEATURES)
+                              else f"made for other features ({doc.get('features')})", "no confidences")
+        if raw is None:
             return None
         return cls(raw["mean"], raw["std"], raw["weights"], float(raw["bias"]), raw.get("fitted_on", {}))
 

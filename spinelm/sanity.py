@@ -335,24 +335,15 @@ def describe_flip_check(check: dict | None) -> str:
 def load_flip_check(model_dir) -> dict | None:
     """The model's flip check (:data:`FLIP_CHECK_FILE`), or None when it has none; an unreadable or
     foreign file is ignored with a warning naming it (as ``calibration.json`` is)."""
-    import json
-    import logging
     from pathlib import Path
 
-    p = Path(model_dir) / FLIP_CHECK_FILE
-    if not p.is_file():
-        return None
-    try:
-        raw = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raw, why = None, f"unreadable ({exc})"
-    else:
-        why = "not a spinelm flip check"
-    if isinstance(raw, dict) and raw.get("format") == "spinelm-orientation" and isinstance(raw.get("metrics"), dict):
-        return raw
-    logging.getLogger(__name__).warning("%s: %s; no flip check until 'spinelm calibrate %s' rewrites it", p, why,
-                                        p.parent)
-    return None
+    from spinelm.io.files import read_model_file
+
+    def problem(doc: dict) -> str | None:
+        ok = doc.get("format") == "spinelm-orientation" and isinstance(doc.get("metrics"), dict)
+        return None if ok else "not a spinelm flip check"
+
+    return read_model_file(Path(model_dir) / FLIP_CHECK_FILE, problem, "no flip check")
 
 
 def turned_over_reasons(rows: list[dict], peak_ratio: float | None = None,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from spinelm import labels as L
-from spinelm.confidence import FEATURES, Calibration, expected_calibration_error, identified_flags, vertebra_features
+from spinelm.confidence import FEATURES, Calibration, expected_calibration_error, judged_flags, vertebra_features
 from spinelm.inference import Candidate, Labelled
 from spinelm.sanity import confidence_reasons
 
@@ -39,9 +39,9 @@ def test_a_run_whose_evidence_points_one_level_lower_has_a_negative_shift_margin
 def test_identified_flags_follow_the_verse_rule():
     lab = _labelled(0)
     gt = {l: lab.candidate_world_mm[i] + np.array([0, 0, 3.0]) for i, l in enumerate(lab.labels)}
-    assert identified_flags(lab, gt).all()
+    assert judged_flags(lab, gt)[0].all()
     gt_shifted = {L.label_of("L2"): lab.candidate_world_mm[0]}  # the top candidate sits on L2, called L1
-    assert not identified_flags(lab, gt_shifted).any()
+    assert not judged_flags(lab, gt_shifted)[0].any()
 
 
 def test_calibration_is_learned_from_the_features_and_round_trips(tmp_path):

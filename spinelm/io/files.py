@@ -66,6 +66,28 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not a UTF-8 text file (expected JSON)") from None
 
 
+def read_model_file(path: str | os.PathLike, problem, lost: str) -> dict | None:
+    """An optional JSON file of a model folder (``calibration.json``, ``orientation.json``): None when
+    it is missing; None with a warning naming the file, what is wrong and what is ``lost`` (e.g. "no
+    confidences") when it is unreadable, not a JSON object, or ``problem(doc)`` returns a reason."""
+    import logging
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        doc, why = None, f"unreadable ({exc})"
+    else:
+        why = problem(doc) if isinstance(doc, dict) else "not a JSON object"
+    if why is None:
+        return doc
+    logging.getLogger(__name__).warning("%s: %s; %s until 'spinelm calibrate %s' rewrites it", path, why, lost,
+                                        path.parent)
+    return None
+
+
 def read_versioned_json(path: str | os.PathLike, fmt: str, max_version: int) -> dict:
     """Read a spinelm JSON document, checking its ``format`` tag and that its version is supported."""
     doc = read_json(path)
