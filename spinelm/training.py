@@ -91,6 +91,11 @@ class TrainLog:
     val_epoch: list[int] = field(default_factory=list)
     val_id_rate: list[float] = field(default_factory=list)
     val_d_mean_mm: list[float] = field(default_factory=list)
+    #: per epoch, the mean unweighted loss of each crop head (``class``, ``level``) that trained in it
+    head_loss: dict[str, list[float]] = field(default_factory=dict)
+    #: the validations that graded vertebrae, and their balanced accuracy on the ground-truth masks
+    val_class_epoch: list[int] = field(default_factory=list)
+    val_class_balanced_accuracy: list[float] = field(default_factory=list)
 
 
 def make_splits(case_ids: list[str], n_folds: int, groups: dict[str, str] | None = None,
@@ -152,12 +157,32 @@ def training_progress(epoch: int, max_epochs: int, elapsed_s: float, budget_s: f
     return frac
 
 
+def parameter_groups(network: torch.nn.Module, lr: float) -> list[dict]:
+    """The network's parameters as optimiser groups: one at ``lr``, and one per submodule that asks for
+    another rate with an ``lr_factor`` attribute (the class head, :data:`spinelm.classification.HEAD_LR_FACTOR`).
+    Each group keeps its ``lr_factor`` so that the schedule scales every group alike (:func:`set_lr`)."""
+    net = _unwrap(network)
+    special = [(name, m) for name, m in net.named_modules() if name and hasattr(m, "lr_factor")]
+    taken = {id(p) for _, m in special for p in m.parameters()}
+    groups = [{"params": [p for p in net.parameters() if id(p) not in taken], "lr": lr, "lr_factor": 1.0}]
+    for _, m in special:
+        groups.append({"params": list(m.parameters()), "lr": lr * float(m.lr_factor), "lr_factor": float(m.lr_factor)})
+    return groups
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the schedule's rate: ``lr`` times each group's ``lr_factor``."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * float(g.get("lr_factor", 1.0))
+
+
 def make_optimizer(network: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
-    """``sgd``: nnU-Net's (Nesterov, momentum 0.99, weight decay 3e-5); ``adamw``: for short CPU budgets."""
+    """``sgd``: nnU-Net's (Nesterov, momentum 0.99, weight decay 3e-5); ``adamw``: for short CPU budgets.
+    Parameter groups as :func:`parameter_groups`."""
     if name == "sgd":
-        return torch.optim.SGD(network.parameters(), lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
+        return torch.optim.SGD(parameter_groups(network, lr), lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
     if name == "adamw":
-        return torch.optim.AdamW(network.parameters(), lr, weight_decay=1e-4)
+        return torch.optim.AdamW(parameter_groups(network, lr), lr, weight_decay=1e-4)
     raise ValueError(f"unknown optimizer {name!r} in the plans; expected 'sgd' or 'adamw'")
 
 
@@ -191,9 +216,11 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
 
 
 def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, device: torch.device,
-               autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> float:
+               autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+               parts: dict | None = None) -> float:
     """One optimisation step on a batch (float16 AMP with ``scaler``, or autocast to
-    ``autocast_dtype``); returns the loss."""
+    ``autocast_dtype``); returns the loss. ``parts``, when given, receives the unweighted losses of the
+    crop heads of this step (``class``, ``level``), so that the log shows when each starts to learn."""
     x = batch["image"].to(device, non_blocking=True)
     target, hidden = None, None
     if getattr(loss_fn, "has_reconstruction", False):  # the reconstruction head fills in hidden blocks
@@ -220,8 +247,11 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
             xc = batch["class_image"].to(device, non_blocking=True)
             if channels_last:
                 xc = xc.contiguous(memory_format=torch.channels_last_3d)
-            loss = loss + batch.get("class_weight", 1.0) * soft_cross_entropy(
-                class_logits(network, xc), batch["class_target"].to(device, non_blocking=True))
+            class_loss = soft_cross_entropy(class_logits(network, xc),
+                                            batch["class_target"].to(device, non_blocking=True))
+            loss = loss + batch.get("class_weight", 1.0) * class_loss
+            if parts is not None:
+                parts["class"] = float(class_loss.detach())
         if "level_image" in batch:  # vertebra crops through the shared encoder, the level and upright heads
             from spinelm.identification import IGNORE, level_and_upright_logits
 
@@ -229,8 +259,11 @@ def train_step(network, optimizer, scaler, loss_fn: MultiTaskLoss, batch: dict, 
             if channels_last:
                 xl = xl.contiguous(memory_format=torch.channels_last_3d)
             lv, up = level_and_upright_logits(network, xl)
-            loss = loss + batch.get("level_weight", 1.0) * torch.nn.functional.cross_entropy(
+            level_loss = torch.nn.functional.cross_entropy(
                 lv.float(), batch["level_target"].to(device, non_blocking=True), ignore_index=IGNORE)
+            loss = loss + batch.get("level_weight", 1.0) * level_loss
+            if parts is not None and torch.isfinite(level_loss):  # NaN when every crop of the step is ignored
+                parts["level"] = float(level_loss.detach())
             if up is not None and "upright_target" in batch:
                 loss = loss + batch.get("upright_weight", 0.5) * torch.nn.functional.cross_entropy(
                     up.float(), batch["upright_target"].to(device, non_blocking=True))
@@ -394,6 +427,8 @@ def _plot(log_: TrainLog, path: Path) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     ax[0].plot(log_.epoch, log_.train_loss, label="train loss")
+    for name, values in sorted(log_.head_loss.items()):
+        ax[0].plot(log_.epoch, values, label=f"{name} loss", lw=1)
     ax[0].set_xlabel("epoch")
     ax[0].set_yscale("log")
     ax[0].legend()
@@ -401,6 +436,9 @@ def _plot(log_: TrainLog, path: Path) -> None:
         ax[1].plot(log_.val_epoch, log_.val_d_mean_mm, "o-", label="val d_mean (mm)")
         ax2 = ax[1].twinx()
         ax2.plot(log_.val_epoch, log_.val_id_rate, "s--", color="tab:green", label="val id rate")
+        if log_.val_class_epoch:
+            ax2.plot(log_.val_class_epoch, log_.val_class_balanced_accuracy, "^:", color="tab:purple",
+                     label="val class balanced accuracy")
         ax2.set_ylim(0, 1.02)
         ax[1].set_xlabel("epoch")
         ax[1].legend(loc="upper left")
@@ -455,7 +493,11 @@ class _Run:
         if self.average is not None:
             self.average.module.load_state_dict(state["network"])
             self.average.steps = int(state.get("average_steps", 0))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError:  # a checkpoint of a version with other parameter groups (before the head's own rate)
+            log.warning("%s: the optimiser state has other parameter groups than this version's; training "
+                        "continues with the saved weights and a fresh optimiser state", latest)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         meta = read_json(latest.with_suffix(".json"))
@@ -479,20 +521,34 @@ class _Run:
         return loss
 
     def train_epoch(self, epoch: int, lr: float, iterations: int, step) -> float:
-        """``iterations`` calls of ``step`` (one optimisation step each, returning its loss) at learning
-        rate ``lr``; logs the epoch and returns its duration in seconds."""
+        """``iterations`` calls of ``step(parts)`` (one optimisation step each, returning its loss and
+        filling ``parts`` with its crop heads' losses) at learning rate ``lr``; logs the epoch and returns
+        its duration in seconds."""
         t0 = time.perf_counter()
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.network.train()
-        losses = [step() for _ in range(iterations)]
+        losses, heads = [], {}
+        for _ in range(iterations):
+            parts: dict = {}
+            losses.append(step(parts))
+            for k, v in parts.items():
+                heads.setdefault(k, []).append(v)
         dt = time.perf_counter() - t0
         self.elapsed += dt
         self.log.epoch.append(epoch)
         self.log.train_loss.append(float(np.mean(losses)))
         self.log.lr.append(lr)
         self.log.seconds.append(self.elapsed)
+        for k, v in heads.items():  # an epoch without the head (e.g. before a resume added it) is NaN
+            self.log.head_loss.setdefault(k, [float("nan")] * (len(self.log.epoch) - 1)).append(float(np.mean(v)))
+        for k, v in self.log.head_loss.items():
+            if len(v) < len(self.log.epoch):
+                v.append(float("nan"))
         return dt
+
+    def head_losses_text(self) -> str:
+        """``", class loss 0.812, level loss 1.402"`` for the last epoch (empty without crop heads)."""
+        return "".join(f", {k} loss {v[-1]:.3f}" for k, v in sorted(self.log.head_loss.items()) if np.isfinite(v[-1]))
 
     def record_validation(self, epoch: int, summary: dict) -> None:
         """Log a validation and keep the best checkpoint (identification first, then d_mean)."""
@@ -503,11 +559,13 @@ class _Run:
         if self.best is None or score > tuple(self.best["score"]):
             self.best = {"epoch": epoch, "score": list(score), **summary}
             self.save("best", {"epoch": epoch, "validation": summary, "fold": self.fold, "plans": "../plans.json"})
-        log.info("epoch %d: loss %.4f, val id rate %.3f, d_mean %.2f mm (%d/%d identified); a peak on %.0f%% "
+        log.info("epoch %d: loss %.4f%s, val id rate %.3f, d_mean %.2f mm (%d/%d identified); a peak on %.0f%% "
                  "of vertebrae, median %.1f mm off, %.0f%% of peaks on a vertebra", epoch, self.log.train_loss[-1],
-                 summary["id_rate"], summary["d_mean_mm"], summary["n_identified"], summary["n_gt"],
+                 self.head_losses_text(), summary["id_rate"], summary["d_mean_mm"], summary["n_identified"], summary["n_gt"],
                  100 * summary["peak_hit_rate"], summary["peak_error_median_mm"], 100 * summary["peak_precision"])
         if "class_n" in summary:
+            self.log.val_class_epoch.append(epoch)
+            self.log.val_class_balanced_accuracy.append(summary["class_balanced_accuracy"])
             log.info("epoch %d: classes of %d vertebrae (ground-truth masks): balanced accuracy %.3f, AUC %.3f "
                      "(abnormal vs normal %.3f)", epoch, summary["class_n"], summary["class_balanced_accuracy"],
                      summary["class_auc"], summary["class_auc_abnormal"])
@@ -750,8 +808,8 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     last_cost, trained_since, skipped = 0.0, 0.0, 0
     for epoch in range(run.start_epoch, epochs):
         lr = poly_lr(lr0, training_progress(epoch, epochs, run.elapsed, budget_s))
-        dt = run.train_epoch(epoch, lr, iters, lambda: run.step(lambda: train_step(
-            run.network, optimizer, scaler, loss_fn, next_batch(), device, autocast_dtype, channels_last)))
+        dt = run.train_epoch(epoch, lr, iters, lambda parts: run.step(lambda: train_step(
+            run.network, optimizer, scaler, loss_fn, next_batch(), device, autocast_dtype, channels_last, parts)))
         out_of_time = budget_s is not None and run.elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
         if is_ddp and budget_s is not None:  # every rank stops after the same epoch: rank 0's clock decides
             flag = torch.tensor([float(out_of_time)], device=device)
@@ -771,7 +829,8 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
                     log.info("validations take %.0f s each: they run after at least %.0f s of training, so that they "
                              "take at most %.0f %% of the time", last_cost,
                              last_cost * (1 - VALIDATION_SHARE) / VALIDATION_SHARE, 100 * VALIDATION_SHARE)
-            log.info("epoch %d: loss %.4f, lr %.5f, %.1f s", epoch, run.log.train_loss[-1], lr, dt)
+            log.info("epoch %d: loss %.4f%s, lr %.5f, %.1f s", epoch, run.log.train_loss[-1], run.head_losses_text(),
+                     lr, dt)
         due = len(run.pseudo["rounds"]) < len(rounds) and not out_of_time and epoch < epochs - 1 and \
             training_progress(epoch + 1, epochs, run.elapsed, budget_s) >= rounds[len(run.pseudo["rounds"])]
         if due and main_rank:

@@ -231,6 +231,11 @@ def test_class_crops_are_balanced_and_training_validates_classes(class_model):
     assert any(k.startswith("class_head.") for k in state["network"])  # the head is saved with the network
     log = (model.fold_dir(0) / "training_log.txt").read_text()
     assert "classification:" in log
+    assert "class loss" in log  # the class head's own loss is logged, so a user sees when it starts to learn
+    meta = json.loads((model.fold_dir(0) / "checkpoint_latest.json").read_text())
+    assert len(meta["log"]["head_loss"]["class"]) == len(meta["log"]["epoch"])
+    assert 0 < meta["log"]["head_loss"]["class"][-1] < 10
+    assert meta["log"]["val_class_epoch"] == meta["log"]["val_epoch"]
 
 
 def test_predict_writes_classes_and_evaluate_scores_them(class_model, phantom_dataset, tmp_path, capsys):
@@ -308,3 +313,24 @@ def test_class_names_without_any_class_row_plan_no_head(phantom_copy):
     assert class_statistics(ds, [c.case_id for c in ds.cases]) == {}
     fp = {"classes": {}, "spine": {"vertebra_extent_mm": {"L1": {"si": 40.0, "ap": 80.0, "lr": 70.0}}}}
     assert plan_classification(fp, [2, 2, 2], [[1, 1, 1]], [0, 1, 2]) is None
+
+
+def test_class_head_learns_at_its_own_rate(class_model):
+    """The head gets HEAD_LR_FACTOR of the schedule's rate (at the full rate it stayed at uniform output)."""
+    from spinelm.classification import HEAD_LR_FACTOR
+    from spinelm.network import build_network
+    from spinelm.plans import ModelFolder
+    from spinelm.training import make_optimizer, set_lr
+
+    plans = ModelFolder(class_model).plans
+    assert plans.classification["lr_factor"] == HEAD_LR_FACTOR < 1
+    net = build_network(plans)
+    opt = make_optimizer(net, "adamw", 3e-3)
+    head = {id(p) for p in net.class_head.parameters()}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))  # none lost, none twice
+    (own,) = [g for g in opt.param_groups if any(id(p) in head for p in g["params"])]
+    assert {id(p) for p in own["params"]} == head
+    rest = [g for g in opt.param_groups if g is not own]
+    assert own["lr"] == pytest.approx(3e-3 * HEAD_LR_FACTOR) and all(g["lr"] == pytest.approx(3e-3) for g in rest)
+    set_lr(opt, 1e-3)  # the schedule scales both alike
+    assert own["lr"] == pytest.approx(1e-3 * HEAD_LR_FACTOR) and all(g["lr"] == pytest.approx(1e-3) for g in rest)
