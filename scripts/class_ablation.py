@@ -37,6 +37,23 @@ import numpy as np
 from _runs import run  # scripts/_runs.py
 
 ROWS = ("head", "labels25", "no_head", "loose", "recon", "aux")
+#: The class head counts as learning from the first fine epoch whose mean class loss is below this
+#: fraction of ln(number of classes), the loss of a uniform output.
+ONSET_FRACTION = 0.8
+
+
+def class_head_onset(model: Path, fold: int = 0) -> tuple[int | None, int]:
+    """(first fine epoch whose class loss is below ONSET_FRACTION x ln(classes), or None; fine epochs),
+    from the fold's training log (``checkpoint_latest.json``)."""
+    meta = model / f"fold_{fold}" / "checkpoint_latest.json"
+    if not meta.is_file():
+        return None, 0
+    log = json.loads(meta.read_text())["log"]
+    losses = log.get("head_loss", {}).get("class") or []
+    plans = json.loads((model / "plans.json").read_text())
+    k = len((plans.get("classification") or {}).get("classes", [])) or 2
+    below = [e for e, v in zip(log["epoch"], losses) if np.isfinite(v) and v < ONSET_FRACTION * np.log(k)]
+    return (below[0] if below else None), len(log["epoch"])
 
 
 def make_variant(train: Path, dst: Path, row: str, seed: int) -> Path:
@@ -112,7 +129,8 @@ def main(argv=None) -> int:
             (base / "minutes.txt").write_text(f"{minutes:.1f}\n")
         o = json.loads(ev.read_text())["overall"]
         c = (o.get("classification") or {}) if row != "no_head" else {}  # nothing to grade without classes
-        table[row] = {"id_rate": o["id_rate"], "d_mean_mm": o["d_mean_mm"], "shifted": o["n_cases_level_shifted"],
+        onset, epochs = class_head_onset(base / "model")
+        table[row] = {"class_onset_epoch": onset, "fine_epochs": epochs, "id_rate": o["id_rate"], "d_mean_mm": o["d_mean_mm"], "shifted": o["n_cases_level_shifted"],
                       "n_cases": o["n_cases"], "balanced_accuracy": c.get("balanced_accuracy"),
                       "auc": c.get("auc"), "auc_abnormal": c.get("auc_abnormal"), "n_classified": c.get("n"),
                       "per_class": {k: [v["sensitivity"], v["specificity"]] for k, v in c.get("per_class", {}).items()},
@@ -123,12 +141,13 @@ def main(argv=None) -> int:
         return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
 
     lines = ["| row | identification | d_mean (mm) | shifted | balanced accuracy | AUC (mean one-vs-rest) | "
-             "AUC abnormal vs normal | sensitivity per class | wall (min) |", "|---" * 9 + "|"]
+             "AUC abnormal vs normal | sensitivity per class | class head learning from fine epoch | wall (min) |",
+             "|---" * 10 + "|"]
     for row, t in table.items():
         sens = ", ".join(f"{k} {f(v[0], '{:.2f}')}" for k, v in t["per_class"].items())
         lines.append(f"| {row} | {f(t['id_rate'])} | {f(t['d_mean_mm'], '{:.2f}')} | {t['shifted']}/{t['n_cases']} | "
                      f"{f(t['balanced_accuracy'])} | {f(t['auc'])} | {f(t['auc_abnormal'])} | {sens or '-'} | "
-                     f"{f(t['train_minutes'], '{:.1f}')} |")
+                     f"{f(t['class_onset_epoch'], '{}')} of {t['fine_epochs']} | {f(t['train_minutes'], '{:.1f}')} |")
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
