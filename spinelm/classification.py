@@ -47,7 +47,7 @@ CLASS_LOSS_WEIGHT = 1.0
 #: Learning rate of the class head, as a fraction of the network's. The shared encoder learns at the
 #: plan's rate; the head, a small MLP on pooled features of 2 crops per step, does not learn at it.
 #: Measured (classification phantoms, 32 training cases, plan's AdamW at 3e-3, float32, 2 cores): in
-#: a 20-minute run the class loss stayed at ln 3 (uniform output) for 42 of 63 fine epochs and broke
+#: a 20-minute run the class loss stayed at ln 3 (uniform output) for 42 of 64 fine epochs and broke
 #: through only once the poly schedule had brought the rate down to 1.3e-3; trained alone on its
 #: crops the head stayed at ln 3 for 1,300 steps at 3e-3, but fell below 1.0 within 600 steps with
 #: the head at 3e-4 (encoder still at 3e-3); at 1e-3 it was slower and noisier.
