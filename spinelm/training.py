@@ -162,10 +162,10 @@ def parameter_groups(network: torch.nn.Module, lr: float) -> list[dict]:
     another rate with an ``lr_factor`` attribute (the class head, :data:`spinelm.classification.HEAD_LR_FACTOR`).
     Each group keeps its ``lr_factor`` so that the schedule scales every group alike (:func:`set_lr`)."""
     net = _unwrap(network)
-    special = [(name, m) for name, m in net.named_modules() if name and hasattr(m, "lr_factor")]
-    taken = {id(p) for _, m in special for p in m.parameters()}
+    special = [m for m in net.modules() if m is not net and hasattr(m, "lr_factor")]
+    taken = {id(p) for m in special for p in m.parameters()}
     groups = [{"params": [p for p in net.parameters() if id(p) not in taken], "lr": lr, "lr_factor": 1.0}]
-    for _, m in special:
+    for m in special:
         groups.append({"params": list(m.parameters()), "lr": lr * float(m.lr_factor), "lr_factor": float(m.lr_factor)})
     return groups
 
@@ -539,11 +539,9 @@ class _Run:
         self.log.train_loss.append(float(np.mean(losses)))
         self.log.lr.append(lr)
         self.log.seconds.append(self.elapsed)
-        for k, v in heads.items():  # an epoch without the head (e.g. before a resume added it) is NaN
-            self.log.head_loss.setdefault(k, [float("nan")] * (len(self.log.epoch) - 1)).append(float(np.mean(v)))
-        for k, v in self.log.head_loss.items():
-            if len(v) < len(self.log.epoch):
-                v.append(float("nan"))
+        for k in set(heads) | set(self.log.head_loss):  # an epoch without a head's crops is NaN for it
+            past = self.log.head_loss.setdefault(k, [float("nan")] * (len(self.log.epoch) - 1))
+            past.append(float(np.mean(heads[k])) if k in heads else float("nan"))
         return dt
 
     def head_losses_text(self) -> str:
