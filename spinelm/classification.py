@@ -52,6 +52,11 @@ CLASS_LOSS_WEIGHT = 1.0
 #: crops the head stayed at ln 3 for 1,300 steps at 3e-3, but fell below 1.0 within 600 steps with
 #: the head at 3e-4 (encoder still at 3e-3); at 1e-3 it was slower and noisier.
 HEAD_LR_FACTOR = 0.1
+#: Test-time mirroring of the class crops: each vertebra's probabilities are averaged over its crop
+#: mirrored along every combination of the plan's mirror axes (never the cranio-caudal one), the
+#: mirrorings the head saw in training. Plan field ``classification.test_time_mirror``. It costs
+#: 2^(mirror axes) passes of small crops per vertebra, next to nothing beside the sliding window.
+TEST_TIME_MIRROR = True
 #: Hidden units of the head.
 HIDDEN_UNITS = 64
 #: Encoder stages the head pools (the deepest ones).
@@ -87,6 +92,7 @@ def plan_classification(fingerprint: dict, spacing, strides, transpose_forward) 
     return {"classes": names, "crop_size": crop, "margin_mm": MARGIN_MM, "outside_value": OUTSIDE_VALUE,
             "loss_weight": CLASS_LOSS_WEIGHT, "batch_size": CLASS_BATCH_SIZE, "hidden_units": HIDDEN_UNITS,
             "pooled_stages": POOLED_STAGES, "lr_factor": HEAD_LR_FACTOR,
+            "test_time_mirror": TEST_TIME_MIRROR,
             "rationale": f"crop {crop} voxels = {CROP_EXTENT_FACTOR:g} x the largest mean vertebra extent "
                          f"{[round(float(x)) for x in ext]} mm (si, ap, lr) + 2 x {MARGIN_MM:g} mm margin, at the "
                          f"fine spacing, a multiple of the encoder's pooling"}
@@ -214,9 +220,12 @@ class Classifier:
         networks: U-Nets with ``class_head``.
         spec: the plan's ``classification`` field.
         spacing: the fine configuration's spacing (network axes, mm).
+        mirror_axes: crop axes (network order) to mirror at test time: the probabilities are averaged
+            over every combination of mirrorings, as training draws them (see :data:`TEST_TIME_MIRROR`).
     """
 
-    def __init__(self, networks: list, spec: dict, spacing, device: str | torch.device = "cpu"):
+    def __init__(self, networks: list, spec: dict, spacing, device: str | torch.device = "cpu",
+                 mirror_axes=None):
         self.networks = [n for n in networks if hasattr(n, "class_head")]
         self.spec = spec
         self.names = list(spec["classes"])
@@ -224,6 +233,8 @@ class Classifier:
         self.structure = dilation_structure(float(spec.get("margin_mm", MARGIN_MM)), spacing)
         self.outside = float(spec.get("outside_value", OUTSIDE_VALUE))
         self.device = torch.device(device)
+        axes = [int(a) + 2 for a in (mirror_axes or [])]  # batch and channel axes first
+        self.flips = [[a for k, a in enumerate(axes) if (i >> k) & 1] for i in range(2 ** len(axes))]
 
     def __bool__(self) -> bool:
         return bool(self.networks)
@@ -240,7 +251,7 @@ class Classifier:
 
     @torch.no_grad()
     def probabilities(self, crops: np.ndarray, batch: int = 8) -> np.ndarray:
-        """(N, n_classes) class probabilities of masked crops, averaged over the networks."""
+        """(N, n_classes) class probabilities of masked crops, averaged over the networks and mirrorings."""
         out = np.zeros((len(crops), len(self.names)))
         if not len(crops):
             return out
@@ -249,9 +260,11 @@ class Classifier:
             net.eval()
             for i in range(0, len(crops), batch):
                 x = torch.from_numpy(crops[i:i + batch]).to(self.device)
-                out[i:i + batch] += torch.softmax(class_logits(net, x).float(), 1).cpu().numpy()
+                for dims in self.flips:
+                    xf = torch.flip(x, dims) if dims else x
+                    out[i:i + batch] += torch.softmax(class_logits(net, xf).float(), 1).cpu().numpy()
             net.train(was)
-        return out / len(self.networks)
+        return out / (len(self.networks) * len(self.flips))
 
     def __call__(self, data: np.ndarray, instance_mask: np.ndarray, labels) -> dict[int, dict[str, float]]:
         """``{label: {class name: probability}}`` for the vertebrae of ``instance_mask`` (preprocessed grid)."""

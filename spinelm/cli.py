@@ -328,7 +328,9 @@ def _add_train_options(s) -> None:
     s.add_argument("--resume", action="store_true", help="continue from the fold's checkpoint_latest.pt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--validate-every", type=int, default=5, metavar="N", help="validate every N epochs (default 5)")
-    s.add_argument("--num-workers", type=_workers, default=0, help="data-loading processes (default 0: in process)")
+    s.add_argument("--num-workers", type=_workers, default=None,
+                   help="data-loading processes per training process (default: none on a CPU, where the "
+                        "training step uses every core; on a GPU the free cores, at most 8)")
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="arithmetic: auto = float16 AMP on CUDA, bfloat16 + channels-last on a CPU with bfloat16 "
                         "instructions (about 2x faster), float32 otherwise (default auto)")

@@ -93,7 +93,7 @@ def test_plan_sizes_the_crop_from_vertebra_extents_and_pooling():
 # ------------------------------------------------------------------------------ locality
 
 
-def _tiny_classifier(seed=0, in_channels=1):
+def _tiny_classifier(seed=0, in_channels=1, mirror_axes=None):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     from spinelm.classification import attach_head
@@ -108,7 +108,7 @@ def _tiny_classifier(seed=0, in_channels=1):
     with torch.no_grad():
         for p in net.class_head.parameters():
             p.mul_(5.0)
-    return Classifier([net.eval()], spec, [1.5, 1.5, 1.5])
+    return Classifier([net.eval()], spec, [1.5, 1.5, 1.5], mirror_axes=mirror_axes)
 
 
 def _two_vertebrae(rng):
@@ -144,6 +144,27 @@ def test_a_vertebra_class_depends_on_its_own_voxels_only():
     own[:, 8:12][:, inst[8:12] == L2] += 8.0  # the upper half of L2
     moved = clf(own, inst, [L2])
     assert max(abs(moved[L2][n] - before[L2][n]) for n in before[L2]) > 1e-4
+
+
+def test_test_time_mirroring_averages_the_mirrored_crops_and_keeps_locality():
+    """With the plan's mirror axes, a vertebra's probabilities are the mean over its crop mirrored along
+    every combination of them (what training shows the head), still from its own voxels only."""
+    plain, mirrored = _tiny_classifier(), _tiny_classifier(mirror_axes=[0, 2])
+    assert len(mirrored.flips) == 4
+    rng = np.random.default_rng(3)
+    data, inst = _two_vertebrae(rng)
+    crop = vertebra_crop(data, inst == L2, plain.crop_size, plain.structure)
+    views = [crop, crop[:, ::-1], crop[:, :, :, ::-1], crop[:, ::-1, :, ::-1]]
+    expected = np.mean([plain.probabilities(np.ascontiguousarray(v)[None])[0] for v in views], axis=0)
+    got = mirrored(data, inst, [L2])[L2]
+    np.testing.assert_allclose([got[n] for n in plain.names], expected, atol=1e-6)
+    assert np.abs(expected - plain.probabilities(crop[None])[0]).max() > 1e-5  # the mirroring does something
+
+    changed = data.copy()
+    changed[:, 20:] = rng.normal(0.0, 3.0, size=changed[:, 20:].shape)  # L3 and below: beyond L2's margin
+    after = mirrored(changed, inst, [L2])[L2]
+    for name in got:
+        assert after[name] == pytest.approx(got[name], abs=1e-6)
 
 
 def test_without_the_mask_the_same_head_sees_its_neighbours():
@@ -212,6 +233,20 @@ def class_model(phantom_dataset, tmp_path_factory):
     train(model, 0, epochs=1, iterations_per_epoch=2, validate_every=1, progress=False, max_validation_cases=1,
           device="cpu")
     return model
+
+
+def test_the_predictor_mirrors_class_crops_as_the_plan_says(class_model):
+    from spinelm.inference import Predictor
+    from spinelm.plans import ModelFolder
+
+    plans = ModelFolder(class_model).plans
+    assert plans.classification["test_time_mirror"] is True
+    pred = Predictor.from_model_folder(class_model)
+    assert sorted(map(len, pred.classifier.flips)) == sorted(bin(i).count("1") for i in range(4))
+    raw = json.loads((class_model / "plans.json").read_text())
+    assert all(raw["cranio_caudal_axis"] + 2 not in dims for dims in pred.classifier.flips)  # never head to foot
+    raw["classification"]["test_time_mirror"] = False
+    assert Predictor(raw, pred.networks).classifier.flips == [[]]
 
 
 def test_class_crops_are_balanced_and_training_validates_classes(class_model):

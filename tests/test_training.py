@@ -75,6 +75,23 @@ def test_train_writes_checkpoints_and_resumes_exactly(model_dir):
     assert "resumed from" in (fold / "training_log.txt").read_text()
 
 
+def test_data_workers_default_to_none_on_a_cpu_and_to_free_cores_on_a_gpu(model_dir):
+    from spinelm.training import GPU_DATA_WORKERS, resolve_workers
+
+    assert resolve_workers(None, "cpu", cpu_count=64) == 0  # a CPU step uses every core itself
+    assert resolve_workers(None, "cuda", 1, cpu_count=16) == GPU_DATA_WORKERS
+    assert resolve_workers(None, "cuda", 1, cpu_count=4) == 3  # one core left to the training process
+    assert resolve_workers(None, "cuda", 2, cpu_count=8) == 3  # two processes on one machine share them
+    assert resolve_workers(None, "cuda", 1, cpu_count=1) == 0
+    assert resolve_workers(2, "cuda") == 2 and resolve_workers(1, "cpu") == 1  # asked for: as asked
+
+    # the data-loading process path trains (batches come from a worker process)
+    r = train_fold(model_dir, TrainSettings(fold=0, epochs=1, iterations_per_epoch=2, validate_every=5,
+                                            num_workers=1, progress=False, max_validation_cases=1))
+    assert r["epochs_run"] == 1
+    assert "data loading: 1 process(es)" in (model_dir / "fold_0" / "training_log.txt").read_text()
+
+
 def test_killed_run_resumed_matches_an_uninterrupted_one(model_dir, tmp_path, monkeypatch):
     import shutil
 
