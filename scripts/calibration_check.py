@@ -15,6 +15,11 @@ wrote, against the dataset's ground truth:
   errors of one scan come together: a level shift makes all its labels wrong).
 
     python scripts/calibration_check.py MODEL DATASET OUT [--folds 0,1,2,3,4] [--device cpu]
+    python scripts/calibration_check.py MODEL DATASET OUT --scored-only
+
+With ``--scored-only`` nothing is fitted or predicted: OUT already holds ``spinelm predict``'s outputs
+for DATASET's scans (e.g. a held-out set labelled by MODEL with the ``calibration.json`` fitted at the
+end of its training), and the same figures are computed from them; MODEL is not read.
 
 MODEL needs two or more trained folds (``spinelm plan-and-train DATASET -o MODEL --fold all``).
 ``spinelm report OUT --gt DATASET`` then shows the same batch as a page. The figures are written to
@@ -32,14 +37,11 @@ import numpy as np
 
 
 def main(argv=None) -> int:
-    from spinelm.confidence import (FEATURES, REVIEW_BELOW, collect, cross_fitted, ece_noise_floor, expected_calibration_error,
-                                    reliability_bins)
-    from spinelm import labels as L
+    from spinelm.confidence import FEATURES, collect, cross_fitted
     from spinelm.dataset import discover_dataset
     from spinelm.inference import Predictor
     from spinelm.plans import ModelFolder
     from spinelm.predict import predict_directory
-    from spinelm.report import _attach_ground_truth, read_batch, risk_coverage
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -47,7 +49,11 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--folds", default=None, help="comma list (default: every trained fold)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--scored-only", action="store_true",
+                   help="OUT already holds spinelm predict's outputs of DATASET: only compute the figures")
     args = p.parse_args(argv)
+    if args.scored_only:
+        return report_figures(Path(args.out), args.dataset, folds=[])
     model, out = ModelFolder(args.model), Path(args.out)
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     cache = out / "records.json"
@@ -76,8 +82,19 @@ def main(argv=None) -> int:
         pred = Predictor.from_model_folder(model.root, folds=[fold], device=args.device)
         pred.calibration = cal
         predict_directory(inputs, out, pred, continue_=True, progress=True)
+    return report_figures(out, args.dataset, folds=sorted(models),
+                          fits={str(f): m.fitted_on for f, m in models.items()})
+
+
+def report_figures(out: Path, dataset, folds, fits: dict | None = None) -> int:
+    """The figures of what ``spinelm predict`` wrote to ``out``, against ``dataset``'s ground truth:
+    printed and written to ``out/calibration_check.json``."""
+    from spinelm import labels as L
+    from spinelm.confidence import REVIEW_BELOW, ece_noise_floor, expected_calibration_error, reliability_bins
+    from spinelm.report import _attach_ground_truth, read_batch, risk_coverage
+
     entries = read_batch(out)
-    conf, ident = _attach_ground_truth(entries, args.dataset)
+    conf, ident = _attach_ground_truth(entries, dataset)
     done = [e for e in entries if e.correct is not None]
     wrong = [e for e in done if not e.correct]
     strict = [e for e in done if not e.correct or e.beyond]
@@ -91,6 +108,10 @@ def main(argv=None) -> int:
                  if v.get("confidence") is not None and v["identified"] is not None]
         if pairs:
             per_case.append((np.asarray([c for c, _ in pairs]), np.asarray([i for _, i in pairs], float)))
+    if not per_case:
+        print(f"{out}: no scored vertebra with a confidence (no predictions of {dataset}'s scans there, or a model "
+              f"without calibration.json)", file=sys.stderr)
+        return 1
     rng = np.random.default_rng(0)
     boot = []
     for _ in range(1000):  # resample whole cases
@@ -107,16 +128,15 @@ def main(argv=None) -> int:
            "caught": sum(e.qc == "review" for e in wrong),
            "flagged_low_confidence": len(low), "caught_low_confidence": sum(e in low for e in wrong),
            "aurc": aurc, "error_rate_all": float(np.mean([not e.correct for e in done])) if done else None,
-           "folds": sorted(models),
-           "fits": {str(f): m.fitted_on for f, m in models.items()},
+           "folds": folds, "fits": fits or {},
            "per_case": [{"case": e.case, "correct": e.correct, "beyond_annotation": [L.name_of(x) for x in e.beyond],
                          "qc": e.qc, "reasons": e.reasons,
                          "min_confidence": e.min_confidence} for e in done]}
     (out / "calibration_check.json").write_text(json.dumps(res, indent=1))
     n = max(len(done), 1)
     print(f"{len(done)} held-out cases ({len(conf)} vertebrae, {100 * res['identified_share']:.0f}% identified, "
-          f"mean confidence {res['mean_confidence']:.3f}), folds {', '.join(map(str, sorted(models)))}")
-    print(f"expected calibration error (cross-fitted): {res['ece']:.3f} (90 % interval over resampled cases "
+          f"mean confidence {res['mean_confidence']:.3f}), folds {', '.join(map(str, folds)) or 'as predicted'}")
+    print(f"expected calibration error: {res['ece']:.3f} (90 % interval over resampled cases "
           f"{res['ece_case_bootstrap_90'][0]:.3f}-{res['ece_case_bootstrap_90'][1]:.3f}); a perfectly calibrated "
           f"confidence would read {floor['mean']:.3f} on these {len(conf)} vertebrae (95 % of draws below "
           f"{floor['p95']:.3f})")

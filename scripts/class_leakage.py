@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         print(f"{args.model}: the model has no classification head", file=sys.stderr)
         return 1
     net = load_network(model, args.fold)
-    clf = Classifier([net], plans.classification, plans.configuration().spacing)
+    clf = Classifier.from_plans([net], plans)
     seg_labels = np.asarray([0, *plans.heads["segmentation"].labels], np.int16)
     rng = np.random.default_rng(args.seed)
     masked, unmasked = [], []

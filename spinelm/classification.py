@@ -236,6 +236,13 @@ class Classifier:
         axes = [int(a) + 2 for a in (mirror_axes or [])]  # batch and channel axes first
         self.flips = [[a for k, a in enumerate(axes) if (i >> k) & 1] for i in range(2 ** len(axes))]
 
+    @classmethod
+    def from_plans(cls, networks: list, plans, device: str | torch.device = "cpu") -> "Classifier":
+        """The classifier of a plan's ``classification`` field, mirroring as the plan says."""
+        spec = plans.classification
+        mirror_axes = plans.mirror_axes if spec.get("test_time_mirror", TEST_TIME_MIRROR) else None
+        return cls(networks, spec, plans.configuration().spacing, device, mirror_axes)
+
     def __bool__(self) -> bool:
         return bool(self.networks)
 

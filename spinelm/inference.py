@@ -513,12 +513,9 @@ class Predictor:
         self.turned_check = TURNED_CHECK  # the turned-over comparison in predict_array
         self.flip_check = flip_check  # the model's learned flip check (spinelm.sanity.fit_flip_check)
         if self.plans.classification is not None and configuration == "fine":
-            from spinelm.classification import TEST_TIME_MIRROR, Classifier
+            from spinelm.classification import Classifier
 
-            spec = self.plans.classification
-            mirror_axes = self.plans.mirror_axes if spec.get("test_time_mirror", TEST_TIME_MIRROR) else None
-            self.classifier = Classifier(self.networks, spec, self.plans.configuration().spacing, self.device,
-                                         mirror_axes) or None
+            self.classifier = Classifier.from_plans(self.networks, self.plans, self.device) or None
 
     @classmethod
     def from_network(cls, network: torch.nn.Module, plans, device: str | torch.device = "cpu",

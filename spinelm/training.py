@@ -593,7 +593,12 @@ def resolve_workers(num_workers: int | None, device, local_processes: int | None
     if torch.device(device).type != "cuda":
         return 0
     procs = max(int(local_processes or os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
-    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    if cpu_count is not None:
+        cores = cpu_count
+    elif hasattr(os, "sched_getaffinity"):  # the cores this process may use (a container, a SLURM job)
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     return max(0, min(GPU_DATA_WORKERS, (cores - procs) // procs))
 
 
