@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         o = json.loads(ev.read_text())["overall"]
         c = (o.get("classification") or {}) if row != "no_head" else {}  # nothing to grade without classes
         onset, epochs = class_head_onset(base / "model")
-        table[row] = {"class_onset_epoch": onset, "fine_epochs": epochs, "id_rate": o["id_rate"], "d_mean_mm": o["d_mean_mm"], "shifted": o["n_cases_level_shifted"],
+        table[row] = {"class_onset_epoch": onset, "fine_epochs": epochs,
+                      "id_rate": o["id_rate"], "d_mean_mm": o["d_mean_mm"], "shifted": o["n_cases_level_shifted"],
                       "n_cases": o["n_cases"], "balanced_accuracy": c.get("balanced_accuracy"),
                       "auc": c.get("auc"), "auc_abnormal": c.get("auc_abnormal"), "n_classified": c.get("n"),
                       "per_class": {k: [v["sensitivity"], v["specificity"]] for k, v in c.get("per_class", {}).items()},

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.model}: the plan has no classification head")
     head_lr = args.head_lr if args.head_lr is not None else args.lr * float(
         plans.classification.get("lr_factor", HEAD_LR_FACTOR))
-    split = json.loads((model.root / "splits.json").read_text())[args.fold]
+    split = json.loads(model.splits_path.read_text())[args.fold]
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     net = build_network(plans)
