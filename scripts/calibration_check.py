@@ -16,6 +16,11 @@ wrote, against the dataset's ground truth:
 
     python scripts/calibration_check.py MODEL DATASET OUT [--folds 0,1,2,3,4] [--device cpu]
     python scripts/calibration_check.py MODEL DATASET OUT --scored-only
+    python scripts/calibration_check.py MODEL DATASET OUT --one-fold-fits
+
+With ``--one-fold-fits`` (from the validation records alone, nothing predicted): the confidence a user
+gets who trained one fold, fitted on that fold's validation vertebrae only, scored on every other
+fold's; one line per fold, beside the ordering's posterior on the same vertebrae.
 
 With ``--scored-only`` nothing is fitted or predicted: OUT already holds ``spinelm predict``'s outputs
 for DATASET's scans (e.g. a held-out set labelled by MODEL with the ``calibration.json`` fitted at the
@@ -49,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--folds", default=None, help="comma list (default: every trained fold)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--one-fold-fits", action="store_true",
+                   help="score each fold's own calibration fit on the other folds' validation vertebrae")
     p.add_argument("--scored-only", action="store_true",
                    help="OUT already holds spinelm predict's outputs of DATASET: only compute the figures")
     args = p.parse_args(argv)
@@ -68,6 +75,8 @@ def main(argv=None) -> int:
         cache.write_text(json.dumps({"features": list(FEATURES), "records": [
             {"fold": f, "case": c, "features": x.tolist(), "identified": y.tolist(), "n_gt": n}
             for f, c, x, y, n in records]}))
+    if args.one_fold_fits:
+        return one_fold_fits(records, out)
     models, _, _ = cross_fitted(records)
     splits = json.loads(model.splits_path.read_text())
     cases = {c.case_id: c for c in discover_dataset(args.dataset).cases}
@@ -84,6 +93,45 @@ def main(argv=None) -> int:
         predict_directory(inputs, out, pred, continue_=True, progress=True)
     return report_figures(out, args.dataset, folds=sorted(models),
                           fits={str(f): m.fitted_on for f, m in models.items()})
+
+
+def one_fold_fits(records, out: Path) -> int:
+    """Each fold's calibration, fitted on its validation vertebrae alone (what training one fold
+    stores), scored on the other folds' validation vertebrae; printed and written to
+    ``out/one_fold_fits.json``."""
+    from spinelm.confidence import FEATURES, Calibration, ece_noise_floor, expected_calibration_error
+
+    def stack(rs):
+        rs = [r for r in rs if len(r[3])]
+        return np.vstack([r[2] for r in rs]), np.concatenate([r[3] for r in rs]).astype(float)
+
+    rows = []
+    for fold in sorted({r[0] for r in records}):
+        x, y = stack([r for r in records if r[0] == fold])
+        xo, yo = stack([r for r in records if r[0] != fold])
+        cal = Calibration.fit(x, y, folds=[fold])
+        post = np.clip(xo[:, FEATURES.index("posterior")], 0, 1)
+        row = {"fold": fold, "fitted_on": len(y), "wrong": int(len(y) - y.sum()), "method": cal.method,
+               "scored": len(yo), "ece": expected_calibration_error(cal(xo), yo),
+               "ece_posterior": expected_calibration_error(post, yo), "ece_if_calibrated": ece_noise_floor(cal(xo))}
+        if cal.method == "logistic":
+            row["ece_logistic"] = row["ece"]
+        else:  # what the logistic fit would have given on these outcomes
+            from spinelm import confidence as C
+
+            keep, C.MIN_OUTCOMES = C.MIN_OUTCOMES, 0
+            try:
+                row["ece_logistic"] = expected_calibration_error(Calibration.fit(x, y)(xo), yo)
+            finally:
+                C.MIN_OUTCOMES = keep
+        rows.append(row)
+        print(f"fold {fold}: fitted on {row['fitted_on']} vertebrae ({row['wrong']} wrong) -> {row['method']}; on the "
+              f"other folds' {row['scored']} vertebrae: ECE {row['ece']:.3f} (logistic fit {row['ece_logistic']:.3f}, "
+              f"ordering posterior {row['ece_posterior']:.3f}; a calibrated confidence would read "
+              f"{row['ece_if_calibrated']['mean']:.3f}, 95 % below {row['ece_if_calibrated']['p95']:.3f})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "one_fold_fits.json").write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 def report_figures(out: Path, dataset, folds, fits: dict | None = None) -> int:

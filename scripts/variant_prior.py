@@ -1,10 +1,10 @@
 """Re-label a held-out set with another prior for the transitional vertebrae (T13, L6) in the ordering.
 
-The ordering charges ``log VARIANT_PRIOR`` for each transitional vertebra on a labelled path
-(``spinelm.ordering``, a constant 0.05 today). This script labels HELD_OUT's scans with MODEL exactly as
+The ordering charges the log of a prior for each transitional vertebra on a labelled path
+(``spinelm.ordering``: counted from the training labels by the planner, at least 0.05). This script labels HELD_OUT's scans with MODEL exactly as
 ``spinelm predict`` does, except that the ordering's prior is ``--prior``; then score OUT with
 ``spinelm evaluate OUT HELD_OUT --all-gt`` and compare with the same model's ``spinelm predict`` run.
-It measures what a prior counted from the training labels would change before the planner sets one.
+It measures what another prior would change, e.g. for a model planned before the planner counted them.
 
     python scripts/variant_prior.py MODEL HELD_OUT/imagesTr OUT --prior 0.08 [--folds 0] [--device cpu]
 """
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from_stats = ordering.SpineModel.from_stats.__func__
 
     def with_prior(cls, *a, **k):
-        return dataclasses.replace(from_stats(cls, *a, **k), variant_prior=args.prior)
+        return dataclasses.replace(from_stats(cls, *a, **k), variant_prior=args.prior, variant_priors={})
 
     ordering.SpineModel.from_stats = classmethod(with_prior)  # every ordering of this run uses the prior
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None

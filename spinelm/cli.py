@@ -256,6 +256,8 @@ def cmd_calibrate(args) -> int:
     print(f"calibrated on {f['vertebrae']} validation vertebrae of fold(s) {', '.join(map(str, f['folds']))} "
           f"({f['cases']} cases, {100 * f['identified_share']:.0f}% identified); expected calibration error on them "
           f"{f['ece']:.3f}")
+    if cal.method == "posterior":
+        print(f"no logistic fit: {f['why']}; the confidence is the ordering's posterior probability of each label")
     if "held_out_ece" in f:
         print(f"held out (each fold scored by a fit on the other folds, {f['held_out_vertebrae']} vertebrae): "
               f"expected calibration error {f['held_out_ece']:.3f}")

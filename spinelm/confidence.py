@@ -14,14 +14,21 @@ Signals of a kept vertebra (:func:`vertebra_features`):
   a case). Errors come by case (a shifted run makes all its labels wrong), and a case whose labels
   are unsure overall is where a single vertebra's evidence misleads: on lumbar MR (32 scans of 5
   folds, each scored by a fit on the other folds) it lowered the held-out calibration error from
-  0.121 to 0.051.
+  0.121 to 0.051;
+- ``posterior``: the probability of its label under the ordering model given all the evidence of
+  the case (:func:`spinelm.ordering.label_marginals`: every labelling of the run summed, not just
+  the best one), which needs no fitting.
 
-A logistic model on these (:class:`Calibration`) is fitted by ``spinelm calibrate MODEL`` (and at
-the end of training) on every fold's validation cases, run through the same predictor, and stored
-in ``MODEL/calibration.json``; prediction then writes ``confidence`` for every vertebra. Without a
-calibration file no confidence is written. With two or more folds, the error on vertebrae the fit
-has not seen is measured too, by fitting on all folds but one (:func:`cross_fitted`). No SimpleITK
-here.
+A logistic model on the first five (:class:`Calibration`) is fitted by ``spinelm calibrate MODEL``
+(and at the end of training) on every fold's validation cases, run through the same predictor, and
+stored in ``MODEL/calibration.json``; prediction then writes ``confidence`` for every vertebra. A fit
+needs wrong vertebrae to learn from: with fewer than :data:`MIN_OUTCOMES` wrong (or right) ones the
+stored model is the ordering's posterior itself. Measured on real lumbar MR (5 folds of 3-minute
+float32 training, each fold's fit scored on the other four folds' 142-147 vertebrae): a logistic fit
+on a fold whose validation held no wrong vertebra (3 of the 5 folds) read 0.238-0.246 expected
+calibration error, the posterior 0.065-0.092. Without a calibration file no confidence is written.
+With two or more folds, the error on vertebrae the fit has not seen is measured too, by fitting on
+all folds but one (:func:`cross_fitted`). No SimpleITK here.
 """
 from __future__ import annotations
 
@@ -37,7 +44,13 @@ from spinelm import labels as L
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("heatmap", "label_prob", "shift_margin", "spacing", "run_label_prob")
+FEATURES = ("heatmap", "label_prob", "shift_margin", "spacing", "run_label_prob", "posterior")
+#: The features of the logistic model (adding ``posterior`` to them changed the held-out error by
+#: -0.005 on lumbar MR and +0.014 on classification phantoms, both within sampling noise).
+FITTED_FEATURES = FEATURES[:5]
+#: A logistic fit needs at least this many wrong and this many right vertebrae; with fewer the
+#: confidence is the ordering's posterior (``method: "posterior"``).
+MIN_OUTCOMES = 10
 #: L2 penalty of the logistic fit (on standardised features): a few hundred validation vertebrae
 #: must not give extreme weights.
 L2_PENALTY = 1.0
@@ -84,7 +97,8 @@ def vertebra_features(labelled, distance_mm: float) -> np.ndarray:
                 devs.append(abs(np.log(max(observed, 1e-3) / (steps * distance_mm))))
         feats.append([c.score, c.label_probs.get(lab, 0.0), margin, max(devs) if devs else 0.0])
     feats = np.asarray(feats, dtype=np.float64)
-    return np.column_stack([feats, np.full(n, feats[:, 1].mean())])
+    posterior = np.asarray(labelled.posterior if len(labelled.posterior) == n else np.full(n, np.nan), float)
+    return np.column_stack([feats, np.full(n, feats[:, 1].mean()), posterior])
 
 
 def judged_flags(labelled, gt_mm: dict[int, np.ndarray], radius_mm: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
@@ -141,27 +155,43 @@ def reliability_bins(prob, outcome, bins: int = 10) -> list[dict]:
 
 @dataclass
 class Calibration:
-    """A logistic model ``p = sigmoid(w . (x - mean) / std + b)`` over :data:`FEATURES`."""
+    """A logistic model ``p = sigmoid(w . (x - mean) / std + b)`` over ``features`` (columns of
+    :data:`FEATURES`), or (``method == "posterior"``) the ordering's posterior as it is."""
 
     mean: list[float]
     std: list[float]
     weights: list[float]
     bias: float
     fitted_on: dict
+    features: tuple = FITTED_FEATURES
+    method: str = "logistic"
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        x = (np.asarray(features, float).reshape(-1, len(FEATURES)) - self.mean) / self.std
+        x = np.asarray(features, float).reshape(-1, len(FEATURES))
+        if self.method == "posterior":
+            return np.clip(x[:, FEATURES.index("posterior")], 0.0, 1.0)
+        x = (x[:, [FEATURES.index(f) for f in self.features]] - self.mean) / self.std
         return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
 
     @classmethod
     def fit(cls, features: np.ndarray, outcome: np.ndarray, **info) -> "Calibration":
-        """Penalised maximum likelihood (L-BFGS); all-right or all-wrong data give a constant model."""
+        """Penalised maximum likelihood (L-BFGS) of the logistic model on :data:`FITTED_FEATURES`; with
+        fewer than :data:`MIN_OUTCOMES` wrong or right vertebrae, the ordering's posterior instead."""
         from scipy.optimize import minimize
 
-        x = np.asarray(features, float).reshape(-1, len(FEATURES))
+        x_all = np.asarray(features, float).reshape(-1, len(FEATURES))
         y = np.asarray(outcome, float)
         if not len(y):
             raise ValueError("no validation vertebra to calibrate on (are the folds trained?)")
+        wrong = int(len(y) - y.sum())
+        if min(wrong, len(y) - wrong) < MIN_OUTCOMES:
+            model = cls([], [], [], 0.0, {}, (), "posterior")
+            model.fitted_on = {"vertebrae": int(len(y)), "identified_share": float(y.mean()),
+                               "ece": expected_calibration_error(model(x_all), y), "method": "posterior",
+                               "why": f"{wrong} wrong and {len(y) - wrong} right validation vertebrae, fewer than "
+                                      f"{MIN_OUTCOMES} of either to fit on", **info}
+            return model
+        x = x_all[:, [FEATURES.index(f) for f in FITTED_FEATURES]]
         mean, std = x.mean(0), x.std(0)
         std[std < 1e-6] = 1.0
         z = (x - mean) / std
@@ -178,27 +208,36 @@ class Calibration:
         theta0 = np.append(np.zeros(z.shape[1]), np.log(rate / (1 - rate)))
         res = minimize(loss, theta0, jac=True, method="L-BFGS-B")
         model = cls(mean.tolist(), std.tolist(), res.x[:-1].tolist(), float(res.x[-1]), {})
-        p = model(x)
         model.fitted_on = {"vertebrae": int(len(y)), "identified_share": float(y.mean()),
-                           "ece": expected_calibration_error(p, y), **info}
+                           "ece": expected_calibration_error(model(x_all), y), "method": "logistic", **info}
         return model
 
     def save(self, path: str | os.PathLike) -> Path:
         from spinelm.io.files import write_json_atomic
 
-        return write_json_atomic(path, {"format": "spinelm-calibration", "version": 1, "features": list(FEATURES),
-                                        "mean": self.mean, "std": self.std, "weights": self.weights,
-                                        "bias": self.bias, "fitted_on": self.fitted_on})
+        return write_json_atomic(path, {"format": "spinelm-calibration", "version": 1, "method": self.method,
+                                        "features": list(self.features), "mean": self.mean, "std": self.std,
+                                        "weights": self.weights, "bias": self.bias, "fitted_on": self.fitted_on})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration | None":
         from spinelm.io.files import read_model_file
 
-        raw = read_model_file(path, lambda doc: None if doc.get("features") == list(FEATURES)
-                              else f"made for other features ({doc.get('features')})", "no confidences")
+        def problem(doc):
+            if doc.get("method", "logistic") not in ("logistic", "posterior"):
+                return f"an unknown method ({doc.get('method')})"
+            unknown = [f for f in doc.get("features") or [] if f not in FEATURES]
+            if unknown:
+                return f"made for other features ({unknown})"
+            if doc.get("method", "logistic") == "logistic" and len(doc.get("features") or []) != len(doc.get("weights") or []):
+                return "its features and weights do not match"
+            return None
+
+        raw = read_model_file(path, problem, "no confidences")
         if raw is None:
             return None
-        return cls(raw["mean"], raw["std"], raw["weights"], float(raw["bias"]), raw.get("fitted_on", {}))
+        return cls(raw["mean"], raw["std"], raw["weights"], float(raw["bias"]), raw.get("fitted_on", {}),
+                   tuple(raw.get("features") or ()), raw.get("method", "logistic"))
 
 
 def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True,

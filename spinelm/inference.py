@@ -235,6 +235,8 @@ class Labelled:
     candidate_world_mm: np.ndarray  # (N, 3)
     kept: list[int]  # indices into candidates, head to foot
     labels: list[int]
+    #: the ordering's posterior probability of each kept label (:func:`spinelm.ordering.label_marginals`)
+    posterior: list[float] = field(default_factory=list)
 
     def landmarks(self) -> list:
         from spinelm.io.landmarks import landmarks_from_arrays
@@ -325,10 +327,10 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
 
         for c, pl in zip(cands, levels(world)):
             c.label_probs = fuse(c.label_probs, pl)
-    ordered = order_candidates(world, [c.score for c in cands], [c.label_probs for c in cands], cc_axis=2,
-                               distance_mm=plans.distance_mm, superior_is_positive=True,
-                               allowed=plans.known_labels, model=plans.spine_model())
-    return Labelled(cands, world, [i for i, _ in ordered], [lab for _, lab in ordered])
+    ordered, posterior = order_candidates(world, [c.score for c in cands], [c.label_probs for c in cands], cc_axis=2,
+                                          distance_mm=plans.distance_mm, superior_is_positive=True,
+                                          allowed=plans.known_labels, model=plans.spine_model(), with_posterior=True)
+    return Labelled(cands, world, [i for i, _ in ordered], [lab for _, lab in ordered], posterior)
 
 
 # ------------------------------------------------------------------------- turned-over comparison

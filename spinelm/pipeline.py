@@ -280,8 +280,10 @@ def calibrate_quietly(model_dir, device: str = "cpu", progress: bool = True):
     f = cal.fitted_on
     held = (f"; held-out expected calibration error {f['held_out_ece']:.3f} (each fold scored by a fit on the "
             f"others)") if "held_out_ece" in f else ""
-    log.info("calibrated per-vertebra confidence on %d validation vertebrae (%.0f%% identified)%s",
-             f["vertebrae"], 100 * f["identified_share"], held)
+    log.info("calibrated per-vertebra confidence on %d validation vertebrae (%.0f%% identified)%s%s",
+             f["vertebrae"], 100 * f["identified_share"], held,
+             f"; no logistic fit ({f['why']}): the confidence is the ordering's posterior" if cal.method == "posterior"
+             else "")
     from spinelm.sanity import describe_flip_check, load_flip_check
 
     from spinelm.plans import ModelFolder

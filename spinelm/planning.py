@@ -298,6 +298,39 @@ def run_end_counts(fingerprint: dict) -> dict:
     return {"first_label_counts": first, "last_label_counts": last}
 
 
+#: Where each transitional vertebra would be: between these two regular vertebrae.
+VARIANT_PLACES = {"T13": ("T12", "L1"), "L6": ("L5", "S1")}
+
+
+def variant_counts(fingerprint: dict) -> dict:
+    """``{"T13": {"seen", "visible"}, "L6": {...}}``: how many training cases hold the transitional
+    vertebra among those that show its place (that hold it, or both its neighbours: T12 and L1 for
+    T13, L5 and S1 for L6; a run that ends at L5 may hide one below). The ordering turns them into
+    its variant priors (:func:`spinelm.ordering.variant_prior_from_counts`)."""
+    out = {}
+    for variant, (above, below) in VARIANT_PLACES.items():
+        seen = visible = 0
+        for labs in fingerprint.get("spine", {}).get("labels_per_case", {}).values():
+            names = {L.name_of(int(x)) for x in labs}
+            if variant in names or (above in names and below in names):
+                visible += 1
+                seen += variant in names
+        out[variant] = {"seen": seen, "visible": visible}
+    return out
+
+
+def variant_rationale(counts: dict) -> str:
+    """One line of the plan's "why": each transitional vertebra's count and the ordering's prior from it."""
+    from spinelm.ordering import variant_prior_from_counts
+
+    parts = []
+    for variant, (above, below) in VARIANT_PLACES.items():
+        c = counts.get(variant, {"seen": 0, "visible": 0})
+        parts.append(f"{variant} in {c['seen']} of {c['visible']} cases that show its place -> prior "
+                     f"{variant_prior_from_counts(c['seen'], c['visible']):.3f}")
+    return "transitional vertebrae (ordering priors, never below the default): " + "; ".join(parts)
+
+
 def cranio_caudal_axis_after_transpose(transpose_forward: Sequence[int], canonical_axis: int = 0) -> int:
     """Where the cranio-caudal axis (axis 0 of canonical arrays) ends up after nnU-Net's transpose."""
     return int(list(transpose_forward).index(canonical_axis))
@@ -489,6 +522,8 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
                f"{SIGMA_MIN_VOXELS:g} voxels)")
     why.append("heads: " + ", ".join(f"{k} ({v['channels']} channel{'s' if v['channels'] > 1 else ''})"
                                      for k, v in heads.items()))
+    counts = variant_counts(fingerprint)
+    why.append(variant_rationale(counts))
     fine_cfg = configs["fine"]
     from spinelm.classification import plan_classification
 
@@ -534,6 +569,7 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
         "spine": {"median_consecutive_distance_mm": distance,
                   "consecutive_pairs": fingerprint.get("spine", {}).get("consecutive_pairs", {}),
                   "column_shape": fingerprint.get("spine", {}).get("column_shape"),
+                  "variant_counts": counts,
                   **run_end_counts(fingerprint)},
         "scan_extent_mm": scan_extent_range(fingerprint),
         "rationale": why,

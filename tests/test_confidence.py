@@ -21,19 +21,20 @@ def _labelled(evidence_offset: int = 0, sharp: float = 0.8) -> Labelled:
         probs = {x: (sharp if x == own else (1 - sharp) / (len(LUMBAR) - 1)) for x in LUMBAR}
         cands.append(Candidate(np.zeros(3), 0.9, probs))
     world = np.stack([np.zeros(5), np.zeros(5), -35.0 * np.arange(5)], 1)
-    return Labelled(cands, world, list(range(5)), labels)
+    return Labelled(cands, world, list(range(5)), labels, [0.95 if evidence_offset == 0 else 0.3] * 5)
 
 
 def test_a_run_whose_evidence_points_one_level_lower_has_a_negative_shift_margin():
     right = vertebra_features(_labelled(0), 35.0)
     shifted = vertebra_features(_labelled(1), 35.0)
-    assert right.shape == (5, len(FEATURES)) == (5, 5)
+    assert right.shape == (5, len(FEATURES)) == (5, 6)
     assert right[0, 2] > 1.0 and shifted[0, 2] < 0  # shift_margin, per vertebra of the run
     assert right[0, 1] == pytest.approx(0.8) and shifted[0, 1] < 0.1  # own label's probability
     assert np.allclose(right[:, 3], 0.0)  # neighbours exactly one distance apart
     # the run's mean label probability: one value for the whole case, low when the run is shifted
     assert np.allclose(right[:, 4], right[:, 1].mean()) and np.allclose(shifted[:, 4], shifted[:, 1].mean())
     assert shifted[0, 4] < 0.3 < right[0, 4]
+    assert np.allclose(right[:, 5], 0.95) and np.allclose(shifted[:, 5], 0.3)  # the ordering's posterior, as given
 
 
 def test_identified_flags_follow_the_verse_rule():
@@ -144,3 +145,40 @@ def test_ece_noise_floor_shrinks_with_the_sample_and_separates_real_miscalibrati
     outcome = rng.random(len(over)) < np.clip(over - 0.2, 0, 1)
     assert expected_calibration_error(over, outcome) > f_large["p95"]
     assert expected_calibration_error(large, rng.random(len(large)) < large) < 2 * f_large["p95"]
+
+
+def test_too_few_wrong_vertebrae_to_fit_give_the_ordering_posterior(tmp_path):
+    # a validation fold with no wrong vertebra: a logistic fit could only say "always right"
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (40, len(FEATURES)))
+    cal = Calibration.fit(x, np.ones(40, bool), folds=[0])
+    assert cal.method == "posterior" and "0 wrong" in cal.fitted_on["why"]
+    assert np.allclose(cal(x), x[:, FEATURES.index("posterior")])
+    cal.save(tmp_path / "calibration.json")
+    again = Calibration.load(tmp_path / "calibration.json")
+    assert again.method == "posterior" and np.allclose(again(x), cal(x))
+    # with enough of both outcomes the logistic model is fitted, on the first five features only
+    y = rng.random(400) < np.linspace(0.05, 0.95, 400)
+    x = np.column_stack([rng.uniform(0, 1, (400, 5)), np.full(400, 0.5)])
+    x[:, 1] = np.linspace(0, 1, 400)
+    fitted = Calibration.fit(x, y)
+    assert fitted.method == "logistic" and fitted.features == tuple(FEATURES[:5])
+    changed = x.copy()
+    changed[:, 5] = 0.99  # the posterior does not enter the logistic model
+    assert np.allclose(fitted(changed), fitted(x))
+
+
+def test_a_calibration_file_of_the_five_feature_format_still_loads(tmp_path):
+    import json
+
+    doc = {"format": "spinelm-calibration", "version": 1,
+           "features": ["heatmap", "label_prob", "shift_margin", "spacing", "run_label_prob"],
+           "mean": [0.5] * 5, "std": [0.2] * 5, "weights": [0.0, 2.0, 0.0, 0.0, 0.0], "bias": 0.0, "fitted_on": {}}
+    (tmp_path / "calibration.json").write_text(json.dumps(doc))
+    cal = Calibration.load(tmp_path / "calibration.json")
+    x = np.zeros((2, len(FEATURES)))
+    x[:, 1] = [0.5, 0.9]
+    assert cal.method == "logistic" and np.allclose(cal(x), [0.5, 1 / (1 + np.exp(-4.0))])
+    doc["features"] = ["heatmap", "not_a_feature"]
+    (tmp_path / "calibration.json").write_text(json.dumps(doc))
+    assert Calibration.load(tmp_path / "calibration.json") is None  # with a warning naming the file

@@ -2,9 +2,12 @@
 import numpy as np
 
 from spinelm import labels as L
-from spinelm.ordering import SpineModel, order_candidates, suppress_duplicates, viterbi_labels
+from itertools import product
 
-N = {name: L.label_of(name) for name in ("T4", "T5", "T6", "T7", "T8", "T11", "T12", "T13",
+from spinelm.ordering import (SpineModel, _lattice, _logsumexp, label_marginals, order_candidates, suppress_duplicates,
+                              variant_prior_from_counts, viterbi_labels)
+
+N = {name: L.label_of(name) for name in ("T4", "T5", "T6", "T7", "T8", "T10", "T11", "T12", "T13",
                                           "L1", "L2", "L3", "L4", "L5", "L6", "S1")}
 LUMBAR = [N[x] for x in ("L1", "L2", "L3", "L4", "L5")]
 
@@ -149,3 +152,86 @@ def test_two_peaks_side_by_side_are_not_consecutive_vertebrae():
     pos = np.array([[0, 0, 0.0], [30.0, 0, -3.0], [0, 0, -35.0], [0, 0, -70.0]])
     probs = [onehot(N["L1"], 0.6, N["L2"], 0.4), onehot(N["L2"], 0.6, N["L1"], 0.4), onehot(N["L2"]), onehot(N["L3"])]
     assert viterbi_labels(pos, [0.6, 0.5, 0.6, 0.6], probs, model()) == [N["L1"], None, N["L2"], N["L3"]]
+
+
+def _brute_force_marginals(pos, scores, probs, m, allowed):
+    """Every labelling enumerated: each candidate dropped or kept, kept labels strictly caudal."""
+    labels, emit, cum_drop, start, last, trans = _lattice(pos, scores, probs, m, allowed, 2, over_paths=_logsumexp)
+    n, k = emit.shape
+    drop = np.diff(cum_drop)
+    weights, configs = [], []
+    for cfg in product(range(-1, k), repeat=n):  # -1: dropped
+        kept = [(i, j) for i, j in enumerate(cfg) if j >= 0]
+        if any(b[1] <= a[1] for a, b in zip(kept, kept[1:])):
+            continue
+        w = sum(drop[i] for i, j in enumerate(cfg) if j < 0) + sum(emit[i, j] for i, j in kept)
+        if kept:
+            w += start[kept[0][1]] + last[kept[-1][1]]
+            w += sum(trans[a][b][ja, jb] for (a, ja), (b, jb) in zip(kept, kept[1:]))
+        weights.append(w)
+        configs.append(cfg)
+    weights = np.exp(np.asarray(weights) - _logsumexp(np.asarray(weights)))
+    out = np.zeros((n, k))
+    for w, cfg in zip(weights, configs):
+        for i, j in enumerate(cfg):
+            if j >= 0:
+                out[i, j] += w
+    return labels, out
+
+
+def test_the_posterior_of_each_label_sums_every_labelling_of_the_run():
+    allowed = [N[x] for x in ("L3", "L4", "L5", "S1")]  # L3, L4, L5, L6, S1
+    pos = np.array([[0, 0, 0.0], [0, 2, -33.0], [0, 0, -71.0]])
+    probs = [onehot(N["L4"], 0.5, N["L3"], 0.3), onehot(N["L5"], 0.6, N["L6"], 0.3), onehot(N["S1"], 0.9)]
+    labels, got = label_marginals(pos, [0.9, 0.4, 0.8], probs, model(), allowed)
+    ref_labels, ref = _brute_force_marginals(pos, [0.9, 0.4, 0.8], probs, model(), allowed)
+    assert labels == ref_labels
+    np.testing.assert_allclose(got, ref, atol=1e-9)
+    assert np.all(got.sum(1) <= 1 + 1e-9)
+
+
+def test_a_run_with_no_junction_in_view_is_no_surer_than_the_variant_prior():
+    # four lumbar-looking vertebrae above S1: L2-L5 without an L6, or L3-L6 with one; the image cannot tell,
+    # so the vertebra above S1 is L5 as surely as the prior says there is no L6
+    lumbar = {N[x]: 1 / 6 for x in ("L1", "L2", "L3", "L4", "L5", "L6")}
+    allowed = [N[x] for x in ("L1", "L2", "L3", "L4", "L5", "S1")]
+    for prior in (0.05, 0.15, 0.3):
+        m = model()
+        m.variant_prior = prior
+        out, post = order_candidates(column(5), [0.9] * 5, [lumbar] * 4 + [onehot(N["S1"], 0.95)], cc_axis=2,
+                                     distance_mm=35.0, model=m, allowed=allowed, with_posterior=True)
+        assert [lab for _, lab in out] == [N[x] for x in ("L2", "L3", "L4", "L5", "S1")]
+        assert (1 - prior) - 0.05 < post[3] < 1 - 0.5 * prior
+        assert post[4] > 0.9  # S1 stays sure
+    # evidence that anchors the count (the top one reads L2, not L3) makes the run sure again
+    probs = [onehot(N["L2"], 0.9, N["L3"], 0.02)] + [lumbar] * 3 + [onehot(N["S1"], 0.95)]
+    _, post = order_candidates(column(5), [0.9] * 5, probs, cc_axis=2, distance_mm=35.0, model=m, allowed=allowed,
+                               with_posterior=True)
+    assert post[3] > 1 - 0.5 * 0.3
+
+
+def test_variant_priors_come_from_the_training_counts_and_never_fall_below_the_default():
+    assert np.isclose(variant_prior_from_counts(4, 40), (4 + 10 * 0.05) / (40 + 10))  # 0.09
+    assert variant_prior_from_counts(0, 32) == 0.05  # a protocol that never labels L6 keeps the default
+    assert variant_prior_from_counts(1, 30) == 0.05
+    assert variant_prior_from_counts(0, 0) == 0.05
+    assert variant_prior_from_counts(30, 30) == 0.5
+    m = SpineModel.from_stats({"variant_counts": {"L6": {"seen": 4, "visible": 40}, "T13": {"seen": 0, "visible": 9}}})
+    assert np.isclose(m.prior_of(N["L6"]), 0.09) and m.prior_of(N["T13"]) == 0.05
+    # a higher L6 prior makes the reading L1-L6 (rather than T12-L5) of a long lumbar run more probable
+    names6 = ["L1", "L2", "L3", "L4", "L5", "L6", "S1"]
+    flat = [{N[x]: 0.5 for x in ("T12", "L1")}] + [{N[x]: 0.2 for x in names6[1:-1] + ["L1"]}] * 5 + [onehot(N["S1"])]
+    allowed = [N[x] for x in ("T12", "L1", "L5", "S1")]
+    low = SpineModel.from_stats({"variant_counts": {"L6": {"seen": 0, "visible": 40}}}, default_distance_mm=35.0)
+    high = SpineModel.from_stats({"variant_counts": {"L6": {"seen": 20, "visible": 40}}}, default_distance_mm=35.0)
+    for m in (low, high):
+        m.step_mean = {k: 35.0 for k in m.step_mean}
+        m.step_std = {k: 2.0 for k in m.step_std}
+        m.skip_mean = {k: 35.0 for k in m.skip_mean}
+        m.skip_std = {k: 2.0 for k in m.skip_std}
+    assert viterbi_labels(column(7), [0.9] * 7, flat, low, allowed)[0] == N["T12"]
+    p_l1 = []
+    for m in (low, high):
+        labels, marg = label_marginals(column(7), [0.9] * 7, flat, m, allowed)
+        p_l1.append(marg[0, labels.index(N["L1"])])
+    assert p_l1[0] < 0.1 < 0.3 < p_l1[1] < 0.5

@@ -113,6 +113,26 @@ def test_cpu_plan_for_sagittal_mr_is_small_and_keeps_the_thick_axis_first():
     assert any("level head" in r for r in plans["rationale"])
 
 
+def test_the_ordering_expects_transitional_vertebrae_as_often_as_the_training_labels_show_them():
+    lumbar, with_l6 = [20, 21, 22, 23, 24, 26], [20, 21, 22, 23, 24, 25, 26]  # L1-L5 + S1, and with L6
+    per_case = {f"c{i}": (with_l6 if i < 10 else lumbar) for i in range(40)}
+    per_case["c39"] = [20, 21, 22, 23, 24]  # no S1: the place of an L6 is not in view
+    per_case["c0"] = [22, 23, 24, 25]  # an L6 with no S1 below it still shows its place
+    fp = _fingerprint([[0.7, 0.7, 4.0]] * 40, [[520, 500, 15]] * 40, labels_per_case=per_case)
+    plans = P.plan(fp, device="cpu", time_budget_min=15, seconds_per_mvoxel=1.7)
+    assert plans["spine"]["variant_counts"]["L6"] == {"seen": 10, "visible": 39}
+    assert plans["spine"]["variant_counts"]["T13"] == {"seen": 0, "visible": 0}
+    from spinelm.plans import Plans
+
+    model = Plans(plans).spine_model()
+    assert model.prior_of(25) == pytest.approx((10 + 10 * 0.05) / (39 + 10))
+    assert model.prior_of(28) == 0.05
+    assert any("L6 in 10 of 39 cases" in r for r in plans["rationale"])
+    # a protocol that never labels an L6 keeps the default prior
+    fp = _fingerprint([[0.7, 0.7, 4.0]] * 6, [[520, 500, 15]] * 6, labels_per_case={f"c{i}": lumbar for i in range(6)})
+    assert Plans(P.plan(fp, device="cpu", time_budget_min=15, seconds_per_mvoxel=1.7)).spine_model().prior_of(25) == 0.05
+
+
 def test_no_coarse_stage_when_the_fine_patch_holds_the_whole_column():
     fp = _fingerprint([[3.0, 3.0, 3.0]] * 6, [[60, 50, 20]] * 6)
     plans = P.plan(fp, device="cpu")
