@@ -1,8 +1,9 @@
 """Held-out check of the per-vertebra confidence and the case QC flag, by cross-fitting over folds.
 
 Every scan of the dataset that some trained fold validated on is labelled by that fold's model, with
-a confidence model fitted on the *other* folds' validation vertebrae only; so no confidence was
-fitted on the scan it scores. The scans go through ``spinelm predict`` (the one predictor, the full
+a confidence model fitted on the *other* folds' validation vertebrae only, and the header check's
+orientation thresholds (``orientation.json``) learned on the other folds' validation scans only; so
+nothing was fitted on the scan it scores. The scans go through ``spinelm predict`` (the one predictor, the full
 QC of ``summary.csv``) into OUT, and the figures the issue asks for are computed from what predict
 wrote, against the dataset's ground truth:
 
@@ -42,7 +43,7 @@ import numpy as np
 
 
 def main(argv=None) -> int:
-    from spinelm.confidence import FEATURES, collect, cross_fitted
+    from spinelm.confidence import FEATURES, collect, cross_fitted, orientation_check
     from spinelm.dataset import discover_dataset
     from spinelm.inference import Predictor
     from spinelm.plans import ModelFolder
@@ -65,16 +66,18 @@ def main(argv=None) -> int:
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     cache = out / "records.json"
     stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    if isinstance(stored, dict) and stored.get("features") == list(FEATURES):  # made for these features
+    if isinstance(stored, dict) and stored.get("features") == list(FEATURES) and "turned" in stored:
         records = [(r["fold"], r["case"], np.asarray(r["features"], float).reshape(-1, len(FEATURES)),
                     np.asarray(r["identified"], bool), r["n_gt"]) for r in stored["records"]]
         records = [r for r in records if folds is None or r[0] in folds]
+        turned = [(f, rows) for f, rows in stored["turned"] if folds is None or f in folds]
     else:
-        records = collect(model.root, folds, args.device, progress=True)
+        turned = []
+        records = collect(model.root, folds, args.device, progress=True, flips=turned)
         out.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"features": list(FEATURES), "records": [
             {"fold": f, "case": c, "features": x.tolist(), "identified": y.tolist(), "n_gt": n}
-            for f, c, x, y, n in records]}))
+            for f, c, x, y, n in records], "turned": turned}))
     if args.one_fold_fits:
         return one_fold_fits(records, out)
     models, _, _ = cross_fitted(records)
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
                     link.symlink_to(Path(src).resolve())
         pred = Predictor.from_model_folder(model.root, folds=[fold], device=args.device)
         pred.calibration = cal
+        if turned:  # the orientation checks too, learned on the other folds' validation scans only
+            pred.flip_check = orientation_check([rows for f, rows in turned if f != fold])
         predict_directory(inputs, out, pred, continue_=True, progress=True)
     return report_figures(out, args.dataset, folds=sorted(models),
                           fits={str(f): m.fitted_on for f, m in models.items()})

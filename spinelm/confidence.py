@@ -245,8 +245,9 @@ def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", prog
     """Features and outcomes of every validation vertebra of the trained folds (each fold's final
     checkpoint on its own validation cases, through the one predictor); also returns per-case
     records ``(fold, case, confidence features, outcomes, n ground truth)``. ``flips``: a list that
-    receives, for every validation case of a model with a coarse stage, the turned-over comparison's
-    rows of the scan as stored and flipped head over foot (:func:`spinelm.sanity.fit_flip_check`)."""
+    receives ``(fold, rows)`` for every validation case of a model with a coarse stage: the
+    turned-over comparison's rows of the scan as stored and turned every way
+    (:func:`spinelm.sanity.fit_flip_check`)."""
     from tqdm import tqdm
 
     from spinelm.inference import Predictor
@@ -268,13 +269,20 @@ def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", prog
             res = pred.predict_preprocessed(data, frame, with_mask=False, coarse=coarse)
             lab = res.labelled
             if flips is not None and coarse is not None:
-                rows = pred.turned_over(*coarse, res.coarse_outputs, keys=("flip",))
-                flips.append((rows[0], rows[1]))
+                flips.append((fold, pred.turned_over(*coarse, res.coarse_outputs)))
             gt = {int(lm["label"]): np.asarray(lm["position_mm"], float) for lm in props["landmarks"]}
             identified, known = judged_flags(lab, gt)  # labels outside the annotated range teach nothing
             records.append((fold, case, vertebra_features(lab, pred.plans.distance_mm)[known], identified[known],
                             len(gt)))
     return records
+
+
+def orientation_check(turned: list[list[dict]]) -> dict:
+    """:func:`spinelm.sanity.fit_flip_check` from the turned-over comparison's rows of validation scans."""
+    from spinelm.sanity import fit_flip_check, swap_ratio
+
+    pairs = [(rows[0], flip) for rows in turned for flip in rows[1:] if flip["key"] == "flip"]
+    return fit_flip_check(pairs, [swap_ratio(rows) for rows in turned])
 
 
 def _stack(records) -> tuple[np.ndarray, np.ndarray]:
@@ -308,12 +316,12 @@ def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", pr
     records the held-out figure (``fitted_on.held_out_ece``): each fold's vertebrae scored by a model
     fitted on the other folds (:func:`cross_fitted`), the error to expect on new scans."""
     from spinelm.io.files import write_json_atomic
-    from spinelm.sanity import FLIP_CHECK_FILE, fit_flip_check
+    from spinelm.sanity import FLIP_CHECK_FILE
 
     flips: list = []
     records = collect(model_dir, folds, device, progress, flips)
-    if flips:  # what the coarse stage can tell of a scan turned head over foot (the header check)
-        write_json_atomic(Path(model_dir) / FLIP_CHECK_FILE, fit_flip_check(flips))
+    if flips:  # what the coarse stage can tell of a scan turned over (the header check)
+        write_json_atomic(Path(model_dir) / FLIP_CHECK_FILE, orientation_check([rows for _, rows in flips]))
     x, y = _stack(records)
     info = {}
     if len({r[0] for r in records}) >= 2 and len(y):

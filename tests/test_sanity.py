@@ -129,6 +129,32 @@ def test_a_model_learns_a_flip_check_only_from_evidence_that_tells_its_validatio
     assert not fit_flip_check(pairs[:2])["metrics"]["level_p"]["enabled"]
 
 
+def _turned(stored_peaks, swapped_peaks):
+    rows = [{"key": "stored", "name": "as stored", "n": 5, "peak_sum": stored_peaks}]
+    return rows + [{"key": "swap_P", "name": "head-foot axis swapped with the front-back axis", "n": 5,
+                    "peak_sum": swapped_peaks}]
+
+
+def test_a_model_whose_clean_scans_look_spine_like_swapped_raises_its_own_swap_threshold():
+    """Real lumbar MR, models trained 3 minutes per fold: clean validation scans swapped reached
+    1.12-1.30 times their stored peaks, so the fixed 1.1 flagged clean scans; each model now reports a
+    swap only above 1.1 times its own validation scans' highest ratio, and a well-trained model keeps 1.1."""
+    from spinelm.confidence import orientation_check
+    from spinelm.sanity import PEAK_RATIO, describe_flip_check, turned_over_reasons
+
+    clean = _turned(1.60, 1.81)  # 1.13x: a clean scan the fixed ratio flags
+    assert turned_over_reasons(clean) != []
+    weak = orientation_check([_turned(1.0, r) for r in (0.9, 1.2, 1.3, 1.05)])
+    assert weak["swap"]["worst"] == pytest.approx(1.3) and weak["swap"]["peak_ratio"] == pytest.approx(1.43)
+    assert turned_over_reasons(clean, flip_check=weak) == []
+    assert turned_over_reasons(_turned(1.0, 1.6), flip_check=weak) != []  # a real swap still stands out
+    assert "above 1.43x" in describe_flip_check(weak)
+    strong = orientation_check([_turned(1.0, r) for r in (0.5, 0.7, 0.8)])
+    assert strong["swap"]["peak_ratio"] == PEAK_RATIO
+    assert turned_over_reasons(clean, flip_check=strong) != []
+    assert "swap" not in orientation_check([_turned(1.0, 0.5)] * 2)  # too few scans to learn from
+
+
 # ----------------------------------------------------------------------------- column shape
 def _lumbar_case(rng, scale=1.0):
     """T11-L5 centroids 35 mm apart with a gentle lordosis and some annotation noise."""
