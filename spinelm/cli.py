@@ -542,12 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "predictor), and fit a logistic model of 'this vertebra is identified' (right "
                                    "label within 20 mm) on its heatmap peak, label probability, the margin of its "
                                    "run over the run shifted by one level, neighbour spacing, and the mean label probability of "
-                                   "the whole run (errors come by case: a shifted run makes all its labels wrong). Writes "
+                                   "the whole run (errors come by case: a shifted run makes all its labels wrong). With fewer "
+                                   "than 10 wrong (or right) validation vertebrae to fit on, the confidence is the "
+                                   "ordering's posterior probability of each label instead. Writes "
                                    "MODEL/calibration.json; predict then writes a 'confidence' per vertebra and "
                                    "flags cases with a vertebra below 0.5 for review. It also learns the header check's flip "
                                    "check: on each validation scan, whether the coarse stage scores the scan turned "
                                    "head over foot clearly lower than as stored (MODEL/orientation.json); where it "
-                                   "does, predict reports scans that score higher flipped. Training runs it at its end.")
+                                   "does, predict reports scans that score higher flipped; and the swap threshold: a "
+                                   "scan is reported when turned onto another axis it has more than 1.1 times the "
+                                   "heatmap peaks as stored, or 1.1 times the most any validation scan reached, "
+                                   "whichever is higher. Training runs it at its end.")
     s.add_argument("model", help="trained model folder")
     s.add_argument("--fold", help="folds to calibrate on, e.g. 0,1 (default: every trained fold)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
