@@ -185,6 +185,12 @@ def report_figures(out: Path, dataset, folds, fits: dict | None = None) -> int:
            "per_case": [{"case": e.case, "correct": e.correct, "beyond_annotation": [L.name_of(x) for x in e.beyond],
                          "qc": e.qc, "reasons": e.reasons,
                          "min_confidence": e.min_confidence} for e in done]}
+    sweep = []
+    for t in (0.5, 0.6, 0.7, 0.8, 0.9):
+        hit = [e for e in done if any(not r.startswith("low confidence") for r in e.reasons)
+               or (e.min_confidence is not None and e.min_confidence < t)]
+        sweep.append((t, sum(not e.correct for e in hit), len(hit)))
+    res["review_below_sweep"] = sweep
     (out / "calibration_check.json").write_text(json.dumps(res, indent=1))
     n = max(len(done), 1)
     print(f"{len(done)} held-out cases ({len(conf)} vertebrae, {100 * res['identified_share']:.0f}% identified, "
@@ -204,6 +210,8 @@ def report_figures(out: Path, dataset, folds, fits: dict | None = None) -> int:
     print(f"low-confidence reason alone: caught {res['caught_low_confidence']}/{len(wrong)}, flagged "
           f"{len(low)}/{len(done)} ({100 * len(low) / n:.0f}%)")
     print(f"risk-coverage area {aurc:.3f} (error rate of all cases {res['error_rate_all']:.3f})")
+    print("the flag with another low-confidence threshold (the other reasons kept): " + "; ".join(
+        f"below {t:.1f}: caught {c}/{len(wrong)}, flagged {f}/{len(done)}" for t, c, f in res["review_below_sweep"]))
     return 0
 
 

@@ -324,7 +324,7 @@ def variant_rationale(counts: dict) -> str:
     from spinelm.ordering import variant_prior_from_counts
 
     parts = []
-    for variant, (above, below) in VARIANT_PLACES.items():
+    for variant in VARIANT_PLACES:
         c = counts.get(variant, {"seen": 0, "visible": 0})
         parts.append(f"{variant} in {c['seen']} of {c['visible']} cases that show its place -> prior "
                      f"{variant_prior_from_counts(c['seen'], c['visible']):.3f}")
