@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "head over foot clearly lower than as stored (MODEL/orientation.json); where it "
                                    "does, predict reports scans that score higher flipped; and the swap threshold: a "
                                    "scan is reported when turned onto another axis it has more than 1.1 times the "
-                                   "heatmap peaks as stored, or 1.1 times the most any validation scan reached, "
+                                   "heatmap peaks as stored, or than the most any validation scan reached, "
                                    "whichever is higher. Training runs it at its end.")
     s.add_argument("model", help="trained model folder")
     s.add_argument("--fold", help="folds to calibrate on, e.g. 0,1 (default: every trained fold)")
