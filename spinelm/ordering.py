@@ -34,6 +34,10 @@ The model, solved exactly by dynamic programming (Viterbi over candidates sorted
 The distance statistics come from the dataset fingerprint (``plans["spine"]["consecutive_pairs"]``)
 and fall back, for pairs never seen in training, to a typical adult profile scaled to the pairs
 that were seen.
+
+The same model summed over every labelling instead of maximised (:func:`label_marginals`,
+forward-backward) gives each kept label its posterior probability, which the per-vertebra
+confidence uses (:mod:`spinelm.confidence`).
 """
 from __future__ import annotations
 
