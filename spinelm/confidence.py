@@ -168,8 +168,9 @@ class Calibration:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         x = np.asarray(features, float).reshape(-1, len(FEATURES))
-        if self.method == "posterior":
-            return np.clip(x[:, FEATURES.index("posterior")], 0.0, 1.0)
+        if self.method == "posterior":  # (the label's own probability where no posterior was computed)
+            post = x[:, FEATURES.index("posterior")]
+            return np.clip(np.where(np.isfinite(post), post, x[:, FEATURES.index("label_prob")]), 0.0, 1.0)
         x = (x[:, [FEATURES.index(f) for f in self.features]] - self.mean) / self.std
         return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
 

@@ -154,6 +154,9 @@ def test_too_few_wrong_vertebrae_to_fit_give_the_ordering_posterior(tmp_path):
     cal = Calibration.fit(x, np.ones(40, bool), folds=[0])
     assert cal.method == "posterior" and "0 wrong" in cal.fitted_on["why"]
     assert np.allclose(cal(x), x[:, FEATURES.index("posterior")])
+    no_posterior = x.copy()
+    no_posterior[:, FEATURES.index("posterior")] = np.nan  # a run ordered without posteriors
+    assert np.allclose(cal(no_posterior), x[:, FEATURES.index("label_prob")])
     cal.save(tmp_path / "calibration.json")
     again = Calibration.load(tmp_path / "calibration.json")
     assert again.method == "posterior" and np.allclose(again(x), cal(x))
