@@ -122,13 +122,7 @@ def one_fold_fits(records, out: Path) -> int:
         if cal.method == "logistic":
             row["ece_logistic"] = row["ece"]
         else:  # what the logistic fit would have given on these outcomes
-            from spinelm import confidence as C
-
-            keep, C.MIN_OUTCOMES = C.MIN_OUTCOMES, 0
-            try:
-                row["ece_logistic"] = expected_calibration_error(Calibration.fit(x, y)(xo), yo)
-            finally:
-                C.MIN_OUTCOMES = keep
+            row["ece_logistic"] = expected_calibration_error(Calibration.fit(x, y, min_outcomes=0)(xo), yo)
         rows.append(row)
         print(f"fold {fold}: fitted on {row['fitted_on']} vertebrae ({row['wrong']} wrong) -> {row['method']}; on the "
               f"other folds' {row['scored']} vertebrae: ECE {row['ece']:.3f} (logistic fit {row['ece_logistic']:.3f}, "

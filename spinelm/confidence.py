@@ -175,9 +175,10 @@ class Calibration:
         return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
 
     @classmethod
-    def fit(cls, features: np.ndarray, outcome: np.ndarray, **info) -> "Calibration":
+    def fit(cls, features: np.ndarray, outcome: np.ndarray, min_outcomes: int = MIN_OUTCOMES,
+            **info) -> "Calibration":
         """Penalised maximum likelihood (L-BFGS) of the logistic model on :data:`FITTED_FEATURES`; with
-        fewer than :data:`MIN_OUTCOMES` wrong or right vertebrae, the ordering's posterior instead."""
+        fewer than ``min_outcomes`` wrong or right vertebrae, the ordering's posterior instead."""
         from scipy.optimize import minimize
 
         x_all = np.asarray(features, float).reshape(-1, len(FEATURES))
@@ -185,12 +186,12 @@ class Calibration:
         if not len(y):
             raise ValueError("no validation vertebra to calibrate on (are the folds trained?)")
         wrong = int(len(y) - y.sum())
-        if min(wrong, len(y) - wrong) < MIN_OUTCOMES:
+        if min(wrong, len(y) - wrong) < min_outcomes:
             model = cls([], [], [], 0.0, {}, (), "posterior")
             model.fitted_on = {"vertebrae": int(len(y)), "identified_share": float(y.mean()),
                                "ece": expected_calibration_error(model(x_all), y), "method": "posterior",
                                "why": f"{wrong} wrong and {len(y) - wrong} right validation vertebrae, fewer than "
-                                      f"{MIN_OUTCOMES} of either to fit on", **info}
+                                      f"{min_outcomes} of either to fit on", **info}
             return model
         x = x_all[:, [FEATURES.index(f) for f in FITTED_FEATURES]]
         mean, std = x.mean(0), x.std(0)

@@ -176,6 +176,8 @@ class SpineModel:
     variant_priors: dict[int, float] = field(default_factory=dict)
     first_counts: dict[int, int] = field(default_factory=dict)
     last_counts: dict[int, int] = field(default_factory=dict)
+    #: :meth:`transition_tables` by label span and priors (the distance statistics are fixed once used)
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def prior_of(self, variant: int) -> float:
         """Prior probability of the transitional vertebra ``variant`` (T13 or L6)."""
@@ -272,8 +274,15 @@ class SpineModel:
     def transition_tables(self, labels: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mean, std, log prior)`` arrays of shape (P, K, K) over the paths between labels.
 
-        Entries without a path have log prior ``-inf``.
+        Entries without a path have log prior ``-inf``. Built once per label span and priors: every
+        ordering of a scan (the labelling, its posteriors, the turned-over comparison) reuses them.
         """
+        key = (tuple(labels), self.gap_prior, self.variant_prior, tuple(sorted(self.variant_priors.items())))
+        if key not in self._tables:
+            self._tables[key] = self._build_tables(labels)
+        return self._tables[key]
+
+    def _build_tables(self, labels: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = len(labels)
         table = {}
         for i, a in enumerate(labels):
