@@ -50,7 +50,7 @@ def cmd_synth(args) -> int:
     cfg = PhantomConfig(modality=args.modality, min_vertebrae=args.min_vertebrae, max_vertebrae=args.max_vertebrae,
                         slice_thickness_mm=args.slice_thickness, protocol=args.protocol, channels=channels,
                         max_voxels=args.max_voxels, last_label=args.last_label, p_class=args.abnormal / 2,
-                        structures=args.structures, ribs=args.ribs)
+                        structures=args.structures, ribs=args.ribs, posture_deg=args.posture)
     t0 = time.time()
     out = synthesize_dataset(args.out, args.n, seed=args.seed, config=cfg, n_unlabelled=args.unlabelled,
                              with_classes=not args.no_classes, progress=not args.no_progress, loose=args.loose,
@@ -399,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw a pair of ribs at every thoracic vertebra (bone in the image, not in the mask): "
                         "they fall away from the spine towards the feet, the head-foot cue of a thoracic field "
                         "of view (default: no ribs, as in the phantoms of the figures measured before them)")
+    s.add_argument("--posture", type=float, default=0.0, metavar="DEG",
+                   help="spread (standard deviation, degrees) of a whole-body pitch and sideways lean drawn per case, "
+                        "as people lie on the table; the rest of each phantom stays the same (default 0: every "
+                        "column upright, as in the phantoms of the figures measured before this option)")
     s.add_argument("--no-classes", action="store_true", help="do not write classesTr.csv")
     s.set_defaults(func=cmd_synth)
 

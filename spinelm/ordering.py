@@ -25,15 +25,23 @@ The model, solved exactly by dynamic programming (Viterbi over candidates sorted
   (a Gaussian log-likelihood capped at ``MAX_DISTANCE_PENALTY``, whose spread combines the
   fingerprint's spread, at least ``MIN_RELATIVE_STD``, with the localisation noise of the peaks),
   and a step more than 60 degrees away from the cranio-caudal axis costs that maximum too;
+- the step's direction in the patient frame (world LPS) is evidence too (:func:`tilt_evidence`): its
+  sagittal and coronal tilt against the tilt the training labels show for that anatomical path (the
+  sagittal profile: cervical lordosis, thoracic kyphosis, lumbar lordosis), a Gaussian
+  log-likelihood centred on its expectation (a step as expected scores 0 on average, so it does not
+  make keeping a candidate cheaper), at least ``-MAX_DIRECTION_EVIDENCE``. Distances alone
+  cannot place a run whose neither end is in view (every thoracic step looks alike up to a person's
+  size); the tilt changes from level to level. Pairs seen in fewer than ``MIN_DIRECTION_CASES``
+  training cases, and models planned without the offsets, give no such evidence;
 - the sequence may start and end anywhere (partial fields of view), with the log-probability of
   its first and last label as seen in the training data (``labels_per_case`` of the fingerprint,
   add-``FOV_PRIOR_PSEUDOCOUNT`` smoothed, so other fields of view stay possible): a lumbar protocol
   whose annotations always end at L5 makes "the lowest vertebra found is L5" the default reading,
   which the image evidence can still overrule.
 
-The distance statistics come from the dataset fingerprint (``plans["spine"]["consecutive_pairs"]``)
-and fall back, for pairs never seen in training, to a typical adult profile scaled to the pairs
-that were seen.
+The distance and direction statistics come from the dataset fingerprint
+(``plans["spine"]["consecutive_pairs"]``: ``distance_mm_*`` and ``offset_mm_*``); distances fall back,
+for pairs never seen in training, to a typical adult profile scaled to the pairs that were seen.
 
 The same model summed over every labelling instead of maximised (:func:`label_marginals`,
 forward-backward) gives each kept label its posterior probability, which the per-vertebra
@@ -83,6 +91,18 @@ MIN_CRANIO_CAUDAL_COSINE = 0.5
 LABEL_NOISE = 0.25
 #: Probabilities that a candidate is a vertebra are clipped into this range before taking logs.
 KEEP_RANGE = (0.02, 0.98)
+
+#: Direction evidence: a step between two kept candidates also points somewhere in the patient
+#: frame. The training labels give, per pair of consecutive vertebrae, the mean and spread of the
+#: step's tilt (sagittal: towards the back; coronal: towards the left) in world LPS; the sagittal
+#: profile (cervical lordosis, thoracic kyphosis, lumbar lordosis) makes the tilt change with the
+#: level, so a run's tilts tell where in the column it lies, also when neither end is in view.
+#: A pair needs this many training cases before its tilt is used.
+MIN_DIRECTION_CASES = 3
+#: Smallest spread (radians) of a pair's tilt: a few training cases must not make a tilt exact.
+MIN_DIRECTION_STD = 0.05
+#: Largest cost (nats) of one step's direction.
+MAX_DIRECTION_EVIDENCE = 3.0
 
 #: Typical centre-to-centre distance (mm) from each regular vertebra to the next one in adults,
 #: keyed by the cranial vertebra's name. Only the shape of this profile matters: it is rescaled to
@@ -160,6 +180,8 @@ class SpineModel:
             :func:`sequence_labels` (for T12 that is T13; the direct T12->L1 step is
             ``skip_mean[T12]``).
         step_std: spreads of the same steps.
+        pair_offsets: the step vectors of consecutive pairs in world LPS, mean and spread (the
+            direction evidence, :func:`tilt_evidence`).
         skip_mean / skip_std: for T12 and L5, the distance to the vertebra after the variant
             (L1, S1) when the variant is absent.
         variant_prior: prior of a transitional vertebra the data said nothing about.
@@ -176,6 +198,9 @@ class SpineModel:
     variant_priors: dict[int, float] = field(default_factory=dict)
     first_counts: dict[int, int] = field(default_factory=dict)
     last_counts: dict[int, int] = field(default_factory=dict)
+    #: ``{(a, b): (mean offset (3,), std (3,))}`` in world LPS mm of consecutive pairs seen in at
+    #: least :data:`MIN_DIRECTION_CASES` training cases (the direction evidence; empty: none)
+    pair_offsets: dict = field(default_factory=dict)
     #: :meth:`transition_tables` by label span and priors (the distance statistics are fixed once used)
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -237,10 +262,19 @@ class SpineModel:
         last = {L.label_of(k): int(v) for k, v in ((spine or {}).get("last_label_counts") or {}).items()}
         variants = {L.label_of(k): variant_prior_from_counts(int(v.get("seen", 0)), int(v.get("visible", 0)))
                     for k, v in ((spine or {}).get("variant_counts") or {}).items()}
-        return cls(mean, std, skip_m, skip_s, variant_priors=variants, first_counts=first, last_counts=last)
+        offsets = {}
+        for p in pairs.values():
+            if int(p.get("n", 0)) >= MIN_DIRECTION_CASES and p.get("offset_mm_mean") is not None:
+                m, sd = np.asarray(p["offset_mm_mean"], float), np.asarray(p.get("offset_mm_std", [0, 0, 0]), float)
+                if m.shape == (3,) and sd.shape == (3,) and m[2] < 0:
+                    offsets[(int(p["from"]), int(p["to"]))] = (m, sd)
+        return cls(mean, std, skip_m, skip_s, variant_priors=variants, first_counts=first, last_counts=last,
+                   pair_offsets=offsets)
 
-    def paths(self, a: int, b: int) -> list[tuple[float, float, float]]:
-        """Every anatomical path from ``a`` down to ``b``: ``(mean mm, std mm, log prior)``.
+    def paths(self, a: int, b: int) -> list[tuple]:
+        """Every anatomical path from ``a`` down to ``b``: ``(mean mm, std mm, log prior, tilt)``, with
+        ``tilt`` the ``(mean (2,), std (2,))`` of the path's sagittal and coronal tilt in radians
+        (:func:`_tilt_of`), or None when a step of it has no measured offset.
 
         The prior counts skipped regular vertebrae (gaps) and transitional vertebrae taken or
         passed over strictly after ``a`` up to and including ``b``. Empty when ``b`` is not caudal
@@ -257,7 +291,13 @@ class SpineModel:
             included = {v for v, c in zip(variants, choice) if c}
             nodes = [a] + [v for v in between if not L.vertebra(v).transitional or v in included] + [b]
             m = var = 0.0
+            vec, vec_var = np.zeros(3), np.zeros(3)
             for x, y in zip(nodes[:-1], nodes[1:]):
+                if vec is not None and (x, y) in self.pair_offsets:
+                    om, osd = self.pair_offsets[(x, y)]
+                    vec, vec_var = vec + om, vec_var + osd ** 2
+                else:
+                    vec = None
                 if _next_in_sequence(x) == y:
                     m, var = m + self.step_mean[x], var + self.step_std[x] ** 2
                 else:  # x -> y passes over a variant that is absent
@@ -268,11 +308,13 @@ class SpineModel:
                 logp += np.log(self.prior_of(v)) if v in included else np.log(1 - self.prior_of(v))
             if L.vertebra(b).transitional:
                 logp += np.log(self.prior_of(b))
-            out.append((m, float(np.sqrt(var + (LOCALISATION_RELATIVE_STD * m) ** 2)), float(logp)))
+            tilt = _tilt_of(vec, np.sqrt(vec_var), len(nodes) - 1) if vec is not None else None
+            out.append((m, float(np.sqrt(var + (LOCALISATION_RELATIVE_STD * m) ** 2)), float(logp), tilt))
         return out
 
-    def transition_tables(self, labels: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(mean, std, log prior)`` arrays of shape (P, K, K) over the paths between labels.
+    def transition_tables(self, labels: list[int]) -> tuple[np.ndarray, ...]:
+        """``(mean, std, log prior, tilt mean, tilt std)`` over the paths between labels: arrays of
+        shape (P, K, K), the tilts (P, K, K, 2) (NaN where a path has no measured direction).
 
         Entries without a path have log prior ``-inf``. Built once per label span and priors: every
         ordering of a scan (the labelling, its posteriors, the turned-over comparison) reuses them.
@@ -282,7 +324,7 @@ class SpineModel:
             self._tables[key] = self._build_tables(labels)
         return self._tables[key]
 
-    def _build_tables(self, labels: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _build_tables(self, labels: list[int]) -> tuple[np.ndarray, ...]:
         k = len(labels)
         table = {}
         for i, a in enumerate(labels):
@@ -292,10 +334,46 @@ class SpineModel:
         mean = np.ones((n_paths, k, k))
         std = np.ones((n_paths, k, k))
         prior = np.full((n_paths, k, k), -np.inf)
+        tilt_mean = np.full((n_paths, k, k, 2), np.nan)
+        tilt_std = np.full((n_paths, k, k, 2), np.nan)
         for (i, j), ps in table.items():
-            for p, (m, s, lp) in enumerate(ps):
+            for p, (m, s, lp, tilt) in enumerate(ps):
                 mean[p, i, j], std[p, i, j], prior[p, i, j] = m, s, lp
-        return mean, std, prior
+                if tilt is not None:
+                    tilt_mean[p, i, j], tilt_std[p, i, j] = tilt
+        return mean, std, prior, tilt_mean, tilt_std
+
+
+def _tilt_of(offset_mm: np.ndarray, std_mm: np.ndarray, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sagittal and coronal tilt (radians) of a head-to-foot step vector in world LPS (``offset_mm``:
+    caudal minus cranial, ``-z`` mostly) and their spreads: the step's own spread (``std_mm`` across
+    the step, over its length, at least :data:`MIN_DIRECTION_STD`) and the localisation noise of two
+    peaks (the share of :data:`LOCALISATION_RELATIVE_STD` of one step across each axis)."""
+    m = np.asarray(offset_mm, float)
+    length = max(float(np.linalg.norm(m)), 1e-3)
+    down = max(-m[2], 1e-3)
+    mean = np.array([np.arctan2(m[1], down), np.arctan2(m[0], down)])
+    own = np.maximum(np.asarray(std_mm, float)[[1, 0]] / length, MIN_DIRECTION_STD)
+    loc = LOCALISATION_RELATIVE_STD / np.sqrt(3.0) / max(n_steps, 1)
+    return mean, np.sqrt(own ** 2 + loc ** 2)
+
+
+def tilt_evidence(step_mm: np.ndarray, tilt_mean: np.ndarray, tilt_std: np.ndarray) -> np.ndarray:
+    """Log-likelihood of a step's direction (``step_mm``, from the cranial candidate to the caudal
+    one, world LPS) under each anatomical path (``tilt_mean`` / ``tilt_std`` (..., 2), radians),
+    centred on its expectation under that path: ``sum(-(z ** 2 - 1) / 2)`` over the sagittal and
+    coronal tilt. A step that tilts as the path expects scores 0 on average, so keeping a candidate
+    is neither rewarded nor penalised by it (only a tilt that the path does not expect costs). 0 where
+    a path has no measured tilt; at least -:data:`MAX_DIRECTION_EVIDENCE` (one badly placed peak
+    cannot decide a labelling) and at most 1."""
+    step = np.asarray(step_mm, float)
+    down = -step[2]
+    if down <= 0:
+        return np.zeros(tilt_mean.shape[:-1])
+    obs = np.array([np.arctan2(step[1], down), np.arctan2(step[0], down)])
+    z2 = ((obs - tilt_mean) / tilt_std) ** 2
+    ev = np.sum(-0.5 * (z2 - 1.0), axis=-1)
+    return np.where(np.isfinite(ev), np.maximum(ev, -MAX_DIRECTION_EVIDENCE), 0.0)
 
 
 def _lattice(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float]], model: SpineModel,
@@ -317,12 +395,15 @@ def _lattice(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float
     first_prior, last_prior = model.fov_log_prior(labels)
     start = first_prior + np.array([np.log(model.prior_of(lab)) if L.vertebra(lab).transitional else 0.0
                                     for lab in labels])
-    mean, std, prior = model.transition_tables(labels)
+    mean, std, prior, tilt_mean, tilt_std = model.transition_tables(labels)
     trans: dict[int, dict[int, np.ndarray]] = {}
     for i in range(n):
         for a in range(i):
             d = float(np.linalg.norm(pos[i] - pos[a]))
-            t = over_paths(prior - np.minimum(0.5 * ((d - mean) / std) ** 2, MAX_DISTANCE_PENALTY), axis=0)
+            score = prior - np.minimum(0.5 * ((d - mean) / std) ** 2, MAX_DISTANCE_PENALTY)
+            if model.pair_offsets and cc_axis == 2:  # the statistics are in world LPS (head = +z)
+                score = score + tilt_evidence(pos[i] - pos[a], tilt_mean, tilt_std)
+            t = over_paths(score, axis=0)
             if abs(pos[i, cc_axis] - pos[a, cc_axis]) < MIN_CRANIO_CAUDAL_COSINE * d:
                 t = t - MAX_DISTANCE_PENALTY
             trans.setdefault(a, {})[i] = t
@@ -422,7 +503,9 @@ def order_candidates(positions_mm: np.ndarray, scores, label_probs: list[dict[in
     :func:`label_marginals` on the same candidates.
 
     Args:
-        positions_mm: (n, 3) candidate positions in a frame whose ``cc_axis`` runs head-foot.
+        positions_mm: (n, 3) candidate positions in a frame whose ``cc_axis`` runs head-foot; the
+            model's step directions are weighed only in world LPS mm (``cc_axis`` 2, head = +z), the
+            frame the fingerprint measured them in.
         scores: heatmap peak values.
         label_probs: per candidate label probabilities.
         cc_axis: index of the cranio-caudal axis in ``positions_mm``.

@@ -331,6 +331,20 @@ def variant_rationale(counts: dict) -> str:
     return "transitional vertebrae (ordering priors, never below the default): " + "; ".join(parts)
 
 
+def direction_rationale(pairs: dict) -> str:
+    """One line of the plan's "why": for how many pairs of consecutive vertebrae the ordering weighs
+    the tilt of the step between them (:mod:`spinelm.ordering`, direction evidence)."""
+    from spinelm.ordering import MIN_DIRECTION_CASES
+
+    used = [k for k, p in pairs.items() if int(p.get("n", 0)) >= MIN_DIRECTION_CASES
+            and p.get("offset_mm_mean") is not None]
+    if not used:
+        return (f"step directions: no pair of consecutive vertebrae seen in {MIN_DIRECTION_CASES} or more cases, "
+                f"so the ordering does not weigh the tilt of steps")
+    return (f"step directions: the ordering weighs the tilt of the steps between {len(used)} of {len(pairs)} pairs of "
+            f"consecutive vertebrae ({used[0]} to {used[-1]}; each seen in {MIN_DIRECTION_CASES} or more cases)")
+
+
 def cranio_caudal_axis_after_transpose(transpose_forward: Sequence[int], canonical_axis: int = 0) -> int:
     """Where the cranio-caudal axis (axis 0 of canonical arrays) ends up after nnU-Net's transpose."""
     return int(list(transpose_forward).index(canonical_axis))
@@ -524,6 +538,7 @@ def plan(fingerprint: dict, preset: Preset | str | None = None, device: str = "c
                                      for k, v in heads.items()))
     counts = variant_counts(fingerprint)
     why.append(variant_rationale(counts))
+    why.append(direction_rationale(fingerprint.get("spine", {}).get("consecutive_pairs", {}) or {}))
     fine_cfg = configs["fine"]
     from spinelm.classification import plan_classification
 

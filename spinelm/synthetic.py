@@ -113,6 +113,11 @@ class PhantomConfig:
             and round the chest, the lower ones shorter. Ribs are what tells head from foot in a
             thoracic field of view (they fall away from the spine towards the feet). Off by default:
             the phantoms of the figures measured before ribs existed are reproduced without them.
+        posture_deg: spread (standard deviation, degrees) of a whole-body posture drawn per case: the
+            column is turned about the left-right axis (pitch: lying more or less flexed on the table)
+            and about the front-back axis (a sideways lean), each by a normal draw of this spread. 0
+            (default): every column stands upright in the patient frame, as in the phantoms measured
+            before this option (a step's tilt then tells its level more sharply than in people).
     """
 
     modality: str = "MR"
@@ -129,6 +134,7 @@ class PhantomConfig:
     channels: int = 1
     structures: bool = False
     ribs: bool = False
+    posture_deg: float = 0.0
 
     @property
     def voxel_limit(self) -> int:
@@ -147,6 +153,8 @@ class PhantomConfig:
             L.label_of(self.last_label)  # KeyError with the valid names
         if self.modality.upper() not in ("CT", "MR", "MIXED"):
             raise ValueError(f"modality must be 'CT', 'MR' or 'mixed', got {self.modality!r}")
+        if not 0.0 <= float(self.posture_deg) <= 45.0:
+            raise ValueError(f"posture_deg must be within 0-45 degrees, got {self.posture_deg}")
         if not 1 <= self.min_vertebrae <= self.max_vertebrae:
             raise ValueError(f"need 1 <= min_vertebrae <= max_vertebrae, got {self.min_vertebrae}, "
                              f"{self.max_vertebrae}")
@@ -255,6 +263,19 @@ def _build_column(rng: np.random.Generator, seq: list[int], cfg: PhantomConfig) 
         h, wd, dp, disc = dims[i]
         out.append(_Vertebra(lab, pts[i], np.stack([u, v, w], 1), h, wd, dp, disc, _canal_radius(lab) * scale))
     return out
+
+
+def _turn_posture(column: list[_Vertebra], rng: np.random.Generator, spread_deg: float) -> None:
+    """Turn the whole column about its middle: a pitch about the left-right (x) axis and a lean about
+    the front-back (y) axis, each normal with ``spread_deg``; centres and local frames turn together."""
+    pitch, lean = np.deg2rad(rng.normal(0.0, spread_deg, size=2))
+    rx = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
+    ry = np.array([[np.cos(lean), 0, np.sin(lean)], [0, 1, 0], [-np.sin(lean), 0, np.cos(lean)]])
+    rot = ry @ rx
+    middle = np.mean([v.center for v in column], axis=0)
+    for v in column:
+        v.center = middle + rot @ (v.center - middle)
+        v.frame = rot @ v.frame
 
 
 def _assign_classes(rng: np.random.Generator, column: list[_Vertebra], cfg: PhantomConfig) -> None:
@@ -641,6 +662,8 @@ def make_phantom(seed: int, index: int = 0, config: PhantomConfig | None = None)
     if after:
         ext.append(after[0])
     column = _build_column(rng, ext, cfg)
+    if cfg.posture_deg > 0:  # its own random stream: the rest of the phantom is the same with or without it
+        _turn_posture(column, np.random.default_rng([int(seed), int(index), 2]), cfg.posture_deg)
     _assign_classes(rng, column, cfg)
     visible = [v for v in column if v.label in seq]
     geom = _dixon_geometry(rng, visible, cfg) if cfg.protocol == "dixon" else \

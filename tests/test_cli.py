@@ -155,3 +155,22 @@ def test_two_channel_dixon_phantoms_plan_train_and_predict_end_to_end(tmp_path, 
     with open(out / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and all(r["status"] == "done" and r["qc"] in ("ok", "review") for r in rows)
+
+
+def test_synth_posture_turns_each_column_and_keeps_its_shape(tmp_path):
+    import numpy as np
+
+    upright, turned = tmp_path / "up", tmp_path / "turned"
+    for out, extra in ((upright, []), (turned, ["--posture", "8"])):
+        assert main(["synth", str(out), "--n", "2", "--seed", "3", "--max-voxels", "200000", "--no-progress",
+                     *extra]) == 0
+    for case in ("phantom_000", "phantom_001"):
+        a = {lm.label: np.asarray(lm.position_mm) for lm in read_landmarks(upright / "centroidsTr" / f"{case}.json")}
+        b = {lm.label: np.asarray(lm.position_mm) for lm in read_landmarks(turned / "centroidsTr" / f"{case}.json")}
+        common = sorted(set(a) & set(b))
+        assert len(common) >= 3
+        steps_a = [np.linalg.norm(a[x] - a[y]) for x, y in zip(common[:-1], common[1:])]
+        steps_b = [np.linalg.norm(b[x] - b[y]) for x, y in zip(common[:-1], common[1:])]
+        assert np.allclose(steps_a, steps_b, rtol=1e-5)
+        assert not np.allclose([a[x] for x in common], [b[x] for x in common], atol=0.5)
+    assert main(["synth", str(tmp_path / "bad"), "--n", "1", "--posture", "90", "--no-progress"]) != 0

@@ -235,3 +235,88 @@ def test_variant_priors_come_from_the_training_counts_and_never_fall_below_the_d
         labels, marg = label_marginals(column(7), [0.9] * 7, flat, m, allowed)
         p_l1.append(marg[0, labels.index(N["L1"])])
     assert p_l1[0] < 0.1 < 0.3 < p_l1[1] < 0.5
+
+
+def _profile_stats(n_cases=10, tilt_deg=None):
+    """Fingerprint statistics of a column whose steps are all 22 mm long but tilt backwards or
+    forwards by level (a sagittal profile: ``tilt_deg[name]``, default 20 degrees * cos over the column)."""
+    seq = [lab for lab in (v.label for v in L.VERTEBRAE) if not L.vertebra(lab).transitional
+           and L.name_of(lab) != "Cocc"]
+    pairs = {}
+    for i, (a, b) in enumerate(zip(seq[:-1], seq[1:])):
+        t = np.deg2rad(tilt_deg[L.name_of(a)] if tilt_deg else 20.0 * np.cos(np.pi * i / (len(seq) - 2)))
+        off = [0.0, 22.0 * np.sin(t), -22.0 * np.cos(t)]
+        pairs[f"{L.name_of(a)}-{L.name_of(b)}"] = {"from": a, "to": b, "n": n_cases, "distance_mm_mean": 22.0,
+                                                   "distance_mm_std": 1.0, "offset_mm_mean": off,
+                                                   "offset_mm_std": [1.0, 0.5, 0.5]}
+    return {"consecutive_pairs": pairs}, seq
+
+
+def _run(spine, seq, first, n):
+    """Candidates placed by the statistics' mean steps, from ``first`` on, ``n`` of them."""
+    i0 = seq.index(L.label_of(first))
+    pos = [np.zeros(3)]
+    for a, b in zip(seq[i0:i0 + n - 1], seq[i0 + 1:i0 + n]):
+        pos.append(pos[-1] + np.asarray(spine["consecutive_pairs"][f"{L.name_of(a)}-{L.name_of(b)}"]["offset_mm_mean"]))
+    return np.asarray(pos) + 100.0, [L.name_of(lab) for lab in seq[i0:i0 + n]]
+
+
+def test_step_directions_place_a_run_with_neither_end_in_view():
+    # equal distances and flat label evidence: only the tilt of the steps (the sagittal profile
+    # measured in training) tells a mid-thoracic run where it lies
+    spine, seq = _profile_stats()
+    flat = {lab: 1.0 / len(seq) for lab in seq}
+    m = SpineModel.from_stats(spine)
+    assert len(m.pair_offsets) == len(seq) - 1
+    for first in ("T3", "T7", "C4", "L1"):
+        pos, truth = _run(spine, seq, first, 6)
+        out = [L.name_of(lab) for _, lab in order_candidates(pos, [0.9] * 6, [flat] * 6, cc_axis=2, distance_mm=22.0,
+                                                             model=m)]
+        assert out == truth, (first, out)
+    # without the offsets (a fingerprint from before they were stored) the run cannot be placed
+    blind = {"consecutive_pairs": {k: {x: v[x] for x in ("from", "to", "n", "distance_mm_mean", "distance_mm_std")}
+                                   for k, v in spine["consecutive_pairs"].items()}}
+    m0 = SpineModel.from_stats(blind)
+    assert not m0.pair_offsets
+    misplaced = 0
+    for first in ("T3", "T7", "C4", "L1"):
+        pos, truth = _run(spine, seq, first, 6)
+        out = [L.name_of(lab) for _, lab in order_candidates(pos, [0.9] * 6, [flat] * 6, cc_axis=2, distance_mm=22.0,
+                                                             model=m0)]
+        misplaced += out != truth
+    assert misplaced >= 3
+
+
+def test_direction_evidence_needs_enough_cases_and_stays_bounded():
+    spine, seq = _profile_stats(n_cases=2)
+    assert not SpineModel.from_stats(spine).pair_offsets  # 2 cases per pair: not used
+    spine, seq = _profile_stats()
+    m = SpineModel.from_stats(spine)
+    mean, std, prior, tilt_mean, tilt_std = m.transition_tables(seq)
+    for i in range(len(seq) - 1):  # every step between consecutive regular vertebrae has a tilt
+        p = int(np.argmax(prior[:, i, i + 1]))
+        assert np.all(np.isfinite(tilt_mean[p, i, i + 1])) and np.all(tilt_std[p, i, i + 1] >= 0.05)
+    # paths through a T13 or L6 that training never showed have none (no evidence either way)
+    assert np.isnan(tilt_mean[np.isfinite(prior)]).any()
+    # a step straight forwards (anterior, nothing along the column) gives no direction evidence at all,
+    # and a wildly tilted one costs at most MAX_DIRECTION_EVIDENCE
+    from spinelm.ordering import MAX_DIRECTION_EVIDENCE, tilt_evidence
+    assert np.all(tilt_evidence(np.array([0.0, -20.0, 0.0]), tilt_mean, tilt_std) == 0)
+    ev = tilt_evidence(np.array([15.0, 15.0, -5.0]), tilt_mean, tilt_std)
+    assert ev.min() >= -MAX_DIRECTION_EVIDENCE and ev.max() <= 1.0
+    # centred: a step exactly as a path expects gains at most 1 nat, so an extra kept candidate is
+    # not bought by directions alone
+    p = int(np.argmax(prior[:, 3, 4]))
+    t = tilt_mean[p, 3, 4]
+    exact = np.array([22.0 * np.tan(t[1]), 22.0 * np.tan(t[0]), -22.0])
+    assert np.isclose(tilt_evidence(exact, tilt_mean, tilt_std)[p, 3, 4], 1.0)
+
+
+def test_direction_evidence_cannot_overrule_clear_labels():
+    # a lumbar run whose steps tilt like a thoracic one (another posture) keeps its confident labels
+    spine, seq = _profile_stats()
+    m = SpineModel.from_stats(spine)
+    pos, _ = _run(spine, seq, "T5", 5)
+    probs = [onehot(lab, 0.9) for lab in LUMBAR]
+    out = [lab for _, lab in order_candidates(pos, [0.9] * 5, probs, cc_axis=2, distance_mm=22.0, model=m)]
+    assert out == LUMBAR

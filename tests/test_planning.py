@@ -199,3 +199,18 @@ def test_plans_file_round_trip_and_version_check(tmp_path):
     (tmp_path / "new.json").write_text(json.dumps(newer))
     with pytest.raises(ValueError, match="newer than this spinelm supports"):
         P.load_plans(tmp_path / "new.json")
+
+
+def test_the_plan_says_for_which_pairs_the_ordering_weighs_step_directions():
+    fp = _fingerprint([[0.7, 0.7, 4.0]] * 10, [[520, 500, 15]] * 10)
+    plans = P.plan(fp, device="cpu", time_budget_min=15, seconds_per_mvoxel=1.7)
+    assert any("does not weigh the tilt" in r for r in plans["rationale"])
+    pair = {"n": 8, "distance_mm_mean": 35.0, "distance_mm_std": 2.0, "offset_mm_mean": [0.0, 5.0, -34.6],
+            "offset_mm_std": [1.0, 2.0, 1.0]}
+    fp["spine"]["consecutive_pairs"] = {"L1-L2": {"from": 20, "to": 21, **pair}, "L2-L3": {"from": 21, "to": 22, **pair},
+                                        "L4-L5": {"from": 23, "to": 24, **pair, "n": 2}}
+    plans = P.plan(fp, device="cpu", time_budget_min=15, seconds_per_mvoxel=1.7)
+    assert any("tilt of the steps between 2 of 3 pairs" in r and "L1-L2 to L2-L3" in r for r in plans["rationale"])
+    from spinelm.plans import Plans
+
+    assert set(Plans(plans).spine_model().pair_offsets) == {(20, 21), (21, 22)}

@@ -136,3 +136,28 @@ def test_ribs_are_bone_beside_the_thoracic_spine_falling_towards_the_feet_and_no
             assert local[:, 0].__abs__().max() > 80  # out to the side of the chest
             assert local[-1, 1] < -60  # round to the front
             assert local[-1, 2] < local[0, 2] - 25  # lower at the front than at the spine
+
+
+def test_posture_turns_the_whole_column_and_keeps_its_centroids_on_their_vertebrae():
+    cfg = PhantomConfig(max_voxels=600_000, min_vertebrae=8, max_vertebrae=8)
+    upright = make_phantom(5, 1, cfg)
+    turned = make_phantom(5, 1, PhantomConfig(**{**cfg.__dict__, "posture_deg": 10.0}))
+    a = {lm.label: np.asarray(lm.position_mm) for lm in upright.landmarks}
+    b = {lm.label: np.asarray(lm.position_mm) for lm in turned.landmarks}
+    common = sorted(set(a) & set(b), key=L.cranio_caudal_rank)
+    assert len(common) >= 6
+    # the same column (every distance kept), turned as a whole: the head-foot axis tilts
+    for i in range(len(common)):
+        for j in range(i + 1, len(common)):
+            d0 = np.linalg.norm(a[common[i]] - a[common[j]])
+            assert np.isclose(np.linalg.norm(b[common[i]] - b[common[j]]), d0, rtol=1e-6)
+    span_a, span_b = a[common[-1]] - a[common[0]], b[common[-1]] - b[common[0]]
+    angle = np.degrees(np.arccos(np.dot(span_a, span_b) / np.linalg.norm(span_a) / np.linalg.norm(span_b)))
+    assert angle > 0.5
+    mask = sitk.GetArrayFromImage(turned.mask)
+    for lm in turned.landmarks:
+        idx = np.round(turned.geometry.world_to_array_index(lm.position_mm)).astype(int)
+        lo, hi = np.maximum(idx - 1, 0), np.minimum(idx + 2, mask.shape)
+        assert (mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == lm.label).any()
+    with pytest.raises(ValueError, match="posture"):
+        PhantomConfig(posture_deg=-1)
