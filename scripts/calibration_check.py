@@ -104,7 +104,7 @@ def one_fold_fits(records, out: Path) -> int:
     """Each fold's calibration, fitted on its validation vertebrae alone (what training one fold
     stores), scored on the other folds' validation vertebrae; printed and written to
     ``out/one_fold_fits.json``."""
-    from spinelm.confidence import FEATURES, Calibration, ece_noise_floor, expected_calibration_error
+    from spinelm.confidence import FEATURES, Calibration, ece_noise_floor, expected_calibration_error, wrong_cases
 
     def stack(rs):
         rs = [r for r in rs if len(r[3])]
@@ -114,7 +114,7 @@ def one_fold_fits(records, out: Path) -> int:
     for fold in sorted({r[0] for r in records}):
         x, y = stack([r for r in records if r[0] == fold])
         xo, yo = stack([r for r in records if r[0] != fold])
-        cal = Calibration.fit(x, y, folds=[fold])
+        cal = Calibration.fit(x, y, wrong_cases=wrong_cases([r for r in records if r[0] == fold]), folds=[fold])
         post = np.clip(xo[:, FEATURES.index("posterior")], 0, 1)
         row = {"fold": fold, "fitted_on": len(y), "wrong": int(len(y) - y.sum()), "method": cal.method,
                "scored": len(yo), "ece": expected_calibration_error(cal(xo), yo),
@@ -122,7 +122,8 @@ def one_fold_fits(records, out: Path) -> int:
         if cal.method == "logistic":
             row["ece_logistic"] = row["ece"]
         else:  # what the logistic fit would have given on these outcomes
-            row["ece_logistic"] = expected_calibration_error(Calibration.fit(x, y, min_outcomes=0)(xo), yo)
+            row["ece_logistic"] = expected_calibration_error(
+                Calibration.fit(x, y, min_outcomes=0, min_wrong_cases=0)(xo), yo)
         rows.append(row)
         print(f"fold {fold}: fitted on {row['fitted_on']} vertebrae ({row['wrong']} wrong) -> {row['method']}; on the "
               f"other folds' {row['scored']} vertebrae: ECE {row['ece']:.3f} (logistic fit {row['ece_logistic']:.3f}, "

@@ -185,3 +185,28 @@ def test_a_calibration_file_of_the_five_feature_format_still_loads(tmp_path):
     doc["features"] = ["heatmap", "not_a_feature"]
     (tmp_path / "calibration.json").write_text(json.dumps(doc))
     assert Calibration.load(tmp_path / "calibration.json") is None  # with a warning naming the file
+
+
+def test_errors_of_too_few_cases_give_the_ordering_posterior():
+    # 40 wrong vertebrae are plenty, but when they all come from two scans (a level shift makes every
+    # label of a scan wrong) they are two examples: the posterior is kept, with the reason
+    from spinelm.confidence import wrong_cases
+
+    rng = np.random.default_rng(5)
+    records = []
+    for case in range(20):
+        x = rng.uniform(0, 1, (6, len(FEATURES)))
+        y = np.zeros(6, bool) if case < 2 else np.ones(6, bool)
+        records.append((case % 5, f"c{case}", x, y))
+    assert wrong_cases(records) == 2
+    x = np.vstack([r[2] for r in records])
+    y = np.concatenate([r[3] for r in records])
+    # enough vertebrae of both outcomes for the vertebra count (12 wrong, 108 right)
+    assert Calibration.fit(x, y).method == "logistic"
+    cal = Calibration.fit(x, y, wrong_cases=wrong_cases(records))
+    assert cal.method == "posterior" and "from 2 case(s)" in cal.fitted_on["why"]
+    # the errors of three scans are enough
+    records[2] = (records[2][0], "c2", records[2][2], np.zeros(6, bool))
+    x = np.vstack([r[2] for r in records])
+    y = np.concatenate([r[3] for r in records])
+    assert Calibration.fit(x, y, wrong_cases=wrong_cases(records)).method == "logistic"
