@@ -30,7 +30,8 @@ end of its training), and the same figures are computed from them; MODEL is not 
 MODEL needs two or more trained folds (``spinelm plan-and-train DATASET -o MODEL --fold all``).
 ``spinelm report OUT --gt DATASET`` then shows the same batch as a page. The figures are written to
 ``OUT/calibration_check.json``; the validation records the confidence models were fitted on to
-``OUT/records.json`` (a rerun reads them instead of predicting the validation folds again).
+``OUT/records.json`` (a rerun reads them instead of predicting the validation folds again; the held-out
+scans themselves are labelled anew every time, with the confidence models fitted now).
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
         pred.calibration = cal
         if turned:  # the orientation checks too, learned on the other folds' validation scans only
             pred.flip_check = orientation_check([rows for f, rows in turned if f != fold])
+        for case in splits[fold]["val"]:  # labelled anew: an earlier run's outputs carry its confidence models
+            (out / f"{case}_ctd.json").unlink(missing_ok=True)
         predict_directory(inputs, out, pred, continue_=True, progress=True)
     return report_figures(out, args.dataset, folds=sorted(models),
                           fits={str(f): m.fitted_on for f, m in models.items()})

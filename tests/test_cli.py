@@ -171,6 +171,6 @@ def test_synth_posture_turns_each_column_and_keeps_its_shape(tmp_path):
         assert len(common) >= 3
         steps_a = [np.linalg.norm(a[x] - a[y]) for x, y in zip(common[:-1], common[1:])]
         steps_b = [np.linalg.norm(b[x] - b[y]) for x, y in zip(common[:-1], common[1:])]
-        assert np.allclose(steps_a, steps_b, rtol=1e-5)
+        assert np.allclose(steps_a, steps_b, atol=0.01)  # centroid files keep 3 decimals
         assert not np.allclose([a[x] for x in common], [b[x] for x in common], atol=0.5)
     assert main(["synth", str(tmp_path / "bad"), "--n", "1", "--posture", "90", "--no-progress"]) != 0
