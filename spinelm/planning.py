@@ -334,15 +334,17 @@ def variant_rationale(counts: dict) -> str:
 def direction_rationale(pairs: dict) -> str:
     """One line of the plan's "why": for how many pairs of consecutive vertebrae the ordering weighs
     the tilt of the step between them (:mod:`spinelm.ordering`, direction evidence)."""
-    from spinelm.ordering import MIN_DIRECTION_CASES
+    from spinelm import labels as L
+    from spinelm.ordering import MIN_DIRECTION_CASES, SpineModel
 
-    used = [k for k, p in pairs.items() if int(p.get("n", 0)) >= MIN_DIRECTION_CASES
-            and p.get("offset_mm_mean") is not None]
+    used = sorted(SpineModel.from_stats({"consecutive_pairs": pairs}).pair_offsets,
+                  key=lambda ab: L.cranio_caudal_rank(ab[0]))
     if not used:
         return (f"step directions: no pair of consecutive vertebrae seen in {MIN_DIRECTION_CASES} or more cases, "
                 f"so the ordering does not weigh the tilt of steps")
+    first, last = (f"{L.name_of(a)}-{L.name_of(b)}" for a, b in (used[0], used[-1]))
     return (f"step directions: the ordering weighs the tilt of the steps between {len(used)} of {len(pairs)} pairs of "
-            f"consecutive vertebrae ({used[0]} to {used[-1]}; each seen in {MIN_DIRECTION_CASES} or more cases)")
+            f"consecutive vertebrae ({first} to {last}; each seen in {MIN_DIRECTION_CASES} or more cases)")
 
 
 def cranio_caudal_axis_after_transpose(transpose_forward: Sequence[int], canonical_axis: int = 0) -> int:
