@@ -376,16 +376,36 @@ def tilt_evidence(step_mm: np.ndarray, tilt_mean: np.ndarray, tilt_std: np.ndarr
     return np.where(np.isfinite(ev), np.maximum(ev, -MAX_DIRECTION_EVIDENCE), 0.0)
 
 
+def _step_scores(positions_mm: np.ndarray, model: SpineModel, labels: list[int], cc_axis: int) -> dict:
+    """``{(a, i): (P, K, K)}``: for every pair of candidates ``a`` before ``i`` (sorted head to foot),
+    each anatomical path's log prior, distance and direction terms, and the penalty of a step far off
+    the head-foot axis. Computed once per ordering and reduced over the paths by :func:`_lattice` (the
+    best path for the labelling, the sum for the posteriors)."""
+    pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
+    mean, std, prior, tilt_mean, tilt_std = model.transition_tables(labels)
+    out = {}
+    for i in range(len(pos)):
+        for a in range(i):
+            d = float(np.linalg.norm(pos[i] - pos[a]))
+            score = prior - np.minimum(0.5 * ((d - mean) / std) ** 2, MAX_DISTANCE_PENALTY)
+            if model.pair_offsets and cc_axis == 2:  # the statistics are in world LPS (head = +z)
+                score = score + tilt_evidence(pos[i] - pos[a], tilt_mean, tilt_std)
+            if abs(pos[i, cc_axis] - pos[a, cc_axis]) < MIN_CRANIO_CAUDAL_COSINE * d:
+                score = score - MAX_DISTANCE_PENALTY
+            out[a, i] = score
+    return out
+
+
 def _lattice(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float]], model: SpineModel,
-             allowed: list[int] | None, cc_axis: int, over_paths=np.max):
+             allowed: list[int] | None, cc_axis: int, over_paths=np.max, steps: dict | None = None):
     """The ordering model's terms for candidates sorted head to foot (shared by :func:`viterbi_labels`
     and :func:`label_marginals`): ``(labels, emit (n, K), cum_drop (n + 1,), start (K,), last (K,),
     trans)``, where ``trans[a][i]`` (K, K) scores keeping ``a`` then ``i`` with nothing kept between,
-    the anatomical paths combined by ``over_paths`` (the best one, or the sum over the hypotheses)."""
+    the anatomical paths combined by ``over_paths`` (the best one, or the sum over the hypotheses).
+    ``steps``: :func:`_step_scores` of these candidates when the caller already has them."""
     n = len(label_probs)
     labels = label_range(allowed)
     k = len(labels)
-    pos = np.asarray(positions_mm, dtype=np.float64).reshape(n, 3)
     s = np.clip(0.5 + np.asarray(scores, dtype=np.float64), *KEEP_RANGE)
     probs = np.array([[max(p.get(lab, 0.0), LOG_FLOOR) for lab in labels] for p in label_probs])
     probs = (1 - LABEL_NOISE) * probs / probs.sum(1, keepdims=True) + LABEL_NOISE / k
@@ -395,23 +415,16 @@ def _lattice(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float
     first_prior, last_prior = model.fov_log_prior(labels)
     start = first_prior + np.array([np.log(model.prior_of(lab)) if L.vertebra(lab).transitional else 0.0
                                     for lab in labels])
-    mean, std, prior, tilt_mean, tilt_std = model.transition_tables(labels)
+    if steps is None:
+        steps = _step_scores(positions_mm, model, labels, cc_axis)
     trans: dict[int, dict[int, np.ndarray]] = {}
-    for i in range(n):
-        for a in range(i):
-            d = float(np.linalg.norm(pos[i] - pos[a]))
-            score = prior - np.minimum(0.5 * ((d - mean) / std) ** 2, MAX_DISTANCE_PENALTY)
-            if model.pair_offsets and cc_axis == 2:  # the statistics are in world LPS (head = +z)
-                score = score + tilt_evidence(pos[i] - pos[a], tilt_mean, tilt_std)
-            t = over_paths(score, axis=0)
-            if abs(pos[i, cc_axis] - pos[a, cc_axis]) < MIN_CRANIO_CAUDAL_COSINE * d:
-                t = t - MAX_DISTANCE_PENALTY
-            trans.setdefault(a, {})[i] = t
+    for (a, i), score in steps.items():
+        trans.setdefault(a, {})[i] = over_paths(score, axis=0)
     return labels, emit, cum_drop, start, last_prior, trans
 
 
 def viterbi_labels(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float]], model: SpineModel,
-                   allowed: list[int] | None = None, cc_axis: int = 2) -> list[int | None]:
+                   allowed: list[int] | None = None, cc_axis: int = 2, steps: dict | None = None) -> list[int | None]:
     """Labels for candidates already sorted head to foot; ``None`` for dropped candidates.
 
     Args:
@@ -427,7 +440,7 @@ def viterbi_labels(positions_mm: np.ndarray, scores, label_probs: list[dict[int,
     if n == 0:
         return []
     labels, emit, cum_drop, start, last_prior, trans = _lattice(positions_mm, scores, label_probs, model, allowed,
-                                                                cc_axis)
+                                                                cc_axis, steps=steps)
     k = len(labels)
     best = np.full((n, k), -np.inf)
     back = np.full((n, k, 2), -1, dtype=np.int64)  # (previous candidate, previous label index)
@@ -461,7 +474,8 @@ def _logsumexp(x: np.ndarray, axis=None) -> np.ndarray:
 
 
 def label_marginals(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float]], model: SpineModel,
-                    allowed: list[int] | None = None, cc_axis: int = 2) -> tuple[list[int], np.ndarray]:
+                    allowed: list[int] | None = None, cc_axis: int = 2,
+                    steps: dict | None = None) -> tuple[list[int], np.ndarray]:
     """The ordering model's posterior over every labelling of the candidates (sorted head to foot):
     ``(labels, P)`` with ``P[i, j]`` the probability that candidate ``i`` is kept as ``labels[j]``
     (``1 - P[i].sum()`` that it is dropped).
@@ -475,7 +489,7 @@ def label_marginals(positions_mm: np.ndarray, scores, label_probs: list[dict[int
     if n == 0:
         return label_range(allowed), np.zeros((0, len(label_range(allowed))))
     labels, emit, cum_drop, start, last_prior, trans = _lattice(positions_mm, scores, label_probs, model, allowed,
-                                                                cc_axis, over_paths=_logsumexp)
+                                                                cc_axis, over_paths=_logsumexp, steps=steps)
     k = len(labels)
     fwd = np.full((n, k), -np.inf)  # every labelling of candidates 0..i in which i is the last kept, as label j
     for i in range(n):
@@ -524,10 +538,11 @@ def order_candidates(positions_mm: np.ndarray, scores, label_probs: list[dict[in
     sign = -1.0 if superior_is_positive else 1.0
     kept = sorted(kept, key=lambda i: sign * positions_mm[i, cc_axis])
     probs = [label_probs[i] for i in kept]
-    labs = viterbi_labels(positions_mm[kept], scores[kept], probs, model, allowed, cc_axis)
+    steps = _step_scores(positions_mm[kept], model, label_range(allowed), cc_axis)  # shared by both passes
+    labs = viterbi_labels(positions_mm[kept], scores[kept], probs, model, allowed, cc_axis, steps)
     ordered = [(i, lab) for i, lab in zip(kept, labs) if lab is not None]
     if not with_posterior:
         return ordered
-    names, marg = label_marginals(positions_mm[kept], scores[kept], probs, model, allowed, cc_axis)
+    names, marg = label_marginals(positions_mm[kept], scores[kept], probs, model, allowed, cc_axis, steps)
     col = {lab: j for j, lab in enumerate(names)}
     return ordered, [float(marg[r, col[lab]]) for r, lab in enumerate(labs) if lab is not None]
