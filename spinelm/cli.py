@@ -269,6 +269,11 @@ def cmd_calibrate(args) -> int:
     else:
         print("held-out error not measured: train two or more folds (--fold all) to measure it")
     print(f"written: {model.root / CALIBRATION_FILE} (predict now writes 'confidence' per vertebra)")
+    from spinelm.confidence import ORDERING_FILE, describe_ordering
+    from spinelm.io.files import read_json
+
+    print(describe_ordering(read_json(model.root / ORDERING_FILE)))
+    print(f"written: {model.root / ORDERING_FILE}")
     if model.plans.has_coarse:
         from spinelm.sanity import FLIP_CHECK_FILE, describe_flip_check, load_flip_check
 
@@ -543,7 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("calibrate", parents=[common], help="fit per-vertebra confidence on the validation folds",
                        description="Run every trained fold's final model on its own validation cases (the one "
-                                   "predictor), and fit a logistic model of 'this vertebra is identified' (right "
+                                   "predictor). First it fits how much the ordering weighs the network's label "
+                                   "probabilities against the column's geometry (1, 0.7, 0.5, 0.35 or 0.25: the weight "
+                                   "under which the annotated labels are most probable; MODEL/ordering.json, used by "
+                                   "predict). Then, with that weight, it fits a logistic model of 'this vertebra is identified' (right "
                                    "label within 20 mm) on its heatmap peak, label probability, the margin of its "
                                    "run over the run shifted by one level, neighbour spacing, and the mean label probability of "
                                    "the whole run (errors come by case: a shifted run makes all its labels wrong). With fewer "

@@ -64,6 +64,8 @@ L2_PENALTY = 1.0
 REVIEW_BELOW = 0.5
 #: Calibration file in the model folder.
 CALIBRATION_FILE = "calibration.json"
+#: The ordering's weight of the label evidence fitted on the validation cases (:func:`fit_ordering`).
+ORDERING_FILE = "ordering.json"
 
 
 def _log(p: float) -> float:
@@ -256,13 +258,15 @@ class Calibration:
 
 
 def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True,
-            flips: list | None = None):
+            flips: list | None = None, labelled: list | None = None):
     """Features and outcomes of every validation vertebra of the trained folds (each fold's final
     checkpoint on its own validation cases, through the one predictor); also returns per-case
     records ``(fold, case, confidence features, outcomes, n ground truth)``. ``flips``: a list that
     receives ``(fold, rows)`` for every validation case of a model with a coarse stage: the
     turned-over comparison's rows of the scan as stored and turned every way
-    (:func:`spinelm.sanity.fit_flip_check`)."""
+    (:func:`spinelm.sanity.fit_flip_check`). ``labelled``: a list that receives ``(fold, case,
+    labelled, annotated centres {label: mm})`` of every validation case (to order again,
+    :func:`fit_ordering`)."""
     from tqdm import tqdm
 
     from spinelm.inference import Predictor
@@ -282,14 +286,81 @@ def collect(model_dir, folds: list[int] | None = None, device: str = "cpu", prog
             data, frame, props = _cached_case(model.cache_dir(), case, pred.plans)
             coarse = _cached_case(model.cache_dir("coarse"), case, pred.plans)[:2] if pred.uses_coarse else None
             res = pred.predict_preprocessed(data, frame, with_mask=False, coarse=coarse)
-            lab = res.labelled
             if flips is not None and coarse is not None:
                 flips.append((fold, pred.turned_over(*coarse, res.coarse_outputs)))
             gt = {int(lm["label"]): np.asarray(lm["position_mm"], float) for lm in props["landmarks"]}
-            identified, known = judged_flags(lab, gt)  # labels outside the annotated range teach nothing
-            records.append((fold, case, vertebra_features(lab, pred.plans.distance_mm)[known], identified[known],
-                            len(gt)))
+            if labelled is not None:
+                labelled.append((fold, case, res.labelled, gt))
+            records.append(case_record(fold, case, res.labelled, gt, pred.plans.distance_mm))
     return records
+
+
+def case_record(fold: int, case: str, labelled, gt: dict, distance_mm: float) -> tuple:
+    """``(fold, case, confidence features, outcomes, n ground truth)`` of one validation case; labels
+    outside the annotated range teach nothing and are left out."""
+    identified, known = judged_flags(labelled, gt)
+    return fold, case, vertebra_features(labelled, distance_mm)[known], identified[known], len(gt)
+
+
+def fit_ordering(model_dir, labelled: list) -> dict:
+    """Fit the ordering's weight of the label evidence (:func:`spinelm.ordering.fit_label_weight`) on
+    validation cases (``(fold, case, labelled, annotated centres)``, from :func:`collect`) and store it
+    in ``MODEL/ordering.json``; returns what was stored."""
+    from spinelm.io.files import write_json_atomic
+    from spinelm.ordering import candidate_truth, fit_label_weight
+    from spinelm.plans import ModelFolder
+
+    plans = ModelFolder(model_dir).plans
+    radius = 20.0  # the VerSe identification radius (spinelm.evaluation.IDENTIFICATION_RADIUS_MM)
+    cases = [(lab.candidate_world_mm, [c.score for c in lab.candidates], [c.label_probs for c in lab.candidates],
+              candidate_truth(lab.candidate_world_mm, gt, radius, 0.5 * plans.distance_mm))
+             for _, _, lab, gt in labelled]
+    weight, by_weight = fit_label_weight(cases, 2, plans.distance_mm, plans.known_labels, plans.spine_model())
+    from dataclasses import replace
+
+    from spinelm.inference import order_labelled
+
+    for w, entry in by_weight.items():  # what each weight does to the validation cases' labels
+        spine = replace(plans.spine_model(), label_weight=w)
+        flags = [judged_flags(order_labelled(lab.candidates, lab.candidate_world_mm, plans, spine), gt)
+                 for _, _, lab, gt in labelled]
+        entry["identified"] = int(sum(int(np.sum(ok & known)) for ok, known in flags))
+    n_gt = int(sum(len(gt) for *_, gt in labelled))
+    doc = {"format": "spinelm-ordering", "version": 1, "label_weight": weight,
+           "fitted_on": {"cases": len(cases), "folds": sorted({f for f, *_ in labelled}), "annotated_vertebrae": n_gt,
+                         "criterion": "mean log posterior of the annotated reading per candidate",
+                         "weights": {str(w): v for w, v in by_weight.items()}}}
+    write_json_atomic(Path(model_dir) / ORDERING_FILE, doc)
+    return doc
+
+
+def describe_ordering(doc: dict) -> str:
+    """One line on the fitted weight of the label evidence (an ``ordering.json`` document)."""
+    f = doc["fitted_on"]
+    w = doc["label_weight"]
+    by = {float(k): v for k, v in f["weights"].items()}
+    n = f.get("annotated_vertebrae")
+    ident = lambda x: f"{by[x]['identified']}/{n}" if n else str(by[x]["identified"])  # noqa: E731
+    what = (f"the network's label probabilities weighed fully (the annotated readings of {f['cases']} validation cases "
+            f"are most probable so)" if w == 1.0 else
+            f"the network's label probabilities weighed {w:g} against the column's geometry (raised to the power "
+            f"{w:g}; the annotated readings of {f['cases']} validation cases are most probable so)")
+    return f"ordering: {what}; validation vertebrae identified {ident(w)} with it, {ident(1.0)} weighed fully"
+
+
+def load_label_weight(model_dir) -> float | None:
+    """The fitted weight of the label evidence in ``MODEL/ordering.json``; None when there is none (the
+    ordering then weighs the label evidence fully), or with a warning when the file is unusable."""
+    from spinelm.io.files import read_model_file
+
+    def problem(doc):
+        w = doc.get("label_weight")
+        if not isinstance(w, (int, float)) or not 0.0 < float(w) <= 1.0:
+            return f"label_weight {w!r} is not a number in (0, 1]"
+        return None
+
+    doc = read_model_file(Path(model_dir) / ORDERING_FILE, problem, "the label evidence is weighed fully")
+    return float(doc["label_weight"]) if doc is not None else None
 
 
 def orientation_check(turned: list[list[dict]]) -> dict:
@@ -332,24 +403,39 @@ def cross_fitted(records) -> tuple[dict[int, Calibration], np.ndarray, np.ndarra
 
 
 def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True) -> Calibration:
-    """Fit and store ``calibration.json`` in the model folder, and the flip check of the header check
-    (``orientation.json``, :func:`spinelm.sanity.fit_flip_check`). With two or more folds the file also
-    records the held-out figure (``fitted_on.held_out_ece``): each fold's vertebrae scored by a model
-    fitted on the other folds (:func:`cross_fitted`), the error to expect on new scans."""
+    """Fit and store, from the validation cases of the trained folds: the ordering's weight of the label
+    evidence (``ordering.json``, :func:`fit_ordering`), then with it ``calibration.json`` and the flip
+    check of the header check (``orientation.json``, :func:`spinelm.sanity.fit_flip_check`). With two or
+    more folds the calibration also records the held-out figure (``fitted_on.held_out_ece``): each
+    fold's vertebrae scored by a model fitted on the other folds (:func:`cross_fitted`), the error to
+    expect on new scans. ``ordering.json`` keeps, for every weight tried, its log-likelihood and how
+    many annotated validation vertebrae it identifies."""
+    from dataclasses import replace
+
+    from spinelm.inference import order_labelled
     from spinelm.io.files import write_json_atomic
+    from spinelm.plans import ModelFolder
     from spinelm.sanity import FLIP_CHECK_FILE
 
     flips: list = []
-    records = collect(model_dir, folds, device, progress, flips)
+    labelled: list = []
+    records = collect(model_dir, folds, device, progress, flips, labelled)
     if flips:  # what the coarse stage can tell of a scan turned over (the header check)
         write_json_atomic(Path(model_dir) / FLIP_CHECK_FILE, orientation_check([rows for _, rows in flips]))
-    x, y = _stack(records)
     info = {}
+    if labelled:  # the confidence is fitted on the labels the fitted ordering gives
+        ordering = fit_ordering(model_dir, labelled)
+        plans = ModelFolder(model_dir).plans
+        spine = replace(plans.spine_model(), label_weight=ordering["label_weight"])
+        records = [case_record(f, c, order_labelled(lab.candidates, lab.candidate_world_mm, plans, spine), gt,
+                               plans.distance_mm) for f, c, lab, gt in labelled]
+        info["label_weight"] = ordering["label_weight"]
+    x, y = _stack(records)
     if len({r[0] for r in records}) >= 2 and len(y):
         _, p, o = cross_fitted(records)
         floor = ece_noise_floor(p)
-        info = {"held_out_ece": expected_calibration_error(p, o), "held_out_vertebrae": int(len(o)),
-                "held_out_ece_if_calibrated": floor["mean"], "held_out_ece_if_calibrated_p95": floor["p95"]}
+        info.update({"held_out_ece": expected_calibration_error(p, o), "held_out_vertebrae": int(len(o)),
+                     "held_out_ece_if_calibrated": floor["mean"], "held_out_ece_if_calibrated_p95": floor["p95"]})
     cal = Calibration.fit(x, y, wrong_cases=wrong_cases(records), folds=sorted({r[0] for r in records}),
                           cases=len(records), checkpoint="final", **info)
     cal.save(Path(model_dir) / CALIBRATION_FILE)

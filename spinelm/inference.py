@@ -300,7 +300,6 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
     level probabilities), combined with those by :func:`spinelm.identification.fuse`. The ordering
     runs in world LPS mm (head = +z), whatever orientation the scan was stored in.
     """
-    from spinelm.ordering import order_candidates
     from spinelm.plans import as_plans
 
     plans = as_plans(plans)
@@ -327,9 +326,19 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
 
         for c, pl in zip(cands, levels(world)):
             c.label_probs = fuse(c.label_probs, pl)
+    return order_labelled(cands, world, plans)
+
+
+def order_labelled(cands: list[Candidate], world: np.ndarray, plans, model=None) -> Labelled:
+    """The anatomical ordering of candidates placed in world LPS mm (head = +z), with the posterior of
+    each kept label; ``model``: the ordering model (default the plan's, :meth:`Plans.spine_model`)."""
+    from spinelm.ordering import order_candidates
+
+    world = np.asarray(world, dtype=np.float64).reshape(-1, 3)
     ordered, posterior = order_candidates(world, [c.score for c in cands], [c.label_probs for c in cands], cc_axis=2,
                                           distance_mm=plans.distance_mm, superior_is_positive=True,
-                                          allowed=plans.known_labels, model=plans.spine_model(), with_posterior=True)
+                                          allowed=plans.known_labels, model=model or plans.spine_model(),
+                                          with_posterior=True)
     return Labelled(cands, world, [i for i, _ in ordered], [lab for _, lab in ordered], posterior)
 
 
@@ -499,10 +508,13 @@ class Predictor:
 
     def __init__(self, plans, networks: list, device: str | torch.device = "cpu", mirror: bool = False,
                  step_size: float = 0.5, info: dict | None = None, configuration: str = "fine",
-                 coarse_networks: list | None = None, calibration=None, flip_check: dict | None = None):
+                 coarse_networks: list | None = None, calibration=None, flip_check: dict | None = None,
+                 label_weight: float | None = None):
         from spinelm.plans import as_plans
 
         self.plans = as_plans(plans)
+        if label_weight is not None:  # the weight of the label evidence fitted on the validation cases
+            self.plans.spine_model().label_weight = float(label_weight)
         self.calibration = calibration  # spinelm.confidence.Calibration: confidence per vertebra
         self.networks = list(networks)
         self.configuration = configuration
@@ -546,12 +558,14 @@ class Predictor:
             coarse = [load_network(model, f, "final", "coarse", device) for f in folds]
         info = {"model": str(model.root.resolve()), "folds": list(folds), "checkpoint": checkpoint,
                 "stages": plans.stages}
-        from spinelm.confidence import CALIBRATION_FILE, Calibration
+        from spinelm.confidence import CALIBRATION_FILE, Calibration, load_label_weight
         from spinelm.sanity import load_flip_check
 
+        weight = load_label_weight(model.root)
+        info["label_weight"] = weight if weight is not None else plans.spine_model().label_weight
         return cls(plans, networks, device, mirror, step_size, info, coarse_networks=coarse,
                    calibration=Calibration.load(model.root / CALIBRATION_FILE),
-                   flip_check=load_flip_check(model.root))
+                   flip_check=load_flip_check(model.root), label_weight=weight)
 
     # ------------------------------------------------------------------------------ running
 

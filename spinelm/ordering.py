@@ -104,6 +104,15 @@ MIN_DIRECTION_STD = 0.05
 #: Largest cost (nats) of one step's direction.
 MAX_DIRECTION_EVIDENCE = 3.0
 
+#: Weights of the label evidence tried by :func:`fit_label_weight`, most trusting first (1: the
+#: network's label probabilities as they are; 0.5: their square root). Never below a quarter: with
+#: five validation scans the likelihood is nearly flat below it and a weaker label evidence lets the
+#: geometry alone place cervical runs in the thorax (measured on whole-spine phantoms, README).
+LABEL_WEIGHTS = (1.0, 0.7, 0.5, 0.35, 0.25)
+#: Probability floor of the posterior in :func:`truth_log_likelihood` (one unforeseen truth costs at
+#: most ``-log`` of it).
+TRUTH_FLOOR = 1e-4
+
 #: Typical centre-to-centre distance (mm) from each regular vertebra to the next one in adults,
 #: keyed by the cranial vertebra's name. Only the shape of this profile matters: it is rescaled to
 #: the dataset's own distances (see :meth:`SpineModel.from_stats`).
@@ -201,6 +210,9 @@ class SpineModel:
     #: ``{(a, b): (mean offset (3,), std (3,))}`` in world LPS mm of consecutive pairs seen in at
     #: least :data:`MIN_DIRECTION_CASES` training cases (the direction evidence; empty: none)
     pair_offsets: dict = field(default_factory=dict)
+    #: Weight of the network's label evidence against the geometry (an exponent on the label
+    #: probabilities, :data:`LABEL_WEIGHT` unless fitted on the validation cases, :func:`fit_label_weight`)
+    label_weight: float = 1.0
     #: :meth:`transition_tables` by label span and priors (the distance statistics are fixed once used)
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -409,8 +421,9 @@ def _lattice(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float
     s = np.clip(0.5 + np.asarray(scores, dtype=np.float64), *KEEP_RANGE)
     probs = np.array([[max(p.get(lab, 0.0), LOG_FLOOR) for lab in labels] for p in label_probs])
     probs = (1 - LABEL_NOISE) * probs / probs.sum(1, keepdims=True) + LABEL_NOISE / k
-    emit = np.log(s)[:, None] + np.log(probs)  # (n, K)
-    drop = np.log(1 - s) + np.log(1.0 / max(k, 2))  # (n,)
+    w = float(model.label_weight)
+    emit = np.log(s)[:, None] + w * np.log(probs)  # (n, K)
+    drop = np.log(1 - s) + w * np.log(1.0 / max(k, 2))  # (n,): no label evidence
     cum_drop = np.concatenate([[0.0], np.cumsum(drop)])  # drops of candidates [a, b) = cum[b] - cum[a]
     first_prior, last_prior = model.fov_log_prior(labels)
     start = first_prior + np.array([np.log(model.prior_of(lab)) if L.vertebra(lab).transitional else 0.0
@@ -534,9 +547,7 @@ def order_candidates(positions_mm: np.ndarray, scores, label_probs: list[dict[in
         return ([], []) if with_posterior else []
     scores = np.asarray(scores, dtype=np.float64)
     model = model or SpineModel.from_stats(None, default_distance_mm=distance_mm)
-    kept = suppress_duplicates(positions_mm, scores, NMS_FRACTION * distance_mm)
-    sign = -1.0 if superior_is_positive else 1.0
-    kept = sorted(kept, key=lambda i: sign * positions_mm[i, cc_axis])
+    kept = _kept_sorted(positions_mm, scores, cc_axis, distance_mm, superior_is_positive)
     probs = [label_probs[i] for i in kept]
     steps = _step_scores(positions_mm[kept], model, label_range(allowed), cc_axis)  # shared by both passes
     labs = viterbi_labels(positions_mm[kept], scores[kept], probs, model, allowed, cc_axis, steps)
@@ -546,3 +557,96 @@ def order_candidates(positions_mm: np.ndarray, scores, label_probs: list[dict[in
     names, marg = label_marginals(positions_mm[kept], scores[kept], probs, model, allowed, cc_axis, steps)
     col = {lab: j for j, lab in enumerate(names)}
     return ordered, [float(marg[r, col[lab]]) for r, lab in enumerate(labs) if lab is not None]
+
+
+def _kept_sorted(positions_mm: np.ndarray, scores: np.ndarray, cc_axis: int, distance_mm: float,
+                 superior_is_positive: bool) -> list[int]:
+    """Candidates that survive suppression, sorted head to foot (what the ordering sees)."""
+    kept = suppress_duplicates(positions_mm, scores, NMS_FRACTION * distance_mm)
+    sign = -1.0 if superior_is_positive else 1.0
+    return sorted(kept, key=lambda i: sign * positions_mm[i, cc_axis])
+
+
+def candidate_truth(positions_mm: np.ndarray, gt_mm: dict[int, np.ndarray], radius_mm: float,
+                    margin_mm: float, cc_axis: int = 2) -> list:
+    """What each candidate is by the annotation: its vertebra's label when it is the candidate closest
+    to that annotated centre and that centre is the closest to it, within ``radius_mm`` (the VerSe
+    rule of :func:`spinelm.evaluation.identification`); ``None`` (a false positive) when it lies among
+    the annotated vertebrae otherwise; ``False`` (not judged) beyond the annotated ends by more than
+    ``margin_mm`` along ``cc_axis`` (e.g. a T12 in a scan annotated L1-L5)."""
+    pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
+    labels = list(gt_mm)
+    gt = np.asarray([gt_mm[k] for k in labels], dtype=np.float64).reshape(-1, 3)
+    out: list = [None] * len(pos)
+    if not len(gt) or not len(pos):
+        return out
+    d = np.linalg.norm(pos[:, None, :] - gt[None, :, :], axis=2)  # (candidates, gt)
+    lo, hi = gt[:, cc_axis].min() - margin_mm, gt[:, cc_axis].max() + margin_mm
+    for i in range(len(pos)):
+        if not lo <= pos[i, cc_axis] <= hi:
+            out[i] = False
+    for j, lab in enumerate(labels):
+        i = int(np.argmin(d[:, j]))
+        if d[i, j] <= radius_mm and int(np.argmin(d[i])) == j:
+            out[i] = lab
+    return out
+
+
+def truth_log_likelihood(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float]], truth: list,
+                         cc_axis: int, distance_mm: float, allowed: list[int] | None = None,
+                         model: SpineModel | None = None, superior_is_positive: bool = True) -> tuple[float, int]:
+    """``(sum of log posterior, candidates judged)``: how probable the ordering model finds the annotated
+    reading of one case, every candidate that survives suppression kept with its true label or dropped
+    (``truth`` from :func:`candidate_truth`; ``False`` entries are left out). The score that
+    :func:`fit_label_weight` maximises: a proper score of the posteriors, so it rewards being sure
+    where it is right as much as it punishes being sure where it is wrong."""
+    positions_mm = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(positions_mm) == 0:
+        return 0.0, 0
+    model = model or SpineModel.from_stats(None, default_distance_mm=distance_mm)
+    kept = _kept_sorted(positions_mm, scores, cc_axis, distance_mm, superior_is_positive)
+    names, marg = label_marginals(positions_mm[kept], scores[kept], [label_probs[i] for i in kept], model,
+                                  allowed, cc_axis)
+    col = {lab: j for j, lab in enumerate(names)}
+    total, n = 0.0, 0
+    for r, i in enumerate(kept):
+        t = truth[i]
+        if t is False:
+            continue
+        p = (1.0 - float(marg[r].sum())) if t is None else (float(marg[r, col[t]]) if t in col else 0.0)
+        total += float(np.log(max(p, TRUTH_FLOOR)))
+        n += 1
+    return total, n
+
+
+def fit_label_weight(cases: list[tuple], cc_axis: int, distance_mm: float, allowed: list[int] | None = None,
+                     model: SpineModel | None = None, weights=LABEL_WEIGHTS) -> tuple[float, dict]:
+    """The weight of the label evidence (:attr:`SpineModel.label_weight`) under which the annotated
+    readings of ``cases`` (``(positions_mm, scores, label_probs, truth)`` each) are most probable, and
+    per weight tried the mean log-likelihood per judged candidate. Ties go to the more trusting weight
+    (earlier in ``weights``).
+
+    Temperature scaling of the label evidence: the label probabilities of a segmentation head and of
+    the identification stages combined are overconfident where the network learned little (a shifted
+    run carries confident wrong labels that outweigh the column's geometry), and near calibrated where
+    it learned well; the validation cases of the training run say which. They are
+    few, so the standard error of each weight's difference to the best is returned too (the errors
+    come by case: that of a mean over cases)."""
+    from dataclasses import replace
+
+    model = model or SpineModel.from_stats(None, default_distance_mm=distance_mm)
+    weights = [float(w) for w in weights]
+    per_case = np.zeros((len(weights), len(cases)))
+    judged = np.zeros(len(cases))
+    for a, w in enumerate(weights):
+        m = replace(model, label_weight=w)
+        for c, (pos, sc, probs, truth) in enumerate(cases):
+            per_case[a, c], judged[c] = truth_log_likelihood(pos, sc, probs, truth, cc_axis, distance_mm, allowed, m)
+    n = max(float(judged.sum()), 1.0)
+    mean = per_case.sum(1) / n
+    best = int(np.argmax(mean))
+    diff = per_case[best][None, :] - per_case  # (weights, cases): how much better the best weight reads each case
+    se = np.sqrt(len(cases) * diff.var(axis=1, ddof=1)) / n if len(cases) > 1 else np.zeros(len(weights))
+    return weights[best], {w: {"log_likelihood": float(mean[a]), "standard_error": float(se[a])}
+                           for a, w in enumerate(weights)}

@@ -284,10 +284,12 @@ def calibrate_quietly(model_dir, device: str = "cpu", progress: bool = True):
              f["vertebrae"], 100 * f["identified_share"], held,
              f"; no logistic fit ({f['why']}): the confidence is the ordering's posterior" if cal.method == "posterior"
              else "")
+    from spinelm.confidence import ORDERING_FILE, describe_ordering
+    from spinelm.io.files import read_json
+    from spinelm.plans import ModelFolder
     from spinelm.sanity import describe_flip_check, load_flip_check
 
-    from spinelm.plans import ModelFolder
-
+    log.info("%s", describe_ordering(read_json(Path(model_dir) / ORDERING_FILE)))
     if ModelFolder(model_dir).plans.has_coarse:
         log.info("header check: %s", describe_flip_check(load_flip_check(model_dir)))
     return cal

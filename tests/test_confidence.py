@@ -113,7 +113,7 @@ def test_calibrate_stores_the_held_out_error_when_two_folds_are_trained(tmp_path
 
     rng = np.random.default_rng(2)
 
-    def fake_collect(model_dir, folds=None, device="cpu", progress=True, flips=None):
+    def fake_collect(model_dir, folds=None, device="cpu", progress=True, flips=None, labelled=None):
         out = []
         for fold in (0, 1):
             for c in range(30):
@@ -210,3 +210,18 @@ def test_errors_of_too_few_cases_give_the_ordering_posterior():
     x = np.vstack([r[2] for r in records])
     y = np.concatenate([r[3] for r in records])
     assert Calibration.fit(x, y, wrong_cases=wrong_cases(records)).method == "logistic"
+
+
+def test_an_unusable_ordering_file_is_named_and_the_label_evidence_weighed_fully(tmp_path, caplog):
+    import json
+
+    from spinelm.confidence import ORDERING_FILE, load_label_weight
+
+    assert load_label_weight(tmp_path) is None  # no file: nothing fitted
+    (tmp_path / ORDERING_FILE).write_text(json.dumps({"format": "spinelm-ordering", "label_weight": 0.35}))
+    assert load_label_weight(tmp_path) == 0.35
+    for bad in ('{"label_weight": 3}', '{"label_weight": "half"}', "{not json"):
+        (tmp_path / ORDERING_FILE).write_text(bad)
+        caplog.clear()
+        assert load_label_weight(tmp_path) is None
+        assert ORDERING_FILE in caplog.text and "weighed fully" in caplog.text

@@ -320,3 +320,73 @@ def test_direction_evidence_cannot_overrule_clear_labels():
     probs = [onehot(lab, 0.9) for lab in LUMBAR]
     out = [lab for _, lab in order_candidates(pos, [0.9] * 5, probs, cc_axis=2, distance_mm=22.0, model=m)]
     assert out == LUMBAR
+
+
+def _zigzag_stats():
+    """A column whose step tilts alternate by 5 degrees from level to level: a one-level shift costs
+    each step a little direction evidence (less than a confident label)."""
+    regular = [lab for lab in (v.label for v in L.VERTEBRAE) if not L.vertebra(lab).transitional
+               and L.name_of(lab) != "Cocc"]
+    return _profile_stats(tilt_deg={L.name_of(a): 5.0 * (i % 3 - 1) for i, a in enumerate(regular)})
+
+
+def _shifted_evidence(truth_names, seq, shift=1, p=0.8, q=0.15):
+    """Label evidence that favours the run shifted by ``shift`` levels (``p``) over the truth (``q``):
+    what a network that has not learned to count gives a run with neither end in view."""
+    out = []
+    for name in truth_names:
+        lab = L.label_of(name)
+        wrong = seq[seq.index(lab) + shift]
+        out.append({wrong: p, lab: q})
+    return out
+
+
+def test_a_weaker_label_evidence_lets_the_column_correct_a_confidently_shifted_run():
+    from dataclasses import replace
+
+    spine, seq = _zigzag_stats()
+    m = SpineModel.from_stats(spine)
+    assert m.label_weight == 1.0  # the default weighs the label evidence fully
+    pos, truth = _run(spine, seq, "T5", 6)
+    probs = _shifted_evidence(truth, seq)
+    names = lambda mm: [L.name_of(lab) for _, lab in order_candidates(pos, [0.9] * 6, probs, cc_axis=2,  # noqa: E731
+                                                                      distance_mm=22.0, model=mm)]
+    shifted = [L.name_of(seq[seq.index(L.label_of(t)) + 1]) for t in truth]
+    assert names(m) == shifted  # fully weighed, the wrong labels win over the step tilts
+    assert names(replace(m, label_weight=0.25)) == truth
+    # and the posterior follows: the right labels become the likely ones
+    _, post = order_candidates(pos, [0.9] * 6, probs, cc_axis=2, distance_mm=22.0,
+                               model=replace(m, label_weight=0.25), with_posterior=True)
+    assert min(post) > 0.5
+
+
+def test_candidate_truth_follows_the_identification_rule():
+    from spinelm.ordering import candidate_truth
+
+    gt = {N["L1"]: np.array([0.0, 0.0, 0.0]), N["L2"]: np.array([0.0, 0.0, -35.0])}
+    cands = np.array([[0.0, 2.0, 1.0],      # on L1
+                      [0.0, 9.0, 0.0],      # further from L1: a false positive
+                      [0.0, 0.0, -30.0],    # on L2
+                      [0.0, 0.0, -17.0],    # between them, not the closest to either: false positive
+                      [0.0, 0.0, 40.0]])    # above the annotated run (e.g. an unannotated T12): not judged
+    assert candidate_truth(cands, gt, radius_mm=20.0, margin_mm=17.5) == [N["L1"], None, N["L2"], None, False]
+
+
+def test_the_fitted_label_weight_trusts_right_labels_and_tempers_confidently_wrong_ones():
+    from spinelm.ordering import LABEL_WEIGHTS, candidate_truth, fit_label_weight
+
+    spine, seq = _zigzag_stats()
+    m = SpineModel.from_stats(spine)
+    right, wrong = [], []
+    for first in ("T2", "T5", "T8", "C5", "L1"):
+        pos, truth = _run(spine, seq, first, 5)
+        gt = {L.label_of(t): p for t, p in zip(truth, pos)}
+        t = candidate_truth(pos, gt, 20.0, 11.0)
+        right.append((pos, [0.9] * 5, [onehot(L.label_of(x), 0.8) for x in truth], t))
+        wrong.append((pos, [0.9] * 5, _shifted_evidence(truth, seq), t))
+    w, by_weight = fit_label_weight(right, 2, 22.0, model=m)
+    assert w == 1.0
+    assert set(by_weight) == set(LABEL_WEIGHTS)
+    w, by_weight = fit_label_weight(wrong, 2, 22.0, model=m)
+    assert w < 1.0
+    assert by_weight[w]["log_likelihood"] > by_weight[1.0]["log_likelihood"]

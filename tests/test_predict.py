@@ -496,6 +496,16 @@ def test_calibration_learns_the_flip_check_that_prediction_then_uses(trained_mod
     assert check["format"] == "spinelm-orientation" and check["cases"] == n_val
     assert set(check["metrics"]) == set(FLIP_METRICS)
     assert Predictor.from_model_folder(model, folds=[0]).flip_check == check
+    # the ordering's weight of the label evidence, fitted on the same validation cases, is what predict uses
+    from spinelm.ordering import LABEL_WEIGHTS
+
+    ordering = json.loads((model / "ordering.json").read_text())
+    assert ordering["label_weight"] in LABEL_WEIGHTS and ordering["fitted_on"]["cases"] == n_val
+    assert set(map(float, ordering["fitted_on"]["weights"])) == set(LABEL_WEIGHTS)
+    predictor = Predictor.from_model_folder(model, folds=[0])
+    assert predictor.plans.spine_model().label_weight == ordering["label_weight"]
+    assert predictor.describe()["label_weight"] == ordering["label_weight"]
+    assert json.loads((model / "calibration.json").read_text())["fitted_on"]["label_weight"] == ordering["label_weight"]
 
 
 def test_the_plan_carries_column_shape_limits_that_the_annotated_columns_pass(trained_model, phantom_dataset):
