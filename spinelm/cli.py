@@ -152,10 +152,25 @@ def _print_folds(results: list[dict], verbose: bool) -> None:
             print(json.dumps(r, indent=1, default=str))
 
 
+def _print_ordering(model_dir) -> None:
+    """The fitted weight of the label evidence (``ordering.json``, written by the calibration at the end
+    of training), when there is one."""
+    from spinelm.confidence import ORDERING_FILE, describe_ordering
+    from spinelm.io.files import read_json
+
+    path = Path(model_dir) / ORDERING_FILE
+    if path.is_file():
+        try:
+            print(describe_ordering(read_json(path)))
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"{path}: unreadable ({exc}); run 'spinelm calibrate {model_dir}'", file=sys.stderr)
+
+
 def cmd_train(args) -> int:
     from spinelm.pipeline import train
 
     _print_folds(train(args.model, args.fold, **_train_settings(args)), args.verbose)
+    _print_ordering(args.model)
     return 0
 
 
@@ -183,6 +198,7 @@ def cmd_plan_and_train(args) -> int:
         print("fix the errors above first (spinelm validate lists them)", file=sys.stderr)
         return 1
     _print_folds(r.folds, args.verbose)
+    _print_ordering(args.output)
     return 0
 
 
@@ -269,11 +285,7 @@ def cmd_calibrate(args) -> int:
     else:
         print("held-out error not measured: train two or more folds (--fold all) to measure it")
     print(f"written: {model.root / CALIBRATION_FILE} (predict now writes 'confidence' per vertebra)")
-    from spinelm.confidence import ORDERING_FILE, describe_ordering
-    from spinelm.io.files import read_json
-
-    print(describe_ordering(read_json(model.root / ORDERING_FILE)))
-    print(f"written: {model.root / ORDERING_FILE}")
+    _print_ordering(model.root)
     if model.plans.has_coarse:
         from spinelm.sanity import FLIP_CHECK_FILE, describe_flip_check, load_flip_check
 

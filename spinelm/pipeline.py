@@ -289,7 +289,8 @@ def calibrate_quietly(model_dir, device: str = "cpu", progress: bool = True):
     from spinelm.plans import ModelFolder
     from spinelm.sanity import describe_flip_check, load_flip_check
 
-    log.info("%s", describe_ordering(read_json(Path(model_dir) / ORDERING_FILE)))
+    if (Path(model_dir) / ORDERING_FILE).is_file():
+        log.info("%s", describe_ordering(read_json(Path(model_dir) / ORDERING_FILE)))
     if ModelFolder(model_dir).plans.has_coarse:
         log.info("header check: %s", describe_flip_check(load_flip_check(model_dir)))
     return cal
