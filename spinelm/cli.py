@@ -162,7 +162,7 @@ def _print_ordering(model_dir) -> None:
     if path.is_file():
         try:
             print(describe_ordering(read_json(path)))
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a damaged file must not hide the training results
             print(f"{path}: unreadable ({exc}); run 'spinelm calibrate {model_dir}'", file=sys.stderr)
 
 

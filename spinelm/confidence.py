@@ -307,13 +307,11 @@ def fit_ordering(model_dir, labelled: list) -> dict:
     validation cases (``(fold, case, labelled, annotated centres)``, from :func:`collect`) and store it
     in ``MODEL/ordering.json``; returns what was stored."""
     from spinelm.io.files import write_json_atomic
-    from spinelm.ordering import candidate_truth, fit_label_weight
+    from spinelm.ordering import fit_label_weight
     from spinelm.plans import ModelFolder
 
     plans = ModelFolder(model_dir).plans
-    radius = 20.0  # the VerSe identification radius (spinelm.evaluation.IDENTIFICATION_RADIUS_MM)
-    cases = [(lab.candidate_world_mm, [c.score for c in lab.candidates], [c.label_probs for c in lab.candidates],
-              candidate_truth(lab.candidate_world_mm, gt, radius, 0.5 * plans.distance_mm))
+    cases = [(lab.candidate_world_mm, [c.score for c in lab.candidates], [c.label_probs for c in lab.candidates], gt)
              for _, _, lab, gt in labelled]
     weight, by_weight = fit_label_weight(cases, 2, plans.distance_mm, plans.known_labels, plans.spine_model())
     from dataclasses import replace
@@ -336,15 +334,19 @@ def fit_ordering(model_dir, labelled: list) -> dict:
 
 def describe_ordering(doc: dict) -> str:
     """One line on the fitted weight of the label evidence (an ``ordering.json`` document)."""
-    f = doc["fitted_on"]
-    w = doc["label_weight"]
-    by = {float(k): v for k, v in f["weights"].items()}
+    f = doc.get("fitted_on") or {}
+    w = float(doc["label_weight"])
+    by = {float(k): v for k, v in (f.get("weights") or {}).items()}
     n = f.get("annotated_vertebrae")
-    ident = lambda x: f"{by[x]['identified']}/{n}" if n else str(by[x]["identified"])  # noqa: E731
-    what = (f"the network's label probabilities weighed fully (the annotated readings of {f['cases']} validation cases "
+
+    def ident(x: float) -> str:
+        got = (by.get(x) or {}).get("identified", "?")
+        return f"{got}/{n}" if n else str(got)
+
+    what = (f"the network's label probabilities weighed fully (the annotated readings of {f.get('cases', '?')} validation cases "
             f"are most probable so)" if w == 1.0 else
             f"the network's label probabilities weighed {w:g} against the column's geometry (raised to the power "
-            f"{w:g}; the annotated readings of {f['cases']} validation cases are most probable so)")
+            f"{w:g}; the annotated readings of {f.get('cases', '?')} validation cases are most probable so)")
     return f"ordering: {what}; validation vertebrae identified {ident(w)} with it, {ident(1.0)} weighed fully"
 
 
@@ -404,11 +406,12 @@ def cross_fitted(records) -> tuple[dict[int, Calibration], np.ndarray, np.ndarra
 
 def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", progress: bool = True) -> Calibration:
     """Fit and store, from the validation cases of the trained folds: the ordering's weight of the label
-    evidence (``ordering.json``, :func:`fit_ordering`), then with it ``calibration.json`` and the flip
-    check of the header check (``orientation.json``, :func:`spinelm.sanity.fit_flip_check`). With two or
-    more folds the calibration also records the held-out figure (``fitted_on.held_out_ece``): each
-    fold's vertebrae scored by a model fitted on the other folds (:func:`cross_fitted`), the error to
-    expect on new scans. ``ordering.json`` keeps, for every weight tried, its log-likelihood and how
+    evidence (``ordering.json``, :func:`fit_ordering`), then with it ``calibration.json``; and the flip
+    check of the header check (``orientation.json``, :func:`spinelm.sanity.fit_flip_check`; the header
+    check orders at weight 1 always, so it does not depend on the fit). With two or more folds the
+    calibration also records the held-out figure (``fitted_on.held_out_ece``): each fold's vertebrae
+    scored by a model fitted on the other folds (:func:`cross_fitted`), the error to expect on new scans
+    (the label weight itself is fitted on all folds' validation cases, so it is not held out). ``ordering.json`` keeps, for every weight tried, its log-likelihood and how
     many annotated validation vertebrae it identifies."""
     from dataclasses import replace
 

@@ -12,6 +12,7 @@ The window positions and the Gaussian importance weighting are nnunetv2's
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ from spinelm.io.image import Frame
 from spinelm.network import split_heads
 from spinelm.sanity import (column_reasons, confidence_reasons, header_reasons, orientation_reasons,
                             turned_over_reasons)
+
+log = logging.getLogger(__name__)
 
 #: Heatmap peaks below this value (targets peak at 1) are not candidates. Low on purpose: the
 #: ordering weighs every candidate by its peak value, so the threshold only has to keep noise out;
@@ -291,14 +294,15 @@ def fuse_label_probs(fine: dict[int, float], coarse: dict[int, float], weight: f
 
 
 def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuration: str = "fine",
-                coarse: tuple | None = None, levels=None) -> Labelled:
+                coarse: tuple | None = None, levels=None, model=None) -> Labelled:
     """Decode heatmap peaks, carry them to the world with ``frame`` and order them anatomically.
 
     ``coarse = (coarse outputs, coarse frame)``: the identification stage, which saw the whole field
     of view; each peak's label probabilities become :func:`fuse_label_probs` of the fine and coarse
     ones. ``levels``: the level head (:class:`spinelm.identification.LevelReader`, world points ->
     level probabilities), combined with those by :func:`spinelm.identification.fuse`. The ordering
-    runs in world LPS mm (head = +z), whatever orientation the scan was stored in.
+    runs in world LPS mm (head = +z), whatever orientation the scan was stored in; ``model``: its
+    anatomical model (default the plan's).
     """
     from spinelm.plans import as_plans
 
@@ -326,7 +330,7 @@ def postprocess(pred: dict[str, torch.Tensor], plans, frame: Frame, configuratio
 
         for c, pl in zip(cands, levels(world)):
             c.label_probs = fuse(c.label_probs, pl)
-    return order_labelled(cands, world, plans)
+    return order_labelled(cands, world, plans, model)
 
 
 def order_labelled(cands: list[Candidate], world: np.ndarray, plans, model=None) -> Labelled:
@@ -513,7 +517,10 @@ class Predictor:
         from spinelm.plans import as_plans
 
         self.plans = as_plans(plans)
-        if label_weight is not None:  # the weight of the label evidence fitted on the validation cases
+        if label_weight is not None:  # the weight of the label evidence fitted on the validation cases,
+            from spinelm.plans import Plans  # on a view of its own (the cached ordering model is not shared)
+
+            self.plans = Plans(self.plans.raw, self.plans.source)
             self.plans.spine_model().label_weight = float(label_weight)
         self.calibration = calibration  # spinelm.confidence.Calibration: confidence per vertebra
         self.networks = list(networks)
@@ -563,9 +570,14 @@ class Predictor:
 
         weight = load_label_weight(model.root)
         info["label_weight"] = weight if weight is not None else plans.spine_model().label_weight
+        calibration = Calibration.load(model.root / CALIBRATION_FILE)
+        fitted = (calibration.fitted_on or {}).get("label_weight") if calibration is not None else None
+        if fitted is not None and abs(float(fitted) - info["label_weight"]) > 1e-9:
+            log.warning("%s: the confidence was fitted on labels ordered with label weight %g, but the ordering now "
+                        "uses %g (ordering.json missing or changed); run 'spinelm calibrate %s' to refit both",
+                        model.root, float(fitted), info["label_weight"], model.root)
         return cls(plans, networks, device, mirror, step_size, info, coarse_networks=coarse,
-                   calibration=Calibration.load(model.root / CALIBRATION_FILE),
-                   flip_check=load_flip_check(model.root), label_weight=weight)
+                   calibration=calibration, flip_check=load_flip_check(model.root), label_weight=weight)
 
     # ------------------------------------------------------------------------------ running
 
@@ -647,7 +659,12 @@ class Predictor:
         one (:func:`spinelm.sanity.turned_over_reasons`). ``stored_outputs``: the coarse outputs on
         ``data`` when the prediction already has them (not computed again); ``keys``: only these turned
         orientations (e.g. ``("flip",)``; default all)."""
+        from dataclasses import replace
+
         spacing = self.plans.configuration("coarse").spacing
+        # at the full label weight whatever the ordering's fit: the header check's thresholds are learned
+        # on validation scans before the weight is fitted, and must mean the same at prediction
+        model = replace(self.plans.spine_model(), label_weight=1.0)
         rows = []
         variants = [("stored", "as stored", np.asarray(data, np.float32))]
         variants += [v for v in turned_arrays(np.asarray(data, np.float32), self.plans.cc_axis, spacing, frame,
@@ -657,7 +674,7 @@ class Predictor:
             out = stored_outputs if key == "stored" and stored_outputs is not None else \
                 self.network_outputs(torch.as_tensor(arr), "coarse")
             level = self.level_reader(arr, frame, (arr, frame))
-            lab = postprocess(out, self.plans, frame, "coarse", None, level)
+            lab = postprocess(out, self.plans, frame, "coarse", None, level, model)
             rows.append({"key": key, "name": name, **turned_evidence(lab, level)})
         return rows
 

@@ -8,9 +8,10 @@ The model, solved exactly by dynamic programming (Viterbi over candidates sorted
 
 - every candidate is either *kept* with a label or *dropped* as a false positive; kept labels are
   strictly ordered cranio-caudally and every label is used at most once;
-- keeping candidate ``i`` as label ``l`` scores ``log q_i + log p_i(l)`` (``p`` mixed with a
+- keeping candidate ``i`` as label ``l`` scores ``log q_i + w log p_i(l)`` (``p`` mixed with a
   uniform share ``LABEL_NOISE``, a robust likelihood) and dropping it
-  ``log(1 - q_i) + log(1/K)`` (no label evidence among ``K`` labels), with label probability
+  ``log(1 - q_i) + w log(1/K)`` (no label evidence among ``K`` labels), with ``w`` the weight of the
+  label evidence (:attr:`SpineModel.label_weight`, 1 unless fitted, :func:`fit_label_weight`), label probability
   ``p`` and ``q_i = 0.5 + s_i`` (within ``KEEP_RANGE``) the probability that a peak of score
   ``s_i`` is a vertebra: a peak that passed the detection threshold usually is one (on real MR
   validation folds about 80 % of them were), and one of half the target's height almost always
@@ -210,8 +211,8 @@ class SpineModel:
     #: ``{(a, b): (mean offset (3,), std (3,))}`` in world LPS mm of consecutive pairs seen in at
     #: least :data:`MIN_DIRECTION_CASES` training cases (the direction evidence; empty: none)
     pair_offsets: dict = field(default_factory=dict)
-    #: Weight of the network's label evidence against the geometry (an exponent on the label
-    #: probabilities, :data:`LABEL_WEIGHT` unless fitted on the validation cases, :func:`fit_label_weight`)
+    #: Weight of the network's label evidence against the geometry: an exponent on the label
+    #: probabilities (1: as they are; fitted on the validation cases by :func:`fit_label_weight`)
     label_weight: float = 1.0
     #: :meth:`transition_tables` by label span and priors (the distance statistics are fixed once used)
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -592,12 +593,14 @@ def candidate_truth(positions_mm: np.ndarray, gt_mm: dict[int, np.ndarray], radi
     return out
 
 
-def truth_log_likelihood(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float]], truth: list,
-                         cc_axis: int, distance_mm: float, allowed: list[int] | None = None,
-                         model: SpineModel | None = None, superior_is_positive: bool = True) -> tuple[float, int]:
+def truth_log_likelihood(positions_mm: np.ndarray, scores, label_probs: list[dict[int, float]],
+                         gt_mm: dict[int, np.ndarray], cc_axis: int, distance_mm: float,
+                         allowed: list[int] | None = None, model: SpineModel | None = None,
+                         superior_is_positive: bool = True, radius_mm: float = 20.0) -> tuple[float, int]:
     """``(sum of log posterior, candidates judged)``: how probable the ordering model finds the annotated
-    reading of one case, every candidate that survives suppression kept with its true label or dropped
-    (``truth`` from :func:`candidate_truth`; ``False`` entries are left out). The score that
+    reading of one case (annotated centres ``gt_mm``): every candidate that survives suppression kept
+    with its true label or dropped, what each one is decided among the survivors by
+    :func:`candidate_truth` (those beyond the annotated ends are left out). The score that
     :func:`fit_label_weight` maximises: a proper score of the posteriors, so it rewards being sure
     where it is right as much as it punishes being sure where it is wrong."""
     positions_mm = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
@@ -606,12 +609,12 @@ def truth_log_likelihood(positions_mm: np.ndarray, scores, label_probs: list[dic
         return 0.0, 0
     model = model or SpineModel.from_stats(None, default_distance_mm=distance_mm)
     kept = _kept_sorted(positions_mm, scores, cc_axis, distance_mm, superior_is_positive)
+    truth = candidate_truth(positions_mm[kept], gt_mm, radius_mm, 0.5 * distance_mm, cc_axis)
     names, marg = label_marginals(positions_mm[kept], scores[kept], [label_probs[i] for i in kept], model,
                                   allowed, cc_axis)
     col = {lab: j for j, lab in enumerate(names)}
     total, n = 0.0, 0
-    for r, i in enumerate(kept):
-        t = truth[i]
+    for r, t in enumerate(truth):
         if t is False:
             continue
         p = (1.0 - float(marg[r].sum())) if t is None else (float(marg[r, col[t]]) if t in col else 0.0)
@@ -623,16 +626,16 @@ def truth_log_likelihood(positions_mm: np.ndarray, scores, label_probs: list[dic
 def fit_label_weight(cases: list[tuple], cc_axis: int, distance_mm: float, allowed: list[int] | None = None,
                      model: SpineModel | None = None, weights=LABEL_WEIGHTS) -> tuple[float, dict]:
     """The weight of the label evidence (:attr:`SpineModel.label_weight`) under which the annotated
-    readings of ``cases`` (``(positions_mm, scores, label_probs, truth)`` each) are most probable, and
-    per weight tried the mean log-likelihood per judged candidate. Ties go to the more trusting weight
-    (earlier in ``weights``).
+    readings of ``cases`` (``(positions_mm, scores, label_probs, annotated centres {label: mm})`` each)
+    are most probable (:func:`truth_log_likelihood`), and per weight tried the mean log-likelihood per
+    judged candidate. Ties go to the more trusting weight (earlier in ``weights``).
 
     Temperature scaling of the label evidence: the label probabilities of a segmentation head and of
     the identification stages combined are overconfident where the network learned little (a shifted
     run carries confident wrong labels that outweigh the column's geometry), and near calibrated where
-    it learned well; the validation cases of the training run say which. They are
-    few, so the standard error of each weight's difference to the best is returned too (the errors
-    come by case: that of a mean over cases)."""
+    it learned well; the validation cases of the training run say which. The choice is
+    the plain maximum; the standard error of each weight's difference to the best is returned beside
+    it, for the record (the errors come by case: that of a mean over cases)."""
     from dataclasses import replace
 
     model = model or SpineModel.from_stats(None, default_distance_mm=distance_mm)
@@ -641,8 +644,8 @@ def fit_label_weight(cases: list[tuple], cc_axis: int, distance_mm: float, allow
     judged = np.zeros(len(cases))
     for a, w in enumerate(weights):
         m = replace(model, label_weight=w)
-        for c, (pos, sc, probs, truth) in enumerate(cases):
-            per_case[a, c], judged[c] = truth_log_likelihood(pos, sc, probs, truth, cc_axis, distance_mm, allowed, m)
+        for c, (pos, sc, probs, gt) in enumerate(cases):
+            per_case[a, c], judged[c] = truth_log_likelihood(pos, sc, probs, gt, cc_axis, distance_mm, allowed, m)
     n = max(float(judged.sum()), 1.0)
     mean = per_case.sum(1) / n
     best = int(np.argmax(mean))

@@ -289,8 +289,10 @@ def calibrate_quietly(model_dir, device: str = "cpu", progress: bool = True):
     from spinelm.plans import ModelFolder
     from spinelm.sanity import describe_flip_check, load_flip_check
 
-    if (Path(model_dir) / ORDERING_FILE).is_file():
+    try:
         log.info("%s", describe_ordering(read_json(Path(model_dir) / ORDERING_FILE)))
+    except Exception as exc:  # noqa: BLE001 - logged, not raised, like the calibration itself
+        log.warning("no label weight fitted: %s", exc)
     if ModelFolder(model_dir).plans.has_coarse:
         log.info("header check: %s", describe_flip_check(load_flip_check(model_dir)))
     return cal

@@ -373,7 +373,7 @@ def test_candidate_truth_follows_the_identification_rule():
 
 
 def test_the_fitted_label_weight_trusts_right_labels_and_tempers_confidently_wrong_ones():
-    from spinelm.ordering import LABEL_WEIGHTS, candidate_truth, fit_label_weight
+    from spinelm.ordering import LABEL_WEIGHTS, fit_label_weight
 
     spine, seq = _zigzag_stats()
     m = SpineModel.from_stats(spine)
@@ -381,12 +381,28 @@ def test_the_fitted_label_weight_trusts_right_labels_and_tempers_confidently_wro
     for first in ("T2", "T5", "T8", "C5", "L1"):
         pos, truth = _run(spine, seq, first, 5)
         gt = {L.label_of(t): p for t, p in zip(truth, pos)}
-        t = candidate_truth(pos, gt, 20.0, 11.0)
-        right.append((pos, [0.9] * 5, [onehot(L.label_of(x), 0.8) for x in truth], t))
-        wrong.append((pos, [0.9] * 5, _shifted_evidence(truth, seq), t))
+        right.append((pos, [0.9] * 5, [onehot(L.label_of(x), 0.8) for x in truth], gt))
+        wrong.append((pos, [0.9] * 5, _shifted_evidence(truth, seq), gt))
     w, by_weight = fit_label_weight(right, 2, 22.0, model=m)
     assert w == 1.0
     assert set(by_weight) == set(LABEL_WEIGHTS)
-    w, by_weight = fit_label_weight(wrong, 2, 22.0, model=m)
+    w, _ = fit_label_weight(wrong, 2, 22.0, model=m)
     assert w < 1.0
-    assert by_weight[w]["log_likelihood"] > by_weight[1.0]["log_likelihood"]
+    # the weighted ordering then labels those runs right
+    wm = SpineModel.from_stats(spine)
+    wm.label_weight = w
+    for pos, sc, probs, gt in wrong:
+        assert [lab for _, lab in order_candidates(pos, sc, probs, cc_axis=2, distance_mm=22.0, model=wm)] == list(gt)
+
+
+def test_the_annotated_reading_is_judged_among_the_candidates_that_survive_suppression():
+    from spinelm.ordering import truth_log_likelihood
+
+    # a weak peak right on L1 and a strong one 8 mm off it: suppression keeps the strong one, which is
+    # then the L1 of the annotated reading (not a false positive to drop)
+    gt = {N["L1"]: np.array([0.0, 0.0, 0.0]), N["L2"]: np.array([0.0, 0.0, -35.0])}
+    pos = np.array([[0.0, 1.0, 0.0], [0.0, 8.0, 0.0], [0.0, 0.0, -35.0]])
+    probs = [onehot(N["L1"], 0.9), onehot(N["L1"], 0.9), onehot(N["L2"], 0.9)]
+    total, judged = truth_log_likelihood(pos, [0.3, 0.9, 0.9], probs, gt, cc_axis=2, distance_mm=35.0,
+                                         allowed=LUMBAR, model=model())
+    assert judged == 2 and total > np.log(0.5)  # both survivors judged, and both read as annotated

@@ -502,10 +502,13 @@ def test_calibration_learns_the_flip_check_that_prediction_then_uses(trained_mod
     ordering = json.loads((model / "ordering.json").read_text())
     assert ordering["label_weight"] in LABEL_WEIGHTS and ordering["fitted_on"]["cases"] == n_val
     assert set(map(float, ordering["fitted_on"]["weights"])) == set(LABEL_WEIGHTS)
-    predictor = Predictor.from_model_folder(model, folds=[0])
-    assert predictor.plans.spine_model().label_weight == ordering["label_weight"]
-    assert predictor.describe()["label_weight"] == ordering["label_weight"]
     assert json.loads((model / "calibration.json").read_text())["fitted_on"]["label_weight"] == ordering["label_weight"]
+    ordering["label_weight"] = 0.35  # whatever is stored is what predict orders with, on its own copy of the plan
+    (model / "ordering.json").write_text(json.dumps(ordering))
+    predictor = Predictor.from_model_folder(model, folds=[0])
+    assert predictor.plans.spine_model().label_weight == 0.35 and predictor.describe()["label_weight"] == 0.35
+    (model / "ordering.json").unlink()
+    assert Predictor.from_model_folder(model, folds=[0]).plans.spine_model().label_weight == 1.0
 
 
 def test_the_plan_carries_column_shape_limits_that_the_annotated_columns_pass(trained_model, phantom_dataset):
