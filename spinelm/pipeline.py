@@ -274,8 +274,12 @@ def calibrate_quietly(model_dir, device: str = "cpu", progress: bool = True):
 
     try:
         cal = calibrate(model_dir, device=device, progress=progress)
-    except Exception as exc:  # noqa: BLE001 - training results stay valid without confidences
+    except (FileNotFoundError, ValueError) as exc:  # e.g. no trained fold, no validation vertebra
         log.warning("no calibration: %s", exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - training results stay valid without confidences; a bug, so the trace
+        log.warning("no calibration (%s: %s); run 'spinelm calibrate %s' to retry", type(exc).__name__, exc, model_dir,
+                    exc_info=True)
         return None
     f = cal.fitted_on
     held = (f"; held-out expected calibration error {f['held_out_ece']:.3f} (each fold scored by a fit on the "
