@@ -343,10 +343,11 @@ def describe_ordering(doc: dict) -> str:
         got = (by.get(x) or {}).get("identified", "?")
         return f"{got}/{n}" if n else str(got)
 
-    what = (f"the network's label probabilities weighed fully (the annotated readings of {f.get('cases', '?')} validation cases "
-            f"are most probable so)" if w == 1.0 else
+    cases = f.get("cases", "?")
+    what = (f"the network's label probabilities weighed fully (the annotated readings of {cases} validation "
+            f"cases are most probable so)" if w == 1.0 else
             f"the network's label probabilities weighed {w:g} against the column's geometry (raised to the power "
-            f"{w:g}; the annotated readings of {f.get('cases', '?')} validation cases are most probable so)")
+            f"{w:g}; the annotated readings of {cases} validation cases are most probable so)")
     return f"ordering: {what}; validation vertebrae identified {ident(w)} with it, {ident(1.0)} weighed fully"
 
 
@@ -411,8 +412,9 @@ def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", pr
     check orders at weight 1 always, so it does not depend on the fit). With two or more folds the
     calibration also records the held-out figure (``fitted_on.held_out_ece``): each fold's vertebrae
     scored by a model fitted on the other folds (:func:`cross_fitted`), the error to expect on new scans
-    (the label weight itself is fitted on all folds' validation cases, so it is not held out). ``ordering.json`` keeps, for every weight tried, its log-likelihood and how
-    many annotated validation vertebrae it identifies."""
+    (the label weight itself is fitted on all folds' validation cases, so it is not held out).
+    ``ordering.json`` keeps, for every weight tried, its log-likelihood and how many annotated
+    validation vertebrae it identifies."""
     from dataclasses import replace
 
     from spinelm.inference import order_labelled

@@ -664,7 +664,9 @@ class Predictor:
         spacing = self.plans.configuration("coarse").spacing
         # at the full label weight whatever the ordering's fit: the header check's thresholds are learned
         # on validation scans before the weight is fitted, and must mean the same at prediction
-        model = replace(self.plans.spine_model(), label_weight=1.0)
+        model = self.plans.spine_model()
+        if model.label_weight != 1.0:
+            model = replace(model, label_weight=1.0)
         rows = []
         variants = [("stored", "as stored", np.asarray(data, np.float32))]
         variants += [v for v in turned_arrays(np.asarray(data, np.float32), self.plans.cc_axis, spacing, frame,
