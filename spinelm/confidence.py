@@ -302,10 +302,14 @@ def case_record(fold: int, case: str, labelled, gt: dict, distance_mm: float) ->
     return fold, case, vertebra_features(labelled, distance_mm)[known], identified[known], len(gt)
 
 
-def fit_ordering(model_dir, labelled: list) -> dict:
+def fit_ordering(model_dir, labelled: list) -> tuple[dict, list]:
     """Fit the ordering's weight of the label evidence (:func:`spinelm.ordering.fit_label_weight`) on
     validation cases (``(fold, case, labelled, annotated centres)``, from :func:`collect`) and store it
-    in ``MODEL/ordering.json``; returns what was stored."""
+    in ``MODEL/ordering.json``; returns what was stored, and the cases ordered again with the fitted
+    weight (``(fold, case, labelled, annotated centres)``)."""
+    from dataclasses import replace
+
+    from spinelm.inference import order_labelled
     from spinelm.io.files import write_json_atomic
     from spinelm.ordering import fit_label_weight
     from spinelm.plans import ModelFolder
@@ -314,22 +318,22 @@ def fit_ordering(model_dir, labelled: list) -> dict:
     cases = [(lab.candidate_world_mm, [c.score for c in lab.candidates], [c.label_probs for c in lab.candidates], gt)
              for _, _, lab, gt in labelled]
     weight, by_weight = fit_label_weight(cases, 2, plans.distance_mm, plans.known_labels, plans.spine_model())
-    from dataclasses import replace
-
-    from spinelm.inference import order_labelled
-
+    chosen = []
     for w, entry in by_weight.items():  # what each weight does to the validation cases' labels
         spine = replace(plans.spine_model(), label_weight=w)
-        flags = [judged_flags(order_labelled(lab.candidates, lab.candidate_world_mm, plans, spine), gt)
-                 for _, _, lab, gt in labelled]
-        entry["identified"] = int(sum(int(np.sum(ok & known)) for ok, known in flags))
+        ordered = [(f, c, order_labelled(lab.candidates, lab.candidate_world_mm, plans, spine), gt)
+                   for f, c, lab, gt in labelled]
+        entry["identified"] = int(sum(int(np.sum(ok & known)) for ok, known in
+                                      (judged_flags(lab, gt) for _, _, lab, gt in ordered)))
+        if w == weight:
+            chosen = ordered
     n_gt = int(sum(len(gt) for *_, gt in labelled))
     doc = {"format": "spinelm-ordering", "version": 1, "label_weight": weight,
            "fitted_on": {"cases": len(cases), "folds": sorted({f for f, *_ in labelled}), "annotated_vertebrae": n_gt,
                          "criterion": "mean log posterior of the annotated reading per candidate",
                          "weights": {str(w): v for w, v in by_weight.items()}}}
     write_json_atomic(Path(model_dir) / ORDERING_FILE, doc)
-    return doc
+    return doc, chosen
 
 
 def describe_ordering(doc: dict) -> str:
@@ -415,9 +419,6 @@ def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", pr
     (the label weight itself is fitted on all folds' validation cases, so it is not held out).
     ``ordering.json`` keeps, for every weight tried, its log-likelihood and how many annotated
     validation vertebrae it identifies."""
-    from dataclasses import replace
-
-    from spinelm.inference import order_labelled
     from spinelm.io.files import write_json_atomic
     from spinelm.plans import ModelFolder
     from spinelm.sanity import FLIP_CHECK_FILE
@@ -429,11 +430,9 @@ def calibrate(model_dir, folds: list[int] | None = None, device: str = "cpu", pr
         write_json_atomic(Path(model_dir) / FLIP_CHECK_FILE, orientation_check([rows for _, rows in flips]))
     info = {}
     if labelled:  # the confidence is fitted on the labels the fitted ordering gives
-        ordering = fit_ordering(model_dir, labelled)
-        plans = ModelFolder(model_dir).plans
-        spine = replace(plans.spine_model(), label_weight=ordering["label_weight"])
-        records = [case_record(f, c, order_labelled(lab.candidates, lab.candidate_world_mm, plans, spine), gt,
-                               plans.distance_mm) for f, c, lab, gt in labelled]
+        ordering, ordered = fit_ordering(model_dir, labelled)
+        distance_mm = ModelFolder(model_dir).plans.distance_mm
+        records = [case_record(f, c, lab, gt, distance_mm) for f, c, lab, gt in ordered]
         info["label_weight"] = ordering["label_weight"]
     x, y = _stack(records)
     if len({r[0] for r in records}) >= 2 and len(y):
