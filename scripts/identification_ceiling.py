@@ -1,5 +1,5 @@
 """How far could identification go on a held-out set, and what limits it? Labels every scan with
-the model, then re-runs only the anatomical ordering on the same candidates under three readings:
+the model, then re-runs only the anatomical ordering on the same candidates under these readings:
 
 - ``model``: the candidates and label evidence as prediction has them (what ``spinelm evaluate``
   scores);
@@ -11,8 +11,15 @@ the model, then re-runs only the anatomical ordering on the same candidates unde
 - ``true peaks + region only``: the label evidence replaced by a uniform share over the labels of
   the true region: a head that knows each vertebra's region perfectly and nothing finer.
 
-The last row is what counting from region boundaries alone gives: a run that shows no boundary
+- ``true peaks, geometry only``: the true peaks where the network put them, with flat label evidence
+  (the same probability for every label): what the column's distances and step directions alone
+  make of the detected positions;
+- ``annotated centres, geometry only``: the same vertebrae moved to their annotated centres, flat
+  label evidence: what the geometry could do with perfect localisation.
+
+The fourth row is what counting from region boundaries alone gives: a run that shows no boundary
 (e.g. T3-T9 only) can be placed only by finer cues (sizes, spacings), so it stays ambiguous there.
+The last two tell localisation noise from what the geometry cannot know.
 
     python scripts/identification_ceiling.py MODEL_DIR HELD_OUT [--fold 0] [--radius 10]
 
@@ -58,7 +65,9 @@ def main(argv=None) -> int:
     pr = Predictor.from_model_folder(a.model, folds=None if a.fold is None else [a.fold])
     plans = pr.plans
     held = Path(a.held_out)
-    rows = {"model": [], "true peaks": [], "true peaks + region": [], "true peaks + region only": []}
+    rows = {"model": [], "true peaks": [], "true peaks + region": [], "true peaks + region only": [],
+            "true peaks, geometry only": [], "annotated centres, geometry only": []}
+    flat = {lab: 1.0 / len(plans.known_labels) for lab in plans.known_labels}
     for scan in collect_inputs(held / "imagesTr", plans.n_channels):
         if scan.error:
             print(f"{scan.case_id}: skipped ({scan.error})", file=sys.stderr)
@@ -79,22 +88,27 @@ def main(argv=None) -> int:
             "true peaks + region": (true, [region_evidence(gt_labels[nearest[i]], lab.candidates[i].label_probs)
                                            for i in true]),
             "true peaks + region only": (true, [region_evidence(gt_labels[nearest[i]]) for i in true]),
+            "true peaks, geometry only": (true, [flat] * len(true)),
+            "annotated centres, geometry only": (true, [flat] * len(true)),
         }
+        at_centres = world.copy()
+        at_centres[true] = gt_pos[[nearest[i] for i in true]]
         line = [scan.case_id, "-".join(L.name_of(k) for k in (gt_labels[0], gt_labels[-1]))]
         for name, (idx, probs) in readings.items():
-            ordered = order_candidates(world[idx], [lab.candidates[i].score for i in idx], probs, cc_axis=2,
+            where = at_centres if name.startswith("annotated") else world
+            ordered = order_candidates(where[idx], [lab.candidates[i].score for i in idx], probs, cc_axis=2,
                                        distance_mm=plans.distance_mm, superior_is_positive=True,
                                        allowed=plans.known_labels, model=plans.spine_model()) if idx else []
-            pred = {label: world[idx[j]] for j, label in ordered}
+            pred = {label: where[idx[j]] for j, label in ordered}
             res = identification(pred, gt)
             rows[name].append(res)
             line.append(f"{name}: {len(res['identified'])}/{res['n_gt']}")
         print("  ".join(line), flush=True)
-    print(f"\n{'reading':26s} {'id rate':>8s} {'shifted':>8s}  by region")
+    print(f"\n{'reading':34s} {'id rate':>8s} {'shifted':>8s}  by region")
     for name, res in rows.items():
         s = summarise(res)
         regions = ", ".join(f"{k} {v['id_rate']:.2f}" for k, v in s["by_region"].items())
-        print(f"{name:26s} {s['id_rate']:8.3f} {s['n_cases_level_shifted']:>4d}/{s['n_cases']:<3d}  {regions}")
+        print(f"{name:34s} {s['id_rate']:8.3f} {s['n_cases_level_shifted']:>4d}/{s['n_cases']:<3d}  {regions}")
     return 0
 
 
