@@ -307,8 +307,6 @@ def fit_ordering(model_dir, labelled: list) -> tuple[dict, list]:
     validation cases (``(fold, case, labelled, annotated centres)``, from :func:`collect`) and store it
     in ``MODEL/ordering.json``; returns what was stored, and the cases ordered again with the fitted
     weight (``(fold, case, labelled, annotated centres)``)."""
-    from dataclasses import replace
-
     from spinelm.inference import order_labelled
     from spinelm.io.files import write_json_atomic
     from spinelm.ordering import fit_label_weight
@@ -320,7 +318,7 @@ def fit_ordering(model_dir, labelled: list) -> tuple[dict, list]:
     weight, by_weight = fit_label_weight(cases, 2, plans.distance_mm, plans.known_labels, plans.spine_model())
     chosen = []
     for w, entry in by_weight.items():  # what each weight does to the validation cases' labels
-        spine = replace(plans.spine_model(), label_weight=w)
+        spine = plans.spine_model().weighted(w)
         ordered = [(f, c, order_labelled(lab.candidates, lab.candidate_world_mm, plans, spine), gt)
                    for f, c, lab, gt in labelled]
         entry["identified"] = int(sum(int(np.sum(ok & known)) for ok, known in

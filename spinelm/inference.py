@@ -659,14 +659,10 @@ class Predictor:
         one (:func:`spinelm.sanity.turned_over_reasons`). ``stored_outputs``: the coarse outputs on
         ``data`` when the prediction already has them (not computed again); ``keys``: only these turned
         orientations (e.g. ``("flip",)``; default all)."""
-        from dataclasses import replace
-
         spacing = self.plans.configuration("coarse").spacing
         # at the full label weight whatever the ordering's fit: the header check's thresholds are learned
         # on validation scans before the weight is fitted, and must mean the same at prediction
-        model = self.plans.spine_model()
-        if model.label_weight != 1.0:
-            model = replace(model, label_weight=1.0)
+        model = self.plans.spine_model().weighted(1.0)
         rows = []
         variants = [("stored", "as stored", np.asarray(data, np.float32))]
         variants += [v for v in turned_arrays(np.asarray(data, np.float32), self.plans.cc_axis, spacing, frame,

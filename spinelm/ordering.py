@@ -50,7 +50,7 @@ confidence uses (:mod:`spinelm.confidence`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 
 import numpy as np
@@ -216,6 +216,15 @@ class SpineModel:
     label_weight: float = 1.0
     #: :meth:`transition_tables` by label span and priors (the distance statistics are fixed once used)
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def weighted(self, label_weight: float) -> "SpineModel":
+        """This model with another weight of the label evidence; the transition tables do not depend on
+        the weight, so the copy shares their cache (``dataclasses.replace`` would start an empty one)."""
+        if float(label_weight) == self.label_weight:
+            return self
+        out = replace(self, label_weight=float(label_weight))
+        out._tables = self._tables
+        return out
 
     def prior_of(self, variant: int) -> float:
         """Prior probability of the transitional vertebra ``variant`` (T13 or L6)."""
@@ -636,14 +645,12 @@ def fit_label_weight(cases: list[tuple], cc_axis: int, distance_mm: float, allow
     it learned well; the validation cases of the training run say which. The choice is
     the plain maximum; the standard error of each weight's difference to the best is returned beside
     it, for the record (the errors come by case: that of a mean over cases)."""
-    from dataclasses import replace
-
     model = model or SpineModel.from_stats(None, default_distance_mm=distance_mm)
     weights = [float(w) for w in weights]
     per_case = np.zeros((len(weights), len(cases)))
     judged = np.zeros(len(cases))
     for a, w in enumerate(weights):
-        m = replace(model, label_weight=w)
+        m = model.weighted(w)
         for c, (pos, sc, probs, gt) in enumerate(cases):
             per_case[a, c], judged[c] = truth_log_likelihood(pos, sc, probs, gt, cc_axis, distance_mm, allowed, m)
     n = max(float(judged.sum()), 1.0)

@@ -406,3 +406,13 @@ def test_the_annotated_reading_is_judged_among_the_candidates_that_survive_suppr
     total, judged = truth_log_likelihood(pos, [0.3, 0.9, 0.9], probs, gt, cc_axis=2, distance_mm=35.0,
                                          allowed=LUMBAR, model=model())
     assert judged == 2 and total > np.log(0.5)  # both survivors judged, and both read as annotated
+
+
+def test_a_reweighted_model_keeps_the_original_and_its_tables():
+    from spinelm.ordering import SpineModel, label_range
+
+    model = SpineModel.from_stats(None, default_distance_mm=30.0)
+    tables = model.transition_tables(label_range([20, 21, 22, 23, 24]))
+    light = model.weighted(0.25)
+    assert light.label_weight == 0.25 and model.label_weight == 1.0 and model.weighted(1.0) is model
+    assert light.transition_tables(label_range([20, 21, 22, 23, 24])) is tables  # not built again
