@@ -239,6 +239,8 @@ def cmd_predict(args) -> int:
                                masks=args.masks)
     print(f"{report.done} labelled, {report.skipped} already done, {len(report.failed)} failed; "
           f"summary: {report.summary_csv}")
+    if report.timing_line():
+        print(report.timing_line())
     for case, msg in report.failed:
         print(f"  failed {case}: {msg}")
     return 0 if report.ok else 1

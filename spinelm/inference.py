@@ -430,6 +430,7 @@ class CaseResult:
     labelled: Labelled | None = None
     qc_reasons: list = field(default_factory=list)  # plain-words reasons to review (spinelm.sanity)
     turned: list = field(default_factory=list)  # evidence of the turned-over comparison (Predictor.turned_over)
+    stages: dict = field(default_factory=dict)  # seconds per stage (spinelm.io.outputs.STAGES) it ran
     coarse_outputs: dict | None = field(default=None, repr=False)  # the coarse stage's outputs on the scan as stored
 
 
@@ -624,22 +625,35 @@ class Predictor:
         brings it to the canonical grid.
         """
         t0 = time.perf_counter()
+        stages = dict.fromkeys(("network", "order", "mask", "classes"), 0.0)
+        clock = time.perf_counter()
+
+        def lap(name):
+            nonlocal clock
+            now = time.perf_counter()
+            stages[name] += now - clock
+            clock = now
+
         pred = self.network_outputs(torch.as_tensor(np.asarray(data)))
         coarse_out = None
         if self.uses_coarse:
             if coarse is None:
                 raise ValueError("this model has a coarse identification stage: pass the scan preprocessed for it")
             coarse_out = (self.network_outputs(torch.as_tensor(np.asarray(coarse[0])), "coarse"), coarse[1])
+        lap("network")
         lab = postprocess(pred, self.plans, frame, self.configuration, coarse_out,
                           self.level_reader(data, frame, coarse))
+        lap("order")
         mask = None
         if with_mask and "segmentation" in pred:
             spacing = np.asarray(self.plans.configuration(self.configuration).spacing)
             vox = np.asarray([c.position for c in lab.candidates]).reshape(-1, 3)
             mask = self._instances(pred["segmentation"], vox[lab.kept] * spacing, lab.labels, spacing)
+        lap("mask")
         landmarks = lab.landmarks()
         if self.classifier is not None and mask is not None:
             landmarks = self.classify(landmarks, data, mask)
+        lap("classes")
         if self.calibration is not None and landmarks:
             from spinelm.confidence import vertebra_features
 
@@ -647,8 +661,10 @@ class Predictor:
 
             conf = self.calibration(vertebra_features(lab, self.plans.distance_mm))
             landmarks = [replace(lm, confidence=float(c)) for lm, c in zip(landmarks, conf)]
+        lap("order")
         stored = coarse_out[0] if coarse_out is not None else pred if self.configuration == "coarse" else None
-        return CaseResult(landmarks, mask, len(lab.candidates), time.perf_counter() - t0, lab, coarse_outputs=stored)
+        return CaseResult(landmarks, mask, len(lab.candidates), time.perf_counter() - t0, lab, coarse_outputs=stored,
+                          stages=stages)
 
     def turned_over(self, data, frame: Frame, stored_outputs: dict | None = None,
                     keys: tuple | None = None) -> list[dict]:
@@ -702,8 +718,10 @@ class Predictor:
         landmarks = centroids_from_mask(mask, geometry)
         data, seg, _ = run_preprocessor(image, geometry.array_spacing, self.plans, self.configuration,
                                         np.clip(mask, 0, None)[None].astype(np.int16))
+        t1 = time.perf_counter()
         landmarks = self.classify(landmarks, data, np.asarray(seg[0]))
-        return CaseResult(landmarks, np.asarray(mask).astype(np.int16), 0, time.perf_counter() - t0)
+        return CaseResult(landmarks, np.asarray(mask).astype(np.int16), 0, time.perf_counter() - t0,
+                          stages={"preprocess": t1 - t0, "classes": time.perf_counter() - t1})
 
     def check_memory(self, geometry, path: str = "scan") -> None:
         """Refuse, before any resampling, a scan whose prediction would not fit in memory."""
@@ -731,15 +749,20 @@ class Predictor:
         self.check_memory(geometry, path)
         header = header_reasons(np.asarray(geometry.size) * np.asarray(geometry.spacing),
                                 self.plans.raw.get("scan_extent_mm"))
+        t1 = time.perf_counter()
         data, frame, info = self.preprocess(image, geometry)
         coarse = self.preprocess(image, geometry, "coarse")[:2] if self.uses_coarse else None
+        preprocess_s = time.perf_counter() - t1
         result = self.predict_preprocessed(data, frame, coarse=coarse)
+        t1 = time.perf_counter()
+        if result.instance_mask is not None:
+            result.instance_mask = self._to_canonical_grid(result.instance_mask, info, geometry.shape)
+        result.stages["mask"] += time.perf_counter() - t1
+        t1 = time.perf_counter()
         turned = []
         if self.turned_check and self.plans.has_coarse and (coarse is not None or self.configuration == "coarse"):
             turned = self.turned_over(*(coarse if coarse is not None else (data, frame)), result.coarse_outputs)
         result.coarse_outputs = None  # not kept with the result
-        if result.instance_mask is not None:
-            result.instance_mask = self._to_canonical_grid(result.instance_mask, info, geometry.shape)
         result.qc_reasons = header
         lab = result.labelled
         result.qc_reasons += orientation_reasons(lab.candidate_world_mm, [c.label_probs for c in lab.candidates],
@@ -748,6 +771,7 @@ class Predictor:
         result.qc_reasons += column_reasons(result.landmarks, self.plans.raw.get("spine"))
         result.qc_reasons += confidence_reasons(result.landmarks)
         result.turned = turned
+        result.stages = {"preprocess": preprocess_s, **result.stages, "check": time.perf_counter() - t1}
         result.seconds = time.perf_counter() - t0
         return result
 

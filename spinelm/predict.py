@@ -30,6 +30,17 @@ class BatchReport:
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     summary_csv: Path | None = None
+    stage_seconds: dict = field(default_factory=dict)  # summed over the scans labelled in this run
+    peak_memory_gb: float | None = None  # this process's peak resident memory
+
+    def timing_line(self) -> str:
+        """One line: seconds per labelled scan and the share of each stage, e.g. for the end of a run."""
+        total = sum(self.stage_seconds.values())
+        if not self.done or total <= 0:
+            return ""
+        shares = ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in self.stage_seconds.items() if v / total >= 0.005)
+        mem = f"; peak memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb else ""
+        return f"{total / self.done:.1f} s per scan ({shares}){mem}"
 
     @property
     def ok(self) -> bool:
@@ -56,9 +67,10 @@ def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike,
     summary_path = out / ("summary.csv" if num_parts == 1 else f"summary_part{part_id}of{num_parts}.csv")
     rows = read_summary(summary_path) if continue_ else {}
     run_info = {"model": predictor.describe(), "arguments": arguments or {}}
-    write_json_atomic(out / ("predict.json" if num_parts == 1 else f"predict_part{part_id}of{num_parts}.json"),
-                      {**run_info, "input": str(Path(input_path).resolve()), "n_scans": len(scans),
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    info_path = out / ("predict.json" if num_parts == 1 else f"predict_part{part_id}of{num_parts}.json")
+    info = {**run_info, "input": str(Path(input_path).resolve()), "n_scans": len(scans),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json_atomic(info_path, info)
     report = BatchReport(summary_csv=summary_path)
     if not scans:
         log.warning("%s: no image files found (endings %s)%s", input_path, ", ".join(IMAGE_ENDINGS),
@@ -76,12 +88,15 @@ def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike,
             if scan.error:
                 raise ScanError(scan.error)
             image, geom, original = read_scan(scan.paths)
+            read_s = time.perf_counter() - t0
             if masks is not None:
                 result = predictor.grade_masks(image, geom, _read_user_mask(masks, scan.case_id, geom),
                                                str(scan.paths[0]))
             else:
                 result = predictor.predict_array(image, geom, str(scan.paths[0]))
+            t1 = time.perf_counter()
             write_case_outputs(out, scan.case_id, result, image, geom, original, scan.paths, run_info, qc)
+            stages = {"read": read_s, **result.stages, "write": time.perf_counter() - t1}
         except (ScanError, OSError, ValueError, RuntimeError, MemoryError) as exc:
             msg = str(exc).replace("\n", " ")
             print(f"ERROR {msg}", file=sys.stderr)
@@ -91,17 +106,35 @@ def predict_directory(input_path: str | os.PathLike, out_dir: str | os.PathLike,
                                   "input": str(scan.paths[0])}
         else:
             report.done += 1
+            for k, v in stages.items():
+                report.stage_seconds[k] = report.stage_seconds.get(k, 0.0) + v
             rows[scan.case_id] = {"case": scan.case_id, "status": "done", "n_vertebrae": len(result.landmarks),
                                   "labels": " ".join(lm.name for lm in result.landmarks),
                                   "classes": class_counts(result.landmarks),
                                   "qc": "review" if result.qc_reasons else "ok",
                                   "qc_reasons": "; ".join(result.qc_reasons),
                                   "seconds": f"{time.perf_counter() - t0:.2f}", "error": "",
-                                  "input": str(scan.paths[0])}
+                                  "input": str(scan.paths[0]),
+                                  **{f"seconds_{k}": f"{v:.2f}" for k, v in stages.items()}}
         write_summary(summary_path, rows)
     bar.close()
     write_summary(summary_path, rows)
+    report.peak_memory_gb = _peak_memory_gb()
+    write_json_atomic(info_path, {**info, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "labelled": report.done,
+                                  "skipped": report.skipped, "failed": len(report.failed),
+                                  "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},
+                                  "peak_memory_gb": report.peak_memory_gb})
     return report
+
+
+def _peak_memory_gb() -> float | None:
+    """Peak resident memory of this process in GB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20, 2)
 
 
 def _read_user_mask(folder: str | os.PathLike, case: str, geometry):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from spinelm.cli import main
 from spinelm.io.image import Geometry
 from spinelm.io.landmarks import read_landmarks
+from spinelm.io.outputs import STAGES
 from spinelm.predict import Predictor, ScanError, collect_inputs, predict_directory, read_scan
 
 
@@ -119,7 +121,8 @@ def test_batch_with_broken_files_labels_the_good_ones_and_lists_the_bad(trained_
     out = tmp_path / "out"
     rc = main(["predict", "-i", str(inp), "-o", str(out), "-m", str(trained_model), "--no-progress"])
     assert rc == 1
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "trunc_0000.nii.gz" in err and "flat_0000.nii.gz" in err
     rows = {r["case"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert {rows[c]["status"] for c in ("trunc", "flat")} == {"failed"}
@@ -137,6 +140,17 @@ def test_batch_with_broken_files_labels_the_good_ones_and_lists_the_bad(trained_
     assert not list(out.glob(".tmp-*"))  # nothing half-written left behind
     run = json.loads((out / "predict.json").read_text())
     assert run["arguments"]["model"] == str(trained_model)
+    # where the time went: every stage of a labelled scan timed, together nearly all of its seconds
+    # (what a throughput estimate for a large batch is built from)
+    for g in good:
+        row = rows[g.name[: -len("_0000.nii.gz")]]
+        stages = {k: float(row[f"seconds_{k}"]) for k in STAGES if row[f"seconds_{k}"] != ""}
+        assert set(stages) == set(STAGES)
+        assert stages["network"] > 0 and 0.8 * float(row["seconds"]) <= sum(stages.values()) <= float(row["seconds"]) + 0.05
+    assert rows["trunc"]["seconds_network"] == ""
+    assert run["labelled"] == 2 and run["failed"] == 2 and set(run["stage_seconds"]) >= {"read", "network", "write"}
+    assert run["peak_memory_gb"] > 0
+    assert re.search(r"\d s per scan \(.*network \d+ %.*\); peak memory", captured.out), captured.out
     # --continue: only the failed ones are tried again
     before = (out / f"{good[0].name[:-12]}_ctd.json").stat().st_mtime_ns
     rc = main(["predict", "-i", str(inp), "-o", str(out), "-m", str(trained_model), "--no-progress", "--continue"])
@@ -331,15 +345,15 @@ def test_two_parts_in_two_processes_merge_to_what_one_process_writes(trained_mod
     merged = {r["case"]: r for r in csv.DictReader(open(split / "summary.csv"))}
     assert one.keys() == merged.keys() and len(one) == len(list(inp.glob("*_0000.nii.gz")))
     for case in one:
-        assert {k: v for k, v in one[case].items() if k != "seconds"} == \
-            {k: v for k, v in merged[case].items() if k != "seconds"}
+        assert {k: v for k, v in one[case].items() if not k.startswith("seconds")} == \
+            {k: v for k, v in merged[case].items() if not k.startswith("seconds")}
         a, b = read_landmarks(tmp_path / "one" / f"{case}_ctd.json"), read_landmarks(split / f"{case}_ctd.json")
         assert [lm.label for lm in a] == [lm.label for lm in b]
         assert np.allclose([lm.position_mm for lm in a], [lm.position_mm for lm in b], atol=1e-3)
 
 
 def test_merge_reports_a_part_that_never_ran(tmp_path, capsys):
-    from spinelm.io.outputs import write_summary
+    from spinelm.io.outputs import STAGES, write_summary
 
     write_summary(tmp_path / "summary_part0of3.csv", {"a": {"case": "a", "status": "done"},
                                                       "b": {"case": "b", "status": "failed", "error": "unreadable"}})

@@ -21,8 +21,15 @@ import numpy as np
 from spinelm.io.files import write_text_atomic
 from spinelm.io.image import Geometry
 
-SUMMARY_FIELDS = ["case", "status", "n_vertebrae", "labels", "classes", "qc", "qc_reasons", "seconds", "error",
-                  "input"]
+# the stages of one scan's prediction, in order, timed in CaseResult.stages and written to summary.csv as
+# seconds_STAGE after the total: read the file(s); resample and normalise (both stages); the networks'
+# sliding windows (fine and coarse); decode the peaks, read the level head at them, order the run and
+# the confidence; the instance mask; the class head; the header check (the coarse stage on the turned
+# scan) and the QC reasons; write the outputs
+STAGES = ("read", "preprocess", "network", "order", "mask", "classes", "check", "write")
+STAGE_FIELDS = [f"seconds_{s}" for s in STAGES]
+SUMMARY_FIELDS = ["case", "status", "n_vertebrae", "labels", "classes", "qc", "qc_reasons", "seconds", *STAGE_FIELDS,
+                  "error", "input"]
 
 
 def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
