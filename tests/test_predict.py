@@ -151,6 +151,14 @@ def test_batch_with_broken_files_labels_the_good_ones_and_lists_the_bad(trained_
     assert run["labelled"] == 2 and run["failed"] == 2 and set(run["stage_seconds"]) >= {"read", "network", "write"}
     assert run["peak_memory_gb"] > 0
     assert re.search(r"\d s per scan \(.*network \d+ %.*\); peak memory", captured.out), captured.out
+    # the throughput script reads the same files
+    import subprocess
+    import sys
+
+    thr = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "throughput.py"),
+                          str(out), "--scans", "1000", "--workers", "10"], capture_output=True, text=True)
+    assert thr.returncode == 0 and "2 labelled scans" in thr.stdout and "network" in thr.stdout, thr.stderr
+    assert "1000 such scans" in thr.stdout and "peak memory" in thr.stdout
     # --continue: only the failed ones are tried again
     before = (out / f"{good[0].name[:-12]}_ctd.json").stat().st_mtime_ns
     rc = main(["predict", "-i", str(inp), "-o", str(out), "-m", str(trained_model), "--no-progress", "--continue"])
