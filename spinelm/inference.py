@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from spinelm.io.image import Frame
 from spinelm.network import split_heads
-from spinelm.sanity import (column_reasons, confidence_reasons, header_reasons, orientation_reasons,
+from spinelm.sanity import (column_reasons, confidence_reasons, end_reasons, header_reasons, orientation_reasons,
                             turned_over_reasons)
 
 log = logging.getLogger(__name__)
@@ -769,6 +769,7 @@ class Predictor:
                                                  lab.kept, level_order=not turned)
         result.qc_reasons += turned_over_reasons(turned, flip_check=self.flip_check)
         result.qc_reasons += column_reasons(result.landmarks, self.plans.raw.get("spine"))
+        result.qc_reasons += end_reasons(result.landmarks, geometry, self.plans.raw.get("spine"))
         result.qc_reasons += confidence_reasons(result.landmarks)
         result.turned = turned
         result.stages = {"preprocess": preprocess_s, **result.stages, "check": time.perf_counter() - t1}

@@ -224,3 +224,29 @@ def test_a_broken_flip_check_file_is_ignored_with_a_warning_naming_it(tmp_path, 
 
     (tmp_path / FLIP_CHECK_FILE).write_text(json.dumps(fit_flip_check([])))
     assert load_flip_check(tmp_path)["format"] == "spinelm-orientation"
+
+
+def test_a_run_that_stops_where_the_scan_still_shows_the_column_names_the_missed_end_vertebra():
+    from spinelm.io.image import Geometry
+    from spinelm.sanity import end_reasons
+
+    spine = _spine_section()
+    case = _lumbar_case(np.random.default_rng(5))  # T11 at z = 0 down to L5 at z = -210 mm
+    found = {lab: p for lab, p in case.items() if L.name_of(lab) not in ("T11", "L5")}  # T12-L4 found
+
+    def box(z_top, z_bottom):  # a 1 mm grid from x, y = -60..60 mm and z_bottom..z_top (LPS, axial slices)
+        return Geometry(size=(121, 121, int(z_top - z_bottom) + 1), spacing=(1.0, 1.0, 1.0),
+                        origin=(-60.0, -60.0, float(z_bottom)), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+    reasons = end_reasons(_landmarks(found), box(80, -290), spine)  # the scan shows T10 to the sacrum
+    assert len(reasons) == 2
+    assert "above T12" in reasons[0] and reasons[0].endswith("T11 missed?")
+    assert "below L4" in reasons[1] and reasons[1].endswith("L5 missed?")
+    # the scan cuts through T11 and L5 (their centres under one step inside): the run ends with the scan
+    assert end_reasons(_landmarks(found), box(10, -220), spine) == []
+    # T11-L5 all found (the training runs show nothing beyond them), or no offsets in the plan (older
+    # models): nothing to say
+    assert end_reasons(_landmarks(case), box(80, -290), spine) == []
+    no_offsets = {"consecutive_pairs": {k: {kk: vv for kk, vv in v.items() if kk != "offset_mm_mean"}
+                                        for k, v in spine["consecutive_pairs"].items()}}
+    assert end_reasons(_landmarks(found), box(80, -290), no_offsets) == []
