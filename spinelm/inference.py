@@ -626,7 +626,7 @@ class Predictor:
         """
         t0 = time.perf_counter()
         stages = dict.fromkeys(("network", "order", "mask", "classes"), 0.0)
-        clock = time.perf_counter()
+        clock = t0
 
         def lap(name):
             nonlocal clock

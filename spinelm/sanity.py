@@ -263,7 +263,7 @@ END_MARGIN_STEPS = 1.0
 
 def _inside_mm(world_mm: np.ndarray, geometry) -> float:
     """How far (mm) a world point lies inside the scan's voxel grid (negative: outside)."""
-    index = np.linalg.solve(geometry.matrix, np.asarray(world_mm, float) - np.asarray(geometry.origin, float))
+    index = geometry.world_to_index(world_mm)
     spacing = np.asarray(geometry.spacing, float)
     last = (np.asarray(geometry.size, float) - 1) * spacing
     return float(min((index * spacing).min(), (last - index * spacing).min()))
