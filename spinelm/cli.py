@@ -146,8 +146,17 @@ def _print_folds(results: list[dict], verbose: bool) -> None:
               f"({fin.get('n_identified', 0)}/{fin.get('n_gt', 0)} vertebrae), {fin.get('n_cases_level_shifted', 0)} of "
               f"{fin.get('n_cases', 0)} case(s) level-shifted -> {r['folder']}")
         for k, rnd in enumerate((r.get("self_training") or {}).get("rounds", []), start=1):
-            print(f"  self-training round {k} (after epoch {rnd['epoch']}): {rnd['accepted']} of {rnd['scans']} "
-                  f"unlabelled scans accepted as pseudo-labels")
+            print(f"  self-training round {k} (after epoch {rnd['epoch']}): {rnd.get('examined', rnd['scans'])} of "
+                  f"{rnd['scans']} unlabelled scans labelled in {rnd.get('seconds', 0):.0f} s, "
+                  f"{rnd.get('accepted_now', rnd['accepted'])} accepted; {rnd['accepted']} pseudo-labelled scans in "
+                  f"training")
+        if r.get("coarse_refresh"):
+            c = r["coarse_refresh"]
+            cf = c["final"] or {}
+            print(f"  coarse stage refresh: {c['epochs_run']} epochs in {c['elapsed_s'] / 60:.1f} min on "
+                  f"{c['labelled_runs']} labelled and {c['pseudo_labelled_runs']} pseudo-labelled runs; alone it now "
+                  f"identifies {cf.get('id_rate', float('nan')):.3f} (d_mean {cf.get('d_mean_mm', float('nan')):.2f} "
+                  f"mm); its weights replace the coarse stage's -> {c['folder']}")
         if verbose:
             print(json.dumps(r, indent=1, default=str))
 

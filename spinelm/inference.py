@@ -62,6 +62,17 @@ class Candidate:
         return max(self.label_probs, key=self.label_probs.get)
 
 
+#: Sliding-window tiles go through the network in batches of up to this many voxels (at most
+#: :data:`MAX_TILE_BATCH` tiles): small patches use the cores better several at a time.
+TILE_BATCH_VOXELS = 2 ** 18
+MAX_TILE_BATCH = 8
+
+
+def tile_batch(patch_size) -> int:
+    """How many sliding-window tiles of ``patch_size`` one forward pass takes."""
+    return int(max(1, min(MAX_TILE_BATCH, TILE_BATCH_VOXELS // int(np.prod([int(p) for p in patch_size])))))
+
+
 @torch.no_grad()
 def sliding_window(network: torch.nn.Module, data: torch.Tensor, patch_size, heads: dict, step: float = 0.5,
                    mirror_axes=None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -84,22 +95,25 @@ def sliding_window(network: torch.nn.Module, data: torch.Tensor, patch_size, hea
     gauss = compute_gaussian(tuple(patch_size), sigma_scale=1 / 8, value_scaling_factor=10, dtype=torch.float32,
                              device=torch.device("cpu"))
     steps = compute_steps_for_sliding_window(pshape, patch_size, step)
+    tiles = [(slice(sx, sx + patch_size[0]), slice(sy, sy + patch_size[1]), slice(sz, sz + patch_size[2]))
+             for sx in steps[0] for sy in steps[1] for sz in steps[2]]
+    per_batch = tile_batch(patch_size)
     was_training = network.training
     network.eval()
-    for sx in steps[0]:
-        for sy in steps[1]:
-            for sz in steps[2]:
-                sl = (slice(sx, sx + patch_size[0]), slice(sy, sy + patch_size[1]), slice(sz, sz + patch_size[2]))
-                tile = padded[(slice(None), *sl)][None].to(device)
-                out = _forward(network, tile)
-                if mirror_axes:
-                    n = 1
-                    for ax in mirror_axes:
-                        out = out + torch.flip(_forward(network, torch.flip(tile, (ax + 2,))), (ax + 2,))
-                        n += 1
-                    out = out / n
-                acc[(slice(None), *sl)] += out[0].float().cpu() * gauss
-                weight[sl] += gauss
+    for first in range(0, len(tiles), per_batch):
+        group = tiles[first:first + per_batch]
+        batch = torch.stack([padded[(slice(None), *sl)] for sl in group]).to(device)
+        out = _forward(network, batch)
+        if mirror_axes:
+            n = 1
+            for ax in mirror_axes:
+                out = out + torch.flip(_forward(network, torch.flip(batch, (ax + 2,))), (ax + 2,))
+                n += 1
+            out = out / n
+        out = out.float().cpu()
+        for k, sl in enumerate(group):
+            acc[(slice(None), *sl)] += out[k] * gauss
+            weight[sl] += gauss
     network.train(was_training)
     acc /= weight
     crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, shape))

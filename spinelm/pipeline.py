@@ -77,13 +77,14 @@ def plan_dataset(dataset: str | Path, model_dir: str | Path, device: str | None 
         "channel_names": fp["channel_names"], "file_ending": ds.file_ending,
         "num_training": len(ds.cases), "num_unlabelled": len(ds.unlabelled),
         "labels_seen": fp["spine"]["label_counts"], "source_dataset_json": ds.dataset_json})
-    if ds.unlabelled and unlabelled:
-        from spinelm.semisupervised import plan_self_training
+    from spinelm.semisupervised import add_self_training, without_coarse_refresh
 
-        raw["training"]["self_training"] = plan_self_training(len(ds.unlabelled), len(ds.cases))
-        raw["rationale"].append(raw["training"]["self_training"]["why"])
-    elif ds.unlabelled:
-        raw["rationale"].append(f"{len(ds.unlabelled)} unlabelled scan(s) not used (--no-unlabelled)")
+    if ds.unlabelled and unlabelled:
+        add_self_training(raw, len(ds.unlabelled), len(ds.cases))
+    else:
+        without_coarse_refresh(raw)
+        if ds.unlabelled:
+            raw["rationale"].append(f"{len(ds.unlabelled)} unlabelled scan(s) not used (--no-unlabelled)")
     if init:
         adopt_pretrained_network(raw, init)
     if ds.splits:  # the dataset fixes its folds
@@ -245,7 +246,7 @@ def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> l
     finished (``checkpoint_final``) is not trained again.
     """
     from spinelm.plans import ModelFolder
-    from spinelm.training import TrainSettings, train_fold
+    from spinelm.training import TrainSettings, coarse_refresh_due, refresh_coarse, train_fold
 
     model = ModelFolder(model_dir)
     settings["device"] = detect_device(settings.get("device"))
@@ -261,6 +262,16 @@ def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> l
         result = stage_results.get("fine", {})
         if "coarse" in stage_results:
             result["coarse"] = stage_results["coarse"]
+        s = TrainSettings(fold=f, **settings)
+        if coarse_refresh_due(model, f, s) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            pseudo = (result.get("self_training") or {}).get("cases")
+            if pseudo is None:  # a resumed run whose fine stage had finished: its pseudo-labels are in the cache
+                from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_cases
+
+                pseudo = pseudo_cases(model.cache_dir(), f"{PSEUDO_PREFIX}f{f}__")
+            refreshed = refresh_coarse(model.root, s, pseudo)
+            if refreshed is not None:
+                result["coarse_refresh"] = refreshed
         results.append(result)
     if int(os.environ.get("RANK", "0")) == 0:
         calibrate_quietly(model.root, settings["device"], settings.get("progress", True))

@@ -9,6 +9,10 @@
   keeps only those whose labelling the ordering model accepts as an anatomically valid, confident
   sequence (:func:`accept`); the accepted ones join the training cases of the fine stage
   (self-training, Lee 2013; with the anatomical check of teacher-student vertebra labelling).
+- :func:`coarse_pseudo_labels` hands the fine stage's last accepted pseudo-labels (their centres)
+  to the coarse identification stage, which then trains on for a short refresh: its level head
+  learns from the labelled runs and from every accepted unlabelled run, not from the labelled
+  runs alone.
 
 No SimpleITK at module level: pseudo-labelling runs inside training.
 """
@@ -43,19 +47,67 @@ MIN_LABEL_PROBABILITY = 0.5
 GAP_RANGE = (0.6, 1.6)
 #: Every vertebra of an accepted run owns this many voxels of the instance mask, or more.
 MIN_MASK_VOXELS = 20
+#: A pseudo-labelling round stops after this share of the fine stage's budget (the scans it did not
+#: reach wait for the next round, which takes the unseen ones first): with thousands of unlabelled
+#: scans, labelling them all would take the whole budget.
+ROUND_SHARE = 0.15
+#: With a coarse identification stage, the coarse stage trains on after the fine stage for this
+#: share of its own budget (taken from the fine stage's), on the labelled runs and the fine stage's
+#: accepted pseudo-labels: the level head is otherwise bound by the few labelled runs.
+COARSE_REFRESH_OF_COARSE = 0.5
 
 
-def plan_self_training(n_unlabelled: int, n_labelled: int) -> dict:
-    """The plan's ``training.self_training``: when to pseudo-label the unlabelled scans, and why."""
+def plan_self_training(n_unlabelled: int, n_labelled: int, shares: dict | None = None) -> dict:
+    """The plan's ``training.self_training``: when to pseudo-label the unlabelled scans, and why.
+    With the stage shares of a plan that has a coarse stage (``{"coarse": c, "fine": f}``), also the
+    share of the fold's budget the coarse stage's refresh gets (``coarse_refresh``; the caller moves
+    it from the fine stage's share)."""
     rounds = list(SELF_TRAINING_ROUNDS)
+    refresh = round(COARSE_REFRESH_OF_COARSE * float(shares["coarse"]), 4) if shares and shares.get("coarse") else 0.0
     why = (f"{n_unlabelled} unlabelled scan(s) beside {n_labelled} labelled: self-training. After "
            f"{' and '.join(f'{100 * f:.0f} %' for f in rounds)} of the fine stage's budget the network labels them; "
            f"a scan joins the training cases only when the ordering gives an anatomically valid, confident run "
            f"(>= {MIN_VERTEBRAE} consecutive vertebrae, each label >= {MIN_LABEL_PROBABILITY} probable, even "
-           f"spacing, a mask for each), and the labelled scans keep at least half of the patches. No "
+           f"spacing, a mask for each), and the labelled scans keep at least half of the patches. A round stops "
+           f"after {100 * ROUND_SHARE:.0f} % of the fine stage's budget (the next round takes the scans not yet seen "
+           f"first). No "
            f"pretraining inside the budget (spinelm pretrain runs it separately; --init loads it). "
-           f"--no-unlabelled turns this off")
-    return {"rounds": rounds, "scans": int(n_unlabelled), "why": why}
+           + (f"Then the coarse identification stage trains on for {100 * refresh:.0f} % of the budget (taken from "
+              f"the fine stage) on the labelled runs and the accepted pseudo-labels, so that its level head learns "
+              f"from every accepted run. " if refresh else "")
+           + "--no-unlabelled turns this off")
+    out = {"rounds": rounds, "scans": int(n_unlabelled), "round_share": ROUND_SHARE, "why": why}
+    if refresh:
+        out["coarse_refresh"] = refresh
+    return out
+
+
+def without_coarse_refresh(raw: dict) -> dict:
+    """The plan's stage shares with an earlier coarse refresh's share given back to the fine stage (a
+    plan adopted from a self-training plan, for a run without unlabelled scans); updates ``raw``."""
+    shares = dict(raw.get("budget", {}).get("stage_shares") or {})
+    if "coarse_refresh" in shares:
+        back = float(shares.pop("coarse_refresh"))
+        shares["fine"] = round(float(shares.get("fine", 0.0)) + back, 4)
+        raw["budget"]["stage_shares"] = shares
+    return shares
+
+
+def add_self_training(raw: dict, n_unlabelled: int, n_labelled: int) -> dict:
+    """Give the plan ``raw`` its ``training.self_training`` (:func:`plan_self_training`) and its
+    reason; with a coarse stage, the coarse refresh's share of the budget moves from the fine stage's
+    share to ``budget.stage_shares.coarse_refresh``. Returns the self-training entry."""
+    shares = without_coarse_refresh(raw)
+    coarse = "coarse" in raw["configurations"]
+    st = raw["training"]["self_training"] = plan_self_training(
+        n_unlabelled, n_labelled, {"coarse": shares.get("coarse", 0.25)} if coarse else None)
+    if st.get("coarse_refresh"):
+        shares.setdefault("coarse", 0.25)
+        fine = float(shares.get("fine", 1.0 - float(shares["coarse"])))
+        shares.update({"fine": round(fine - st["coarse_refresh"], 4), "coarse_refresh": st["coarse_refresh"]})
+        raw.setdefault("budget", {})["stage_shares"] = shares
+    raw.setdefault("rationale", []).append(st["why"])
+    return st
 
 
 def _image_digest(paths) -> str:
@@ -250,12 +302,28 @@ def pseudo_cases(cache: Path, prefix: str = PSEUDO_PREFIX) -> list[str]:
     return sorted(p.name[:-5] for p in Path(cache).glob(f"{prefix}*.json"))
 
 
+def round_order(cases: list[str], seen: list[str], seed) -> list[str]:
+    """The order a round labels the unlabelled scans in: those no round has seen first, then the
+    others (each group shuffled with ``seed``), so that rounds cut short by their time cap together
+    reach every scan."""
+    rng = np.random.default_rng(seed)
+    seen_set = set(seen)
+    new, old = [c for c in cases if c not in seen_set], [c for c in cases if c in seen_set]
+    return [new[i] for i in rng.permutation(len(new))] + [old[i] for i in rng.permutation(len(old))]
+
+
 def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_cache: Path | None = None,
-                 prefix: str = PSEUDO_PREFIX, progress: bool = False) -> dict:
-    """Label every preprocessed unlabelled scan of ``unlabelled_cache`` with ``predictor`` and write
+                 prefix: str = PSEUDO_PREFIX, progress: bool = False, max_seconds: float | None = None,
+                 order: list[str] | None = None) -> dict:
+    """Label the preprocessed unlabelled scans of ``unlabelled_cache`` with ``predictor`` (in
+    ``order``, by default the cache's; until ``max_seconds`` have passed, at least one scan) and write
     the accepted ones to the training ``cache`` as ``{prefix}{case}`` (data, segmentation target,
-    centroids), replacing earlier pseudo-labels with that prefix. Returns ``{"accepted": [...],
-    "rejected": {case: reasons}}``."""
+    centroids). An earlier pseudo-label with that prefix is replaced when its scan is labelled again
+    and removed when it is now rejected; one whose scan this round did not reach stays. Returns
+    ``{"accepted": [...] (every pseudo-label in the cache now), "rejected": {case: reasons}, "scans":
+    unlabelled scans, "examined": [scans labelled this round], "new": accepted this round}``."""
+    import time
+
     from tqdm import tqdm
 
     from spinelm.io.image import Frame, Geometry
@@ -264,9 +332,15 @@ def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_c
     unlabelled_cache, cache = Path(unlabelled_cache), Path(cache)
     before = pseudo_cases(cache, prefix)
     cases = read_json(unlabelled_cache / "cache.json")["cases"] if (unlabelled_cache / "cache.json").is_file() else []
+    if order is not None:
+        cases = [c for c in order if c in set(cases)]
     lut = label_lookup(plans.raw)
-    accepted, rejected = [], {}
+    accepted, rejected, examined = [], {}, []
+    t0 = time.perf_counter()
     for case in tqdm(cases, desc="pseudo-labelling", unit="scan", disable=not progress):
+        if max_seconds is not None and examined and time.perf_counter() - t0 > max_seconds:
+            break
+        examined.append(case)
         props = read_json(unlabelled_cache / f"{case}.json")
         data = np.load(unlabelled_cache / f"{case}_data.npy")
         frame = Frame.from_info(Geometry.from_json(props["canonical_geometry"]), plans.transpose_forward, props)
@@ -300,7 +374,53 @@ def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_c
                 np.save(fh, arr)
         write_json_atomic(cache / f"{name}.json", out_props)
         accepted.append(name)
-    for old in set(before) - set(accepted):  # earlier pseudo-labels this round did not confirm
+    redone = {f"{prefix}{c}" for c in examined}
+    for old in (set(before) & redone) - set(accepted):  # earlier pseudo-labels this round did not confirm
         for suffix in (".json", "_data.npy", "_seg.npy"):
             (cache / f"{old}{suffix}").unlink(missing_ok=True)
-    return {"accepted": accepted, "rejected": rejected, "scans": len(cases)}
+    return {"accepted": sorted(set(accepted) | (set(before) - redone)), "rejected": rejected,
+            "scans": len(cases), "examined": examined, "new": accepted}
+
+
+def coarse_pseudo_labels(cache: Path, coarse_unlabelled_cache: Path, coarse_cache: Path, plans, cases: list[str],
+                         prefix: str = PSEUDO_PREFIX) -> list[str]:
+    """Write the fine stage's accepted pseudo-labels ``cases`` (names in the fine ``cache``, each
+    ``{prefix}{scan}``) to the coarse stage's ``coarse_cache`` under the same names: the scan as
+    preprocessed for the coarse stage (from ``coarse_unlabelled_cache``) and the accepted centres
+    mapped to its grid through world coordinates. No mask (``has_mask`` false): the coarse stage's
+    segmentation learns from the labelled scans only; its heatmap and level head learn from the
+    centres. Earlier coarse pseudo-labels with ``prefix`` that are not in ``cases`` are removed.
+    Returns the names written (a scan missing from the coarse cache is left out)."""
+    from spinelm.io.image import Frame, Geometry
+
+    cache, coarse_unlabelled_cache, coarse_cache = Path(cache), Path(coarse_unlabelled_cache), Path(coarse_cache)
+    before = pseudo_cases(coarse_cache, prefix)
+    written = []
+    for name in cases:
+        scan = name[len(prefix):] if name.startswith(prefix) else name
+        src = coarse_unlabelled_cache / f"{scan}.json"
+        if not src.is_file() or not (cache / f"{name}.json").is_file():
+            log.warning("pseudo-label %s has no coarse-stage preprocessing; the coarse refresh leaves it out", name)
+            continue
+        props, cprops = read_json(cache / f"{name}.json"), read_json(src)
+        frame = Frame.from_info(Geometry.from_json(cprops["canonical_geometry"]), plans.transpose_forward, cprops)
+        pos = np.asarray([lm["position_mm"] for lm in props["landmarks"]], float).reshape(-1, 3)
+        vox = frame.from_world(pos)
+        data = np.load(coarse_unlabelled_cache / f"{scan}_data.npy", mmap_mode="r")
+        seg = np.zeros((1, *data.shape[1:]), np.int8)
+        if (coarse_unlabelled_cache / f"{scan}_seg.npy").is_file():  # keep the outside-the-body marker (-1)
+            seg = np.where(np.load(coarse_unlabelled_cache / f"{scan}_seg.npy")[:1] < 0, -1, 0).astype(np.int8)
+        for suffix, arr in (("_data.npy", data), ("_seg.npy", seg)):
+            with atomic_path(coarse_cache / f"{name}{suffix}") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(arr))
+        write_json_atomic(coarse_cache / f"{name}.json", {
+            **cprops, "case": name, "has_mask": False, "partial_mask": False, "landmarks_from_mask": False,
+            "pseudo_label": True, "classes": [],
+            "landmarks": [{"label": int(lm["label"]), "index": [round(float(v), 3) for v in p],
+                           "position_mm": [float(v) for v in lm["position_mm"]]}
+                          for lm, p in zip(props["landmarks"], vox)]})
+        written.append(name)
+    for old in set(before) - set(written):
+        for suffix in (".json", "_data.npy", "_seg.npy"):
+            (coarse_cache / f"{old}{suffix}").unlink(missing_ok=True)
+    return written

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -702,26 +703,35 @@ def _self_training(model: ModelFolder, s: TrainSettings, configuration: str, mai
     return [float(f) for f in plan["rounds"]]
 
 
-def _pseudo_round(run: _Run, model: ModelFolder, configuration: str, coarse, device, epoch: int) -> None:
-    """Pseudo-label the unlabelled scans with the current (averaged) weights; the accepted ones
-    replace the fold's earlier pseudo-labels. The time counts towards the budget."""
+def _pseudo_round(run: _Run, model: ModelFolder, configuration: str, coarse, device, epoch: int,
+                  budget_s: float | None) -> None:
+    """Pseudo-label the unlabelled scans with the current (averaged) weights, for at most the plan's
+    ``round_share`` of the stage's budget (the scans no round has seen first); the accepted ones join
+    or replace the fold's earlier pseudo-labels. The time counts towards the budget."""
     from spinelm.inference import Predictor
-    from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_label
+    from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_label, round_order
 
     t0 = time.perf_counter()
+    share = (model.plans.training.get("self_training") or {}).get("round_share")
     predictor = Predictor.from_network(run.predicting_network, model.plans, device, configuration,
                                        coarse_networks=coarse[0] if coarse else None)
-    res = pseudo_label(predictor, model.unlabelled_cache_dir(configuration), model.cache_dir(configuration),
-                       model.plans, model.unlabelled_cache_dir("coarse") if coarse else None,
-                       prefix=f"{PSEUDO_PREFIX}f{run.fold}__")
+    unl = model.unlabelled_cache_dir(configuration)
+    seen = run.pseudo.setdefault("seen", [])
+    res = pseudo_label(predictor, unl, model.cache_dir(configuration), model.plans,
+                       model.unlabelled_cache_dir("coarse") if coarse else None, prefix=f"{PSEUDO_PREFIX}f{run.fold}__",
+                       max_seconds=float(share) * budget_s if share and budget_s else None,
+                       order=round_order(read_json(unl / "cache.json")["cases"], seen,
+                                         [run.settings.seed, run.fold, len(run.pseudo["rounds"])]))
     dt = time.perf_counter() - t0
     run.elapsed += dt
+    seen += [c for c in res["examined"] if c not in set(seen)]
     run.pseudo["cases"] = res["accepted"]
-    run.pseudo["rounds"].append({"epoch": epoch, "scans": res["scans"], "accepted": len(res["accepted"]),
+    run.pseudo["rounds"].append({"epoch": epoch, "scans": res["scans"], "examined": len(res["examined"]),
+                                 "accepted_now": len(res["new"]), "accepted": len(res["accepted"]),
                                  "seconds": round(dt, 1), "rejected": res["rejected"]})
-    log.info("self-training after epoch %d: %d of %d unlabelled scans accepted as pseudo-labels (%.0f s)%s", epoch,
-             len(res["accepted"]), res["scans"], dt, "".join(f"; {c}: {', '.join(r)}" for c, r in
-                                                              sorted(res["rejected"].items())[:5]))
+    log.info("self-training after epoch %d: %d of %d unlabelled scans labelled in %.0f s, %d accepted; %d pseudo-"
+             "labelled scans in training%s", epoch, len(res["examined"]), res["scans"], dt, len(res["new"]),
+             len(res["accepted"]), "".join(f"; {c}: {', '.join(r)}" for c, r in sorted(res["rejected"].items())[:5]))
 
 
 def _fold_cases(model: ModelFolder, fold: int, configuration: str = "fine") -> tuple[Path, dict]:
@@ -757,18 +767,76 @@ def _coarse_for_validation(model: ModelFolder, fold: int, device) -> tuple | Non
     return [load_network(model, fold, "final", "coarse", device)], model.cache_dir("coarse")
 
 
-def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configuration: str = "fine") -> dict:
+#: Where the coarse stage's refresh (self-training) keeps its run, inside the coarse stage's fold folder.
+REFRESH_DIR = "refresh"
+#: The coarse stage's own final checkpoint, kept when its refresh replaces ``checkpoint_final.pt``.
+LABELLED_ONLY_CHECKPOINT = "checkpoint_final_labelled_only.pt"
+
+
+def coarse_refresh_due(model: ModelFolder, fold: int, settings: TrainSettings) -> bool:
+    """Whether the plan asks for the coarse stage's refresh after self-training and it has not run yet."""
+    st = model.plans.training.get("self_training") or {}
+    return bool(st.get("coarse_refresh")) and model.plans.has_coarse and settings.unlabelled and \
+        not (model.fold_dir(fold, "coarse") / REFRESH_DIR / "installed.json").is_file()
+
+
+def refresh_coarse(model_dir: str | os.PathLike, settings: TrainSettings, pseudo: list[str]) -> dict | None:
+    """The coarse stage's refresh after self-training: the fine stage's accepted pseudo-labels
+    ``pseudo`` (names in the fine cache) go to the coarse cache as centres
+    (:func:`spinelm.semisupervised.coarse_pseudo_labels`), the coarse stage trains on from its final
+    weights for the plan's ``coarse_refresh`` share of the budget on the labelled and the pseudo-labelled
+    runs, and its result replaces the coarse stage's ``checkpoint_final.pt`` (the labelled-only one is
+    kept as :data:`LABELLED_ONLY_CHECKPOINT`). None when no pseudo-label reaches the coarse cache."""
+    from spinelm.semisupervised import PSEUDO_PREFIX, coarse_pseudo_labels
+
+    model = ModelFolder(model_dir)
+    prefix = f"{PSEUDO_PREFIX}f{settings.fold}__"
+    written = coarse_pseudo_labels(model.cache_dir(), model.unlabelled_cache_dir("coarse"), model.cache_dir("coarse"),
+                                   model.plans, [c for c in pseudo if c.startswith(prefix)], prefix)
+    if not written:
+        log.info("fold %d: no accepted pseudo-label for the coarse stage; it keeps its labelled-only weights",
+                 settings.fold)
+        return None
+    result = train_fold(model.root, settings, "coarse", refresh=written)
+    folder = model.fold_dir(settings.fold, "coarse")
+    if not (folder / LABELLED_ONLY_CHECKPOINT).is_file():
+        shutil.copy2(folder / "checkpoint_final.pt", folder / LABELLED_ONLY_CHECKPOINT)
+        shutil.copy2(folder / "checkpoint_final.json", folder / LABELLED_ONLY_CHECKPOINT.replace(".pt", ".json"))
+    for suffix in (".pt", ".json"):
+        with atomic_path(folder / f"checkpoint_final{suffix}") as tmp:
+            shutil.copy2(folder / REFRESH_DIR / f"checkpoint_final{suffix}", tmp)
+    write_json_atomic(folder / REFRESH_DIR / "installed.json", {"pseudo_labelled_runs": len(written),
+                                                                 "labelled_only": LABELLED_ONLY_CHECKPOINT})
+    log.info("fold %d: the coarse stage's refresh on %d labelled and %d pseudo-labelled runs replaces its final "
+             "weights (the labelled-only ones: %s)", settings.fold, result.get("labelled_runs", 0), len(written),
+             folder / LABELLED_ONLY_CHECKPOINT)
+    return {**result, "pseudo_labelled_runs": len(written)}
+
+
+def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configuration: str = "fine",
+               refresh: list[str] | None = None) -> dict:
     """Train one stage (``configuration``) of one fold; returns the final validation summary and where
     the checkpoints are. The time budget of ``settings`` is the fold's: the stage trains for its
-    share of it (:meth:`spinelm.plans.Plans.stage_share`)."""
+    share of it (:meth:`spinelm.plans.Plans.stage_share`).
+
+    ``refresh`` (coarse stage only; :func:`refresh_coarse`): the pseudo-labelled cases of the coarse
+    cache to train on besides the labelled ones, starting from the stage's final weights, in
+    ``REFRESH_DIR`` of its fold folder, for the plan's ``coarse_refresh`` share."""
     from tqdm import tqdm
 
     s, model = settings, ModelFolder(model_dir)
     plans = model.plans
     cfg = plans.configuration(configuration)
     cache, split = _fold_cases(model, s.fold, configuration)
-    out = model.fold_dir(s.fold, configuration)
+    if refresh is not None and configuration != "coarse":
+        raise ValueError("only the coarse stage is refreshed on pseudo-labels")
+    out = model.fold_dir(s.fold, configuration) / (REFRESH_DIR if refresh is not None else "")
     out.mkdir(parents=True, exist_ok=True)
+    if configuration == "coarse" and refresh is None and int(os.environ.get("RANK", "0")) == 0:
+        # a new coarse stage: an earlier refresh belongs to the weights this training replaces
+        (out / LABELLED_ONLY_CHECKPOINT).unlink(missing_ok=True)
+        (out / LABELLED_ONLY_CHECKPOINT.replace(".pt", ".json")).unlink(missing_ok=True)
+        shutil.rmtree(out / REFRESH_DIR, ignore_errors=True)
     is_ddp, rank, world = _ddp_info()
     device = torch.device(s.device if s.device != "cuda" or not is_ddp else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if is_ddp and not torch.distributed.is_initialized():
@@ -778,7 +846,10 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     epochs = s.epochs or plans.training["epochs"]
     iters = s.iterations_per_epoch or plans.training["iterations_per_epoch"]
     budget_s = s.time_budget_min if s.time_budget_min is not None else plans.training.get("time_budget_min")
-    budget_s = budget_s * 60 * plans.stage_share(configuration) if budget_s else None
+    budget_s = budget_s * 60 * plans.stage_share("coarse_refresh" if refresh is not None else configuration) \
+        if budget_s else None
+    if refresh is not None and budget_s is None:  # epochs, not minutes: the refresh's share of the stage's epochs
+        epochs = max(1, round(epochs * plans.stage_share("coarse_refresh") / plans.stage_share(configuration)))
     torch.manual_seed(s.seed + rank)
     np.random.seed(s.seed + rank)  # batchgeneratorsv2 draws from the global NumPy generator
     autocast_dtype, channels_last = resolve_precision(s.precision, device)
@@ -790,6 +861,13 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
         if main_rank:
             log.info("initialised from %s: %d of %d tensors (not loaded: %s)", s.init, got["loaded"], got["tensors"],
                      ", ".join(got["skipped"][:6]) + (" ..." if len(got["skipped"]) > 6 else ""))
+    if refresh is not None and not (s.resume and (out / "checkpoint_latest.pt").is_file()):
+        start = model.fold_dir(s.fold, configuration) / LABELLED_ONLY_CHECKPOINT
+        start = start if start.is_file() else model.checkpoint(s.fold, "final", configuration)
+        network.load_state_dict(torch.load(start, map_location="cpu", weights_only=True)["network"])
+        if main_rank:
+            log.info("coarse stage refresh: from %s, on %d labelled and %d pseudo-labelled runs", start,
+                     len(split["train"]), len(refresh))
     network = network.to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
@@ -809,11 +887,12 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     rounds = _self_training(model, s, configuration, main_rank, is_ddp)
 
     def sampler_batches(start_epoch: int):
-        cases = training_cases(split["train"], run.pseudo["cases"] if rounds else [])
+        cases = training_cases(split["train"], run.pseudo["cases"] if rounds else refresh or [])
         nb = _batches(PatchSampler(cache, cases, plans, augment=True, configuration=configuration), s, batch_size,
                       run.rng, device, rank, start_epoch)
         nb = _with_class_crops(nb, plans, cache, split["train"], configuration, run.rng, main_rank)
-        return _with_level_crops(nb, plans, cache, split["train"], configuration, run.rng, main_rank)
+        return _with_level_crops(nb, plans, cache, training_cases(split["train"], refresh or []), configuration,
+                                 run.rng, main_rank)
 
     next_batch = sampler_batches(run.start_epoch)
     if rounds and main_rank:
@@ -859,7 +938,7 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
         due = len(run.pseudo["rounds"]) < len(rounds) and not out_of_time and epoch < epochs - 1 and \
             training_progress(epoch + 1, epochs, run.elapsed, budget_s) >= rounds[len(run.pseudo["rounds"])]
         if due and main_rank:
-            _pseudo_round(run, model, configuration, coarse, device, epoch)
+            _pseudo_round(run, model, configuration, coarse, device, epoch, budget_s)
             next_batch = sampler_batches(epoch + 1)
             out_of_time = budget_s is not None and run.elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
         if main_rank:
@@ -873,7 +952,8 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
             log.info("time budget reached after epoch %d (%.1f min)", epoch, run.elapsed / 60)
             break
     bar.close()
-    result = {"final": summary, "best": run.best, "epochs_run": epoch + 1, "elapsed_s": run.elapsed}
+    result = {"final": summary, "best": run.best, "epochs_run": epoch + 1, "elapsed_s": run.elapsed,
+              "labelled_runs": len(split["train"])}
     if rounds:
         result["self_training"] = run.pseudo
     if main_rank:

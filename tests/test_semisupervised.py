@@ -81,6 +81,16 @@ def test_only_anatomically_valid_confident_runs_are_accepted():
     assert not accept(_result(run, mask=False)).accepted
 
 
+def test_rounds_cut_short_take_the_unseen_scans_first():
+    from spinelm.semisupervised import round_order
+
+    cases = [f"s{i}" for i in range(10)]
+    first = round_order(cases, [], 0)
+    assert sorted(first) == cases and round_order(cases, [], 0) == first  # every scan, deterministic
+    second = round_order(cases, first[:4], 1)
+    assert set(second[:6]) == set(first[4:]) and set(second[6:]) == set(first[:4])
+
+
 def test_labelled_cases_keep_half_the_patches():
     from spinelm.training import training_cases
 
@@ -136,6 +146,9 @@ def test_pseudo_labels_from_an_accepted_prediction_join_the_cache(semi_model, mo
     assert seg.shape[1:] == shape and set(np.unique(seg[0])) - {-1, 0} == set(range(1, 5))  # label i -> channel i
     item = PatchSampler(model.cache_dir("fine"), out["accepted"], model.plans).sample(np.random.default_rng(0))
     assert item["seg"].max() > 0  # the sampler trains on the pseudo-label
+    # a round that does not reach the scan (its time cap) keeps the earlier pseudo-label
+    again = pseudo_label(Fake(), unl, model.cache_dir("fine"), model.plans, prefix="pseudo__t__", order=[])
+    assert again["examined"] == [] and again["accepted"] == out["accepted"] and again["new"] == []
     # a rejected prediction removes the earlier pseudo-label of that prefix
     monkeypatch.setattr(Fake, "predict_preprocessed", lambda self, d, f, coarse=None: _result(labels[:2]))
     assert pseudo_label(Fake(), unl, model.cache_dir("fine"), model.plans, prefix="pseudo__t__")["accepted"] == []
@@ -218,3 +231,85 @@ def test_diverse_choice_covers_every_protocol_and_is_deterministic():
     # a random draw of 2 from these scans misses the rare protocol in 63 % of draws
     draws = [set(np.random.default_rng(s).choice(25, 2, replace=False)) for s in range(200)]
     assert np.mean([all(d < 20 for d in draw) for draw in draws]) > 0.5
+
+
+def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(phantom_dataset, tmp_path,
+                                                                                 monkeypatch):
+    """With a coarse identification stage, the fine stage's accepted pseudo-labels reach the coarse
+    cache at the same world points, the coarse stage (and its level head) trains on them for the
+    plan's refresh share, and the refreshed weights replace its final checkpoint (the labelled-only
+    ones kept); a new coarse training forgets the refresh."""
+    import spinelm.semisupervised as semi
+    from spinelm.fingerprint import compute_fingerprint
+    from spinelm.identification import LevelCropSampler
+    from spinelm.io.image import Frame, Geometry
+    from spinelm.pipeline import preprocess, train
+    from spinelm.planning import plan, save_plans
+    from spinelm.plans import ModelFolder
+    from spinelm.training import LABELLED_ONLY_CHECKPOINT, REFRESH_DIR, TrainSettings, coarse_refresh_due, train_fold
+
+    fp = compute_fingerprint(phantom_dataset, num_workers=0, progress=False)
+    raw = plan(fp, device="cpu", time_budget_min=2, seconds_per_mvoxel=50.0)  # slow step: a coarse stage
+    assert list(raw["configurations"]) == ["coarse", "fine"]
+    raw.setdefault("budget", {})["stage_shares"] = {"coarse": 0.3, "fine": 0.7}
+    raw["training"].pop("time_budget_min", None)  # epochs, not minutes: the refresh gets its share of them
+    st = semi.add_self_training(raw, 1, 4)
+    assert st["coarse_refresh"] == 0.15 and raw["budget"]["stage_shares"] == {"coarse": 0.3, "fine": 0.55,
+                                                                               "coarse_refresh": 0.15}
+    assert "coarse identification stage trains on" in raw["rationale"][-1]
+    root = tmp_path / "model"
+    root.mkdir()
+    save_plans(raw, root / "plans.json")
+    preprocess(phantom_dataset, root, 0, progress=False)
+    model = ModelFolder(root)
+    labels = [int(x) for x in model.plans.identification["labels"]][5:9]
+    assert all(b in L.successors(a) for a, b in zip(labels, labels[1:]))
+    cc = int(model.plans.cc_axis)
+
+    class Fake:  # accepts every unlabelled scan: four vertebrae stacked along the column
+        uses_coarse = True
+
+        def predict_preprocessed(self, data, frame, coarse=None):
+            shape = data.shape[1:]
+            vox = np.tile(np.asarray(shape, float) / 2, (4, 1))
+            vox[:, cc] = np.linspace(0.2, 0.8, 4) * shape[cc]
+            res = _result(labels)
+            res.landmarks = [Landmark(lab, tuple(p)) for lab, p in zip(labels, frame.to_world(vox))]
+            inst = np.zeros(shape, np.int16)
+            for i, lab in enumerate(labels):
+                sl = [slice(None)] * 3
+                sl[cc] = slice(int(vox[i, cc]) - 2, int(vox[i, cc]) + 2)
+                inst[tuple(sl)] = lab
+            res.instance_mask = inst
+            return res
+
+    real = semi.pseudo_label
+    monkeypatch.setattr(semi, "pseudo_label", lambda predictor, *a, **k: real(Fake(), *a, **k))
+    res = train(root, 0, epochs=4, iterations_per_epoch=1, validate_every=5, progress=False, max_validation_cases=1,
+                device="cpu")[0]
+    assert [r["accepted"] for r in res["self_training"]["rounds"]] == [1, 1]
+    refresh = res["coarse_refresh"]
+    assert refresh["pseudo_labelled_runs"] == 1 and refresh["epochs_run"] == 2  # 0.15 / 0.3 of the 4 epochs
+    # the coarse pseudo-label: the scan as preprocessed for the coarse stage, the same world points
+    fine_props = json.loads(next(model.cache_dir("fine").glob("pseudo__f0__*.json")).read_text())
+    name = fine_props["case"]
+    coarse_props = json.loads((model.cache_dir("coarse") / f"{name}.json").read_text())
+    assert not coarse_props["has_mask"] and [lm["label"] for lm in coarse_props["landmarks"]] == labels
+    frame = Frame.from_info(Geometry.from_json(coarse_props["canonical_geometry"]), model.plans.transpose_forward,
+                            coarse_props)
+    np.testing.assert_allclose(frame.to_world(np.asarray([lm["index"] for lm in coarse_props["landmarks"]])),
+                               [lm["position_mm"] for lm in fine_props["landmarks"]], atol=0.01)
+    assert len(LevelCropSampler(model.cache_dir("coarse"), [name], model.plans)) == 4  # the level head learns them
+    # the refreshed weights are the coarse stage's final ones; the labelled-only weights are kept
+    folder = model.fold_dir(0, "coarse")
+    final, kept, refreshed = (torch.load(p, map_location="cpu", weights_only=True)["network"] for p in
+                              (folder / "checkpoint_final.pt", folder / LABELLED_ONLY_CHECKPOINT,
+                               folder / REFRESH_DIR / "checkpoint_final.pt"))
+    assert all(torch.equal(final[k], refreshed[k]) for k in final)
+    assert not all(torch.equal(final[k], kept[k]) for k in final)
+    assert not coarse_refresh_due(model, 0, TrainSettings())
+    assert not coarse_refresh_due(model, 0, TrainSettings(unlabelled=False))
+    # training the coarse stage anew drops the refresh that belonged to the old weights
+    train_fold(root, TrainSettings(epochs=1, iterations_per_epoch=1, progress=False, max_validation_cases=1), "coarse")
+    assert not (folder / LABELLED_ONLY_CHECKPOINT).exists() and not (folder / REFRESH_DIR).exists()
+    assert coarse_refresh_due(model, 0, TrainSettings())
