@@ -156,7 +156,9 @@ def _print_folds(results: list[dict], verbose: bool) -> None:
             print(f"  coarse stage refresh: {c['epochs_run']} epochs in {c['elapsed_s'] / 60:.1f} min on "
                   f"{c['labelled_runs']} labelled and {c['pseudo_labelled_runs']} pseudo-labelled runs; alone it now "
                   f"identifies {cf.get('id_rate', float('nan')):.3f} (d_mean {cf.get('d_mean_mm', float('nan')):.2f} "
-                  f"mm); its weights replace the coarse stage's -> {c['folder']}")
+                  f"mm); its weights replace the coarse stage's (the fold's validation above is with them; "
+                  f"{(r.get('final_before_refresh') or {}).get('id_rate', float('nan')):.3f} with the labelled-only "
+                  f"ones) -> {c['folder']}")
         if verbose:
             print(json.dumps(r, indent=1, default=str))
 

@@ -246,7 +246,7 @@ def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> l
     finished (``checkpoint_final``) is not trained again.
     """
     from spinelm.plans import ModelFolder
-    from spinelm.training import TrainSettings, coarse_refresh_due, refresh_coarse, train_fold
+    from spinelm.training import TrainSettings, coarse_refresh_due, refresh_coarse, revalidate_fine, train_fold
 
     model = ModelFolder(model_dir)
     settings["device"] = detect_device(settings.get("device"))
@@ -264,14 +264,11 @@ def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> l
             result["coarse"] = stage_results["coarse"]
         s = TrainSettings(fold=f, **settings)
         if coarse_refresh_due(model, f, s) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            pseudo = (result.get("self_training") or {}).get("cases")
-            if pseudo is None:  # a resumed run whose fine stage had finished: its pseudo-labels are in the cache
-                from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_cases
-
-                pseudo = pseudo_cases(model.cache_dir(), f"{PSEUDO_PREFIX}f{f}__")
-            refreshed = refresh_coarse(model.root, s, pseudo)
+            pseudo = (result.get("self_training") or {}).get("cases")  # None: self-training did not run
+            refreshed = refresh_coarse(model.root, s, pseudo) if pseudo else None
             if refreshed is not None:
                 result["coarse_refresh"] = refreshed
+                result.update(revalidate_fine(model.root, s, result))
         results.append(result)
     if int(os.environ.get("RANK", "0")) == 0:
         calibrate_quietly(model.root, settings["device"], settings.get("progress", True))

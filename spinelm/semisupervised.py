@@ -333,7 +333,8 @@ def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_c
     before = pseudo_cases(cache, prefix)
     cases = read_json(unlabelled_cache / "cache.json")["cases"] if (unlabelled_cache / "cache.json").is_file() else []
     if order is not None:
-        cases = [c for c in order if c in set(cases)]
+        listed = set(cases)
+        cases = [c for c in order if c in listed]
     lut = label_lookup(plans.raw)
     accepted, rejected, examined = [], {}, []
     t0 = time.perf_counter()
@@ -366,7 +367,7 @@ def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_c
         vox = frame.from_world(np.asarray([lm.position_mm for lm in result.landmarks]).reshape(-1, 3))
         name = f"{prefix}{case}"
         out_props = {**props, "case": name, "has_mask": has_mask, "partial_mask": False, "landmarks_from_mask": False,
-                     "pseudo_label": True, "classes": [],
+                     "pseudo_label": True, "classes": [], "landmarks_known": True, "landmarks_known": True,
                      "landmarks": [{"label": lm.label, "index": [round(float(v), 3) for v in p],
                                     "position_mm": list(lm.position_mm)} for lm, p in zip(result.landmarks, vox)]}
         for suffix, arr in (("_data.npy", data), ("_seg.npy", seg)):
@@ -415,7 +416,7 @@ def coarse_pseudo_labels(cache: Path, coarse_unlabelled_cache: Path, coarse_cach
                 np.save(fh, np.asarray(arr))
         write_json_atomic(coarse_cache / f"{name}.json", {
             **cprops, "case": name, "has_mask": False, "partial_mask": False, "landmarks_from_mask": False,
-            "pseudo_label": True, "classes": [],
+            "pseudo_label": True, "classes": [], "landmarks_known": True,
             "landmarks": [{"label": int(lm["label"]), "index": [round(float(v), 3) for v in p],
                            "position_mm": [float(v) for v in lm["position_mm"]]}
                           for lm, p in zip(props["landmarks"], vox)]})

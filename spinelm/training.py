@@ -724,7 +724,7 @@ def _pseudo_round(run: _Run, model: ModelFolder, configuration: str, coarse, dev
                                          [run.settings.seed, run.fold, len(run.pseudo["rounds"])]))
     dt = time.perf_counter() - t0
     run.elapsed += dt
-    seen += [c for c in res["examined"] if c not in set(seen)]
+    seen.extend(sorted(set(res["examined"]) - set(seen)))
     run.pseudo["cases"] = res["accepted"]
     run.pseudo["rounds"].append({"epoch": epoch, "scans": res["scans"], "examined": len(res["examined"]),
                                  "accepted_now": len(res["new"]), "accepted": len(res["accepted"]),
@@ -813,6 +813,42 @@ def refresh_coarse(model_dir: str | os.PathLike, settings: TrainSettings, pseudo
     return {**result, "pseudo_labelled_runs": len(written)}
 
 
+def _drop_pseudo_labels(model: ModelFolder, fold: int) -> None:
+    """Remove the fold's pseudo-labelled cases from every stage's training cache."""
+    from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_cases
+
+    for stage in model.plans.stages:
+        for case in pseudo_cases(model.cache_dir(stage), f"{PSEUDO_PREFIX}f{fold}__"):
+            for suffix in (".json", "_data.npy", "_seg.npy"):
+                (model.cache_dir(stage) / f"{case}{suffix}").unlink(missing_ok=True)
+
+
+def revalidate_fine(model_dir: str | os.PathLike, settings: TrainSettings, result: dict) -> dict:
+    """Validate the fold's final fine stage again with its refreshed coarse stage (the fine stage's own
+    validation ran with the labelled-only one) and record it in the fold's ``validation_summary.json``:
+    ``final`` becomes the new figure, ``final_before_refresh`` keeps the earlier one."""
+    from spinelm.inference import load_network
+
+    model = ModelFolder(model_dir)
+    device = torch.device(settings.device)
+    _, split = _fold_cases(model, settings.fold)
+    val = split["val"][: settings.max_validation_cases] if settings.max_validation_cases else split["val"]
+    network = load_network(model, settings.fold, "final", "fine", device)
+    summary = validate(network, model.cache_dir(), val, model.plans, device, "fine",
+                       _coarse_for_validation(model, settings.fold, device))
+    update = {"final": summary, "final_before_refresh": result.get("final")}
+    path = model.fold_dir(settings.fold) / "validation_summary.json"
+    if path.is_file():
+        write_json_atomic(path, {**read_json(path), **update, "coarse_refresh": {
+            k: v for k, v in (result.get("coarse_refresh") or {}).items() if k in ("final", "epochs_run", "elapsed_s",
+                                                                                  "labelled_runs",
+                                                                                  "pseudo_labelled_runs")}})
+    log.info("fold %d: with the refreshed coarse stage the fine stage's validation identifies %.3f (d_mean %.2f mm; "
+             "%.3f with the labelled-only coarse stage)", settings.fold, summary["id_rate"], summary["d_mean_mm"],
+             (result.get("final") or {}).get("id_rate", float("nan")))
+    return update
+
+
 def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configuration: str = "fine",
                refresh: list[str] | None = None) -> dict:
     """Train one stage (``configuration``) of one fold; returns the final validation summary and where
@@ -846,8 +882,12 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     epochs = s.epochs or plans.training["epochs"]
     iters = s.iterations_per_epoch or plans.training["iterations_per_epoch"]
     budget_s = s.time_budget_min if s.time_budget_min is not None else plans.training.get("time_budget_min")
-    budget_s = budget_s * 60 * plans.stage_share("coarse_refresh" if refresh is not None else configuration) \
-        if budget_s else None
+    rounds = _self_training(model, s, configuration, main_rank, is_ddp)
+    share = plans.stage_share("coarse_refresh" if refresh is not None else configuration)
+    if configuration == plans.stages[-1] and not rounds and "coarse_refresh" in (plans.raw.get("budget", {}).get(
+            "stage_shares") or {}):  # no self-training, so no refresh: its time goes back to this stage
+        share += plans.stage_share("coarse_refresh")
+    budget_s = budget_s * 60 * share if budget_s else None
     if refresh is not None and budget_s is None:  # epochs, not minutes: the refresh's share of the stage's epochs
         epochs = max(1, round(epochs * plans.stage_share("coarse_refresh") / plans.stage_share(configuration)))
     torch.manual_seed(s.seed + rank)
@@ -884,7 +924,8 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
             network, device_ids=[device] if device.type == "cuda" else None)
     batch_size = max(1, cfg.batch_size // world)
     coarse = _coarse_for_validation(model, s.fold, device) if configuration != "coarse" else None
-    rounds = _self_training(model, s, configuration, main_rank, is_ddp)
+    if rounds and main_rank and not (s.resume and (out / "checkpoint_latest.pt").is_file()):
+        _drop_pseudo_labels(model, s.fold)  # an earlier run's pseudo-labels belong to other weights
 
     def sampler_batches(start_epoch: int):
         cases = training_cases(split["train"], run.pseudo["cases"] if rounds else refresh or [])

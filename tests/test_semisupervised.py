@@ -295,6 +295,10 @@ def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(
     name = fine_props["case"]
     coarse_props = json.loads((model.cache_dir("coarse") / f"{name}.json").read_text())
     assert not coarse_props["has_mask"] and [lm["label"] for lm in coarse_props["landmarks"]] == labels
+    assert fine_props["landmarks_known"] and coarse_props["landmarks_known"]  # the heatmap learns the centres
+    assert "final_before_refresh" in res and res["final"] is not res["final_before_refresh"]
+    saved = json.loads((model.fold_dir(0) / "validation_summary.json").read_text())
+    assert saved["final"] == res["final"] and saved["coarse_refresh"]["pseudo_labelled_runs"] == 1
     frame = Frame.from_info(Geometry.from_json(coarse_props["canonical_geometry"]), model.plans.transpose_forward,
                             coarse_props)
     np.testing.assert_allclose(frame.to_world(np.asarray([lm["index"] for lm in coarse_props["landmarks"]])),
