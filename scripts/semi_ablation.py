@@ -13,8 +13,13 @@ Rows (``--rows``, default sup_n,semi,sup_all):
             with ``--init``
 
     python scripts/semi_ablation.py SOURCE OUT --labelled 4 [--fold 0] [--rows sup_n,semi,sup_all,pretrain]
-        [--choose random|diverse]
+        [--choose random|diverse] [--held-out DIR [DIR ...]]
         [--time-budget 20] [--pretrain-budget 10] [--precision fp32] [--device cpu]
+
+``--held-out``: datasets no row trained on (e.g. phantoms of other seeds); each row's model labels
+their ``imagesTr/`` (``spinelm predict``) and ``spinelm evaluate --all-gt`` scores them: one more
+column per set (identification, level-shifted cases). With a coarse stage refreshed on
+pseudo-labels, the table also gives the coarse stage alone before and after its refresh.
 
 The withheld-label dataset is ``OUT/data`` (``scripts/withhold_labels.py``); models and logs under
 ``OUT/<row>/``; the table (Markdown) is printed and written to ``OUT/semi.md``, the figures (with
@@ -51,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-budget", type=float, default=10.0)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--held-out", nargs="*", default=[], help="datasets to label and score with every row's model")
     args = p.parse_args(argv)
     source, out = Path(args.source), Path(args.out)
     data = out / "data"
@@ -85,8 +91,23 @@ def main(argv=None) -> int:
         res = json.loads(summary.read_text())
         fin = res["final"]
         rounds = (res.get("self_training") or {}).get("rounds", [])
+        held = {}
+        for h in map(Path, args.held_out):
+            pred = base / f"pred_{h.name}"
+            if not (pred / "evaluation.json").is_file():
+                run([*spinelm, "predict", "-i", str(h / "imagesTr"), "-o", str(pred), "-m", str(base / "model"),
+                     "--no-progress"], base / f"predict_{h.name}.txt")
+                run([*spinelm, "evaluate", str(pred), str(h), "--all-gt"], base / f"evaluate_{h.name}.txt")
+            o = json.loads((pred / "evaluation.json").read_text())["overall"]
+            held[h.name] = [o["id_rate"], o["n_identified"], o["n_gt"], o["n_cases_level_shifted"], o["n_cases"],
+                            o["d_mean_mm"]]
+        coarse = base / "model" / f"fold_{fold}_coarse"
+        alone = [json.loads(p.read_text())["final"]["id_rate"]
+                 for p in (coarse / "validation_summary.json", coarse / "refresh" / "validation_summary.json")
+                 if p.is_file()]
         table[row] = {"id_rate": fin["id_rate"], "d_mean_mm": fin["d_mean_mm"],
-                      "shifted": fin.get("n_cases_level_shifted"), "n_cases": fin.get("n_cases"),
+                      "shifted": fin.get("n_cases_level_shifted"), "n_cases": fin.get("n_cases"), "held_out": held,
+                      "coarse_alone": alone,
                       "epochs": res["epochs_run"], "accepted": [[r["accepted"], r["scans"]] for r in rounds],
                       "minutes": float((base / "minutes.txt").read_text()) if (base / "minutes.txt").is_file() else None,
                       "pretrain_minutes": float((base / "pretrain_minutes.txt").read_text())
@@ -95,14 +116,19 @@ def main(argv=None) -> int:
     def f(x, fmt="{:.3f}"):
         return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
 
-    lines = ["| row | identification | d_mean (mm) | level-shifted | fine epochs | pseudo-labels accepted | "
-             "wall (min) |", "|---" * 7 + "|"]
+    names = [Path(h).name for h in args.held_out]
+    lines = ["| row | identification | d_mean (mm) | level-shifted | " + "".join(f"{n} (shifted) | " for n in names)
+             + "coarse stage alone (after refresh) | fine epochs | pseudo-labels (rounds) | wall (min) |",
+             "|---" * (8 + len(names)) + "|"]
     for row, t in table.items():
         acc = ", ".join(f"{a}/{n}" for a, n in t["accepted"]) or "-"
         wall = f(t["minutes"], "{:.1f}") + (f" + {t['pretrain_minutes']:.1f} pretraining" if t["pretrain_minutes"]
                                            else "")
+        held = "".join(f"{f(v[0])} ({v[1]}/{v[2]}; {v[3]}/{v[4]}) | " if v else "- | "
+                       for v in (t["held_out"].get(n) for n in names))
+        alone = " -> ".join(f(a) for a in t["coarse_alone"]) or "-"
         lines.append(f"| {row} | {f(t['id_rate'])} | {f(t['d_mean_mm'], '{:.2f}')} | {t['shifted']}/{t['n_cases']} | "
-                     f"{t['epochs']} | {acc} | {wall} |")
+                     f"{held}{alone} | {t['epochs']} | {acc} | {wall} |")
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)

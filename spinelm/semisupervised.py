@@ -105,7 +105,12 @@ def add_self_training(raw: dict, n_unlabelled: int, n_labelled: int) -> dict:
         shares.setdefault("coarse", 0.25)
         fine = float(shares.get("fine", 1.0 - float(shares["coarse"])))
         shares.update({"fine": round(fine - st["coarse_refresh"], 4), "coarse_refresh": st["coarse_refresh"]})
-        raw.setdefault("budget", {})["stage_shares"] = shares
+        budget = raw.setdefault("budget", {})
+        budget["stage_shares"] = shares
+        if budget.get("affordable_steps") and fine > 0:  # the plan counted its steps for the whole fine share
+            st["why"] += (f"; the fine stage keeps {100 * shares['fine']:.0f} % of the budget, about "
+                          f"{int(budget['affordable_steps'] * shares['fine'] / fine)} steps at the measured step, less "
+                          f"the pseudo-labelling rounds")
     raw.setdefault("rationale", []).append(st["why"])
     return st
 

@@ -91,6 +91,24 @@ def test_rounds_cut_short_take_the_unseen_scans_first():
     assert set(second[:6]) == set(first[4:]) and set(second[6:]) == set(first[:4])
 
 
+def test_the_coarse_refresh_takes_its_time_from_the_fine_stage_and_gives_it_back_without_self_training():
+    from spinelm.semisupervised import add_self_training, without_coarse_refresh
+
+    raw = {"configurations": {"coarse": {}, "fine": {}}, "training": {}, "rationale": [],
+           "budget": {"stage_shares": {"coarse": 0.3, "fine": 0.7}, "affordable_steps": 3000}}
+    add_self_training(raw, 210, 30)
+    shares = raw["budget"]["stage_shares"]
+    assert shares == {"coarse": 0.3, "fine": 0.55, "coarse_refresh": 0.15} and sum(shares.values()) == 1.0
+    assert "about 2357 steps" in raw["rationale"][-1]  # 3000 x 0.55 / 0.7, said in the plan's why
+    add_self_training(raw, 210, 30)  # planned again (e.g. adopted from this plan): not taken twice
+    assert raw["budget"]["stage_shares"] == shares
+    without_coarse_refresh(raw)  # --no-unlabelled with an adopted self-training plan
+    assert raw["budget"]["stage_shares"] == {"coarse": 0.3, "fine": 0.7}
+    single = {"configurations": {"fine": {}}, "training": {}, "budget": {"stage_shares": {"fine": 1.0}}}
+    assert "coarse_refresh" not in add_self_training(single, 5, 5)  # no coarse stage, no refresh
+    assert single["budget"]["stage_shares"] == {"fine": 1.0}
+
+
 def test_labelled_cases_keep_half_the_patches():
     from spinelm.training import training_cases
 
