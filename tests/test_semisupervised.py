@@ -78,6 +78,14 @@ def test_only_anatomically_valid_confident_runs_are_accepted():
     gap = accept(_result(run, spacing_mm=[25.0, 25.0, 55.0, 25.0]))  # a vertebra missed between L3 and L4
     assert not gap.accepted and "spacing" in gap.reasons[0]
     assert not accept(_result(run[:2])).accepted  # too short to trust
+    # with the ordering's posteriors, they decide: a peak that looks like its neighbours is fine when the
+    # ordering is sure of its place, and a run the ordering doubts is not accepted
+    unsure_peak = _result(run, probs=[0.95, 0.95, 0.2, 0.95, 0.95])
+    unsure_peak.labelled.posterior = [0.99, 0.98, 0.9, 0.98, 0.99]
+    assert accept(unsure_peak).accepted
+    doubted = _result(run)
+    doubted.labelled.posterior = [0.99, 0.6, 0.6, 0.99, 0.99]
+    assert not accept(doubted).accepted and "posterior 0.60" in accept(doubted).reasons[0]
     assert not accept(_result(run, mask=False)).accepted
 
 
