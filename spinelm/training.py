@@ -888,6 +888,13 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
             "stage_shares") or {}):  # no self-training, so no refresh: its time goes back to this stage
         share += plans.stage_share("coarse_refresh")
     budget_s = budget_s * 60 * share if budget_s else None
+    # a round at 1.0 labels the unlabelled scans after the last epoch, with the final weights (for the coarse
+    # refresh only): training leaves it its time
+    final_round = bool(rounds) and rounds[-1] >= 1.0
+    round_share = float((plans.training.get("self_training") or {}).get("round_share") or 0.0)
+    stage_budget_s = budget_s
+    if final_round and budget_s:
+        budget_s = budget_s * (1 - round_share)
     if refresh is not None and budget_s is None:  # epochs, not minutes: the refresh's share of the stage's epochs
         epochs = max(1, round(epochs * plans.stage_share("coarse_refresh") / plans.stage_share(configuration)))
     torch.manual_seed(s.seed + rank)
@@ -979,7 +986,7 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
         due = len(run.pseudo["rounds"]) < len(rounds) and not out_of_time and epoch < epochs - 1 and \
             training_progress(epoch + 1, epochs, run.elapsed, budget_s) >= rounds[len(run.pseudo["rounds"])]
         if due and main_rank:
-            _pseudo_round(run, model, configuration, coarse, device, epoch, budget_s)
+            _pseudo_round(run, model, configuration, coarse, device, epoch, stage_budget_s)
             next_batch = sampler_batches(epoch + 1)
             out_of_time = budget_s is not None and run.elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)
         if main_rank:
@@ -993,6 +1000,9 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
             log.info("time budget reached after epoch %d (%.1f min)", epoch, run.elapsed / 60)
             break
     bar.close()
+    if final_round and main_rank and len(run.pseudo["rounds"]) < len(rounds):
+        _pseudo_round(run, model, configuration, coarse, device, epoch, stage_budget_s)
+        run.save_latest(epoch)
     result = {"final": summary, "best": run.best, "epochs_run": epoch + 1, "elapsed_s": run.elapsed,
               "labelled_runs": len(split["train"])}
     if rounds:

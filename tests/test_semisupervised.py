@@ -259,8 +259,9 @@ def test_diverse_choice_covers_every_protocol_and_is_deterministic():
     assert np.mean([all(d < 20 for d in draw) for draw in draws]) > 0.5
 
 
+@pytest.mark.parametrize("rounds", [(0.5, 0.75), (1.0,)], ids=["during", "after"])
 def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(phantom_dataset, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, rounds):
     """With a coarse identification stage, the fine stage's accepted pseudo-labels reach the coarse
     cache at the same world points, the coarse stage (and its level head) trains on them for the
     plan's refresh share, and the refreshed weights replace its final checkpoint (the labelled-only
@@ -283,6 +284,7 @@ def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(
     assert st["coarse_refresh"] == 0.15 and raw["budget"]["stage_shares"] == {"coarse": 0.3, "fine": 0.55,
                                                                                "coarse_refresh": 0.15}
     assert "coarse identification stage trains on" in raw["rationale"][-1]
+    st["rounds"] = list(rounds)  # (1.0,): one round after the fine stage's last epoch, for the refresh only
     root = tmp_path / "model"
     root.mkdir()
     save_plans(raw, root / "plans.json")
@@ -313,7 +315,8 @@ def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(
     monkeypatch.setattr(semi, "pseudo_label", lambda predictor, *a, **k: real(Fake(), *a, **k))
     res = train(root, 0, epochs=4, iterations_per_epoch=1, validate_every=5, progress=False, max_validation_cases=1,
                 device="cpu")[0]
-    assert [r["accepted"] for r in res["self_training"]["rounds"]] == [1, 1]
+    assert [r["accepted"] for r in res["self_training"]["rounds"]] == [1] * len(rounds)
+    assert [r["epoch"] for r in res["self_training"]["rounds"]] == ([1, 2] if len(rounds) == 2 else [3])
     refresh = res["coarse_refresh"]
     assert refresh["pseudo_labelled_runs"] == 1 and refresh["epochs_run"] == 2  # 0.15 / 0.3 of the 4 epochs
     # the coarse pseudo-label: the scan as preprocessed for the coarse stage, the same world points
