@@ -265,7 +265,7 @@ def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> l
         s = TrainSettings(fold=f, **settings)
         if coarse_refresh_due(model, f, s) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             pseudo = (result.get("self_training") or {}).get("cases")  # None: self-training did not run
-            refreshed = refresh_coarse(model.root, s, pseudo) if pseudo else None
+            refreshed = refresh_coarse(model.root, s, pseudo) if pseudo is not None else None
             if refreshed is not None:
                 result["coarse_refresh"] = refreshed
                 result.update(revalidate_fine(model.root, s, result))

@@ -780,23 +780,23 @@ def coarse_refresh_due(model: ModelFolder, fold: int, settings: TrainSettings) -
         not (model.fold_dir(fold, "coarse") / REFRESH_DIR / "installed.json").is_file()
 
 
-def refresh_coarse(model_dir: str | os.PathLike, settings: TrainSettings, pseudo: list[str]) -> dict | None:
+def refresh_coarse(model_dir: str | os.PathLike, settings: TrainSettings, pseudo: list[str]) -> dict:
     """The coarse stage's refresh after self-training: the fine stage's accepted pseudo-labels
     ``pseudo`` (names in the fine cache) go to the coarse cache as centres
     (:func:`spinelm.semisupervised.coarse_pseudo_labels`), the coarse stage trains on from its final
     weights for the plan's ``coarse_refresh`` share of the budget on the labelled and the pseudo-labelled
     runs, and its result replaces the coarse stage's ``checkpoint_final.pt`` (the labelled-only one is
-    kept as :data:`LABELLED_ONLY_CHECKPOINT`). None when no pseudo-label reaches the coarse cache."""
+    kept as :data:`LABELLED_ONLY_CHECKPOINT`). Without an accepted pseudo-label it trains on the labelled
+    runs alone for that time (the plan took it from the fine stage)."""
     from spinelm.semisupervised import PSEUDO_PREFIX, coarse_pseudo_labels
 
     model = ModelFolder(model_dir)
     prefix = f"{PSEUDO_PREFIX}f{settings.fold}__"
     written = coarse_pseudo_labels(model.cache_dir(), model.unlabelled_cache_dir("coarse"), model.cache_dir("coarse"),
                                    model.plans, [c for c in pseudo if c.startswith(prefix)], prefix)
-    if not written:
-        log.info("fold %d: no accepted pseudo-label for the coarse stage; it keeps its labelled-only weights",
+    if not written:  # the refresh's time is planned: the coarse stage trains on, on the labelled runs
+        log.info("fold %d: no accepted pseudo-label; the coarse stage trains on the labelled runs for its refresh time",
                  settings.fold)
-        return None
     result = train_fold(model.root, settings, "coarse", refresh=written)
     folder = model.fold_dir(settings.fold, "coarse")
     if not (folder / LABELLED_ONLY_CHECKPOINT).is_file():
