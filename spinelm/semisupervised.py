@@ -388,7 +388,7 @@ def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_c
         vox = frame.from_world(np.asarray([lm.position_mm for lm in result.landmarks]).reshape(-1, 3))
         name = f"{prefix}{case}"
         out_props = {**props, "case": name, "has_mask": has_mask, "partial_mask": False, "landmarks_from_mask": False,
-                     "pseudo_label": True, "classes": [], "landmarks_known": True, "landmarks_known": True,
+                     "pseudo_label": True, "classes": [], "landmarks_known": True,
                      "landmarks": [{"label": lm.label, "index": [round(float(v), 3) for v in p],
                                     "position_mm": list(lm.position_mm)} for lm, p in zip(result.landmarks, vox)]}
         for suffix, arr in (("_data.npy", data), ("_seg.npy", seg)):
