@@ -260,7 +260,7 @@ def test_diverse_choice_covers_every_protocol_and_is_deterministic():
 
 
 @pytest.mark.parametrize("rounds", [pytest.param((0.5, 0.75), marks=pytest.mark.slow), (1.0,)],
-                         ids=["during", "after"])  # "during": rounds in the fine stage, also covered by the next test
+                         ids=["during", "after"])  # rounds during the fine stage: see the test above too
 def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(phantom_dataset, tmp_path,
                                                                                  monkeypatch, rounds):
     """With a coarse identification stage, the fine stage's accepted pseudo-labels reach the coarse
