@@ -75,7 +75,8 @@ def plan_self_training(n_unlabelled: int, n_labelled: int, shares: dict | None =
     why = (f"{n_unlabelled} unlabelled scan(s) beside {n_labelled} labelled: self-training. After "
            f"{' and '.join(f'{100 * f:.0f} %' for f in rounds)} of the fine stage's budget the network labels them; "
            f"a scan joins the training cases only when the ordering gives an anatomically valid, confident run "
-           f"(>= {MIN_VERTEBRAE} consecutive vertebrae, each label >= {MIN_POSTERIOR} probable under the ordering, even "
+           f"(>= {MIN_VERTEBRAE} consecutive vertebrae, each label >= {MIN_POSTERIOR} probable under the ordering, "
+           f"even "
            f"spacing, a mask for each), and the labelled scans keep at least half of the patches. A round stops "
            f"after {100 * ROUND_SHARE:.0f} % of the fine stage's budget (the next round takes the scans not yet seen "
            f"first). No "
@@ -318,6 +319,21 @@ def accept(result, distance_mm: float | None = None) -> Verdict:
     return Verdict(not reasons, reasons)
 
 
+def write_case(cache: Path, name: str, data: np.ndarray, seg: np.ndarray, props: dict) -> None:
+    """One training case in a cache (``NAME_data.npy``, ``NAME_seg.npy``, ``NAME.json``), atomically."""
+    for suffix, arr in (("_data.npy", data), ("_seg.npy", seg)):
+        with atomic_path(Path(cache) / f"{name}{suffix}") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(arr))
+    write_json_atomic(Path(cache) / f"{name}.json", props)
+
+
+def remove_cases(cache: Path, names) -> None:
+    """Remove the files of the cases ``names`` from a cache."""
+    for name in names:
+        for suffix in (".json", "_data.npy", "_seg.npy"):
+            (Path(cache) / f"{name}{suffix}").unlink(missing_ok=True)
+
+
 def pseudo_cases(cache: Path, prefix: str = PSEUDO_PREFIX) -> list[str]:
     """The pseudo-labelled cases in a training cache."""
     return sorted(p.name[:-5] for p in Path(cache).glob(f"{prefix}*.json"))
@@ -391,15 +407,10 @@ def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_c
                      "pseudo_label": True, "classes": [], "landmarks_known": True,
                      "landmarks": [{"label": lm.label, "index": [round(float(v), 3) for v in p],
                                     "position_mm": list(lm.position_mm)} for lm, p in zip(result.landmarks, vox)]}
-        for suffix, arr in (("_data.npy", data), ("_seg.npy", seg)):
-            with atomic_path(cache / f"{name}{suffix}") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, arr)
-        write_json_atomic(cache / f"{name}.json", out_props)
+        write_case(cache, name, data, seg, out_props)
         accepted.append(name)
     redone = {f"{prefix}{c}" for c in examined}
-    for old in (set(before) & redone) - set(accepted):  # earlier pseudo-labels this round did not confirm
-        for suffix in (".json", "_data.npy", "_seg.npy"):
-            (cache / f"{old}{suffix}").unlink(missing_ok=True)
+    remove_cases(cache, (set(before) & redone) - set(accepted))  # earlier pseudo-labels this round did not confirm
     return {"accepted": sorted(set(accepted) | (set(before) - redone)), "rejected": rejected,
             "scans": len(cases), "examined": examined, "new": accepted}
 
@@ -432,17 +443,12 @@ def coarse_pseudo_labels(cache: Path, coarse_unlabelled_cache: Path, coarse_cach
         seg = np.zeros((1, *data.shape[1:]), np.int8)
         if (coarse_unlabelled_cache / f"{scan}_seg.npy").is_file():  # keep the outside-the-body marker (-1)
             seg = np.where(np.load(coarse_unlabelled_cache / f"{scan}_seg.npy")[:1] < 0, -1, 0).astype(np.int8)
-        for suffix, arr in (("_data.npy", data), ("_seg.npy", seg)):
-            with atomic_path(coarse_cache / f"{name}{suffix}") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(arr))
-        write_json_atomic(coarse_cache / f"{name}.json", {
+        write_case(coarse_cache, name, data, seg, {
             **cprops, "case": name, "has_mask": False, "partial_mask": False, "landmarks_from_mask": False,
             "pseudo_label": True, "classes": [], "landmarks_known": True,
             "landmarks": [{"label": int(lm["label"]), "index": [round(float(v), 3) for v in p],
                            "position_mm": [float(v) for v in lm["position_mm"]]}
                           for lm, p in zip(props["landmarks"], vox)]})
         written.append(name)
-    for old in set(before) - set(written):
-        for suffix in (".json", "_data.npy", "_seg.npy"):
-            (coarse_cache / f"{old}{suffix}").unlink(missing_ok=True)
+    remove_cases(coarse_cache, set(before) - set(written))
     return written

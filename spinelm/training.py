@@ -815,12 +815,10 @@ def refresh_coarse(model_dir: str | os.PathLike, settings: TrainSettings, pseudo
 
 def _drop_pseudo_labels(model: ModelFolder, fold: int) -> None:
     """Remove the fold's pseudo-labelled cases from every stage's training cache."""
-    from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_cases
+    from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_cases, remove_cases
 
     for stage in model.plans.stages:
-        for case in pseudo_cases(model.cache_dir(stage), f"{PSEUDO_PREFIX}f{fold}__"):
-            for suffix in (".json", "_data.npy", "_seg.npy"):
-                (model.cache_dir(stage) / f"{case}{suffix}").unlink(missing_ok=True)
+        remove_cases(model.cache_dir(stage), pseudo_cases(model.cache_dir(stage), f"{PSEUDO_PREFIX}f{fold}__"))
 
 
 def revalidate_fine(model_dir: str | os.PathLike, settings: TrainSettings, result: dict) -> dict:
