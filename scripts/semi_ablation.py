@@ -19,7 +19,8 @@ Rows (``--rows``, default sup_n,semi,sup_all):
 ``--held-out``: datasets no row trained on (e.g. phantoms of other seeds); each row's model labels
 their ``imagesTr/`` (``spinelm predict``) and ``spinelm evaluate --all-gt`` scores them: one more
 column per set (identification, level-shifted cases). With a coarse stage refreshed on
-pseudo-labels, the table also gives the coarse stage alone before and after its refresh.
+pseudo-labels, the table also gives the coarse stage alone before and after its refresh, and the
+pseudo-label column the coarse stage's own round first ("coarse accepted/labelled").
 
 The withheld-label dataset is ``OUT/data`` (``scripts/withhold_labels.py``); models and logs under
 ``OUT/<row>/``; the table (Markdown) is printed and written to ``OUT/semi.md``, the figures (with
@@ -105,7 +106,10 @@ def main(argv=None) -> int:
         alone = [json.loads(p.read_text())["final"]["id_rate"]
                  for p in (coarse / "validation_summary.json", coarse / "refresh" / "validation_summary.json")
                  if p.is_file()]
+        own = coarse / "refresh" / "coarse_round.json"  # the coarse stage's own labelling round
+        own = json.loads(own.read_text()) if own.is_file() else None
         table[row] = {"id_rate": fin["id_rate"], "d_mean_mm": fin["d_mean_mm"],
+                      "coarse_round": [own["accepted"], own["examined"]] if own else None,
                       "shifted": fin.get("n_cases_level_shifted"), "n_cases": fin.get("n_cases"), "held_out": held,
                       "coarse_alone": alone,
                       "epochs": res["epochs_run"], "accepted": [[r["accepted"], r["scans"]] for r in rounds],
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
              + "coarse stage alone (after refresh) | fine epochs | pseudo-labels (rounds) | wall (min) |",
              "|---" * (8 + len(names)) + "|"]
     for row, t in table.items():
-        acc = ", ".join(f"{a}/{n}" for a, n in t["accepted"]) or "-"
+        acc = ", ".join(([f"coarse {t['coarse_round'][0]}/{t['coarse_round'][1]}"] if t.get("coarse_round") else [])
+                        + [f"{a}/{n}" for a, n in t["accepted"]]) or "-"
         wall = f(t["minutes"], "{:.1f}") + (f" + {t['pretrain_minutes']:.1f} pretraining" if t["pretrain_minutes"]
                                            else "")
         held = "".join(f"{f(v[0])} ({v[1]}/{v[2]}; {v[3]}/{v[4]}) | " if v else "- | "

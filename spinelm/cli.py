@@ -150,7 +150,16 @@ def _print_folds(results: list[dict], verbose: bool) -> None:
                   f"{rnd['scans']} unlabelled scans labelled in {rnd.get('seconds', 0):.0f} s, "
                   f"{rnd.get('accepted_now', rnd['accepted'])} accepted; {rnd['accepted']} pseudo-labelled scans in "
                   f"training")
-        if r.get("coarse_refresh"):
+        if r.get("coarse_refresh") and r["coarse_refresh"].get("round"):
+            c, rnd = r["coarse_refresh"], r["coarse_refresh"]["round"]
+            cf = c["final"] or {}
+            print(f"  coarse stage self-training (before the fine stage): it labelled {rnd['examined']} of "
+                  f"{rnd['scans']} unlabelled scans alone in {rnd['seconds']:.0f} s and accepted {rnd['accepted']}, "
+                  f"then trained {c['epochs_run']} epochs in {c['elapsed_s'] / 60:.1f} min on {c['labelled_runs']} "
+                  f"labelled and {c['pseudo_labelled_runs']} pseudo-labelled runs; alone it now identifies "
+                  f"{cf.get('id_rate', float('nan')):.3f} (d_mean {cf.get('d_mean_mm', float('nan')):.2f} mm) -> "
+                  f"{c['folder']}")
+        elif r.get("coarse_refresh"):
             c = r["coarse_refresh"]
             cf = c["final"] or {}
             print(f"  coarse stage refresh: {c['epochs_run']} epochs in {c['elapsed_s'] / 60:.1f} min on "

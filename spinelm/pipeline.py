@@ -152,9 +152,15 @@ def adopt_plan(raw: dict, source: str | Path) -> None:
     budget = theirs.get("budget") or {}
     raw.setdefault("budget", {}).update({k: budget[k] for k in ADOPTED_BUDGET_KEYS if k in budget})
     raw["budget"]["adopted_from"] = str(path.resolve())
+    from spinelm.semisupervised import without_coarse_refresh
+
+    # its coarse refresh's share goes back to the stage it came from; this dataset's own self-training
+    # (or none) is planned afterwards
+    without_coarse_refresh({"budget": raw["budget"], "training": theirs.get("training") or {}})
     patches = ", ".join(f"{n} {'x'.join(map(str, c['patch_size']))}" for n, c in raw["configurations"].items())
     raw["rationale"] = [f"spacing, patch, batch, network and budget split adopted from {path} ({patches}); no "
-                        f"training step timed; the earlier plan's reasons follow"] + list(theirs.get("rationale", []))
+                        f"training step timed; the earlier plan's reasons follow"] + [
+        r for r in theirs.get("rationale", []) if "unlabelled scan(s)" not in r]
 
 
 def adopt_pretrained_network(raw: dict, pretrained: str | Path) -> None:
@@ -246,24 +252,33 @@ def train(model_dir: str | Path, folds: str | int | None = "0", **settings) -> l
     finished (``checkpoint_final``) is not trained again.
     """
     from spinelm.plans import ModelFolder
-    from spinelm.training import TrainSettings, coarse_refresh_due, refresh_coarse, revalidate_fine, train_fold
+    from spinelm.semisupervised import refresh_source
+    from spinelm.training import (TrainSettings, coarse_labels_itself, coarse_refresh_due, coarse_self_training,
+                                  record_coarse_refresh, refresh_coarse, revalidate_fine, train_fold)
 
     model = ModelFolder(model_dir)
     settings["device"] = detect_device(settings.get("device"))
     results = []
     for f in parse_folds(folds, model.plans.training["num_folds"]):
         stage_results = {}
+        s = TrainSettings(fold=f, **settings)
+        own_refresh = None
         for stage in model.plans.stages:
             done = model.checkpoint(f, "final", stage)
             if settings.get("resume") and stage != model.plans.stages[-1] and done.is_file():
                 log.info("fold %d: the %s stage has finished (%s); not training it again", f, stage, done)
-                continue
-            stage_results[stage] = train_fold(model.root, TrainSettings(fold=f, **settings), stage)
+            else:
+                stage_results[stage] = train_fold(model.root, s, stage)
+            if stage == "coarse" and coarse_labels_itself(model, s) and coarse_refresh_due(model, f, s):
+                own_refresh = coarse_self_training(model.root, s)  # before the fine stage, which validates with it
         result = stage_results.get("fine", {})
         if "coarse" in stage_results:
             result["coarse"] = stage_results["coarse"]
-        s = TrainSettings(fold=f, **settings)
-        if coarse_refresh_due(model, f, s) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if own_refresh is not None:
+            result["coarse_refresh"] = own_refresh
+            record_coarse_refresh(model, f, own_refresh)
+        if refresh_source(model.plans.raw) == "fine" and coarse_refresh_due(model, f, s) and \
+                int(os.environ.get("WORLD_SIZE", "1")) == 1:
             pseudo = (result.get("self_training") or {}).get("cases")  # None: self-training did not run
             refreshed = refresh_coarse(model.root, s, pseudo) if pseudo is not None else None
             if refreshed is not None:

@@ -780,24 +780,87 @@ def coarse_refresh_due(model: ModelFolder, fold: int, settings: TrainSettings) -
         not (model.fold_dir(fold, "coarse") / REFRESH_DIR / "installed.json").is_file()
 
 
-def refresh_coarse(model_dir: str | os.PathLike, settings: TrainSettings, pseudo: list[str]) -> dict:
+def coarse_labels_itself(model: ModelFolder, settings: TrainSettings) -> bool:
+    """Whether the plan's coarse refresh runs before the fine stage on the coarse stage's own
+    pseudo-labels (``coarse_source`` ``own``) and this run can do it (unlabelled scans preprocessed for
+    the coarse stage, self-training on, one process)."""
+    st = model.plans.training.get("self_training") or {}
+    return bool(st.get("coarse_refresh")) and st.get("coarse_source") == "own" and model.plans.has_coarse and \
+        settings.unlabelled and (model.unlabelled_cache_dir("coarse") / "cache.json").is_file() and \
+        int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
+#: The coarse stage's own labelling round may take at most this part of its refresh's time.
+COARSE_ROUND_OF_REFRESH = 0.5
+
+
+def coarse_self_training(model_dir: str | os.PathLike, settings: TrainSettings) -> dict:
+    """The coarse stage labels the unlabelled scans itself (alone, with its final weights; each run
+    accepted when every label is >= :data:`spinelm.semisupervised.COARSE_SELF_POSTERIOR` probable
+    under the ordering), for at most :data:`COARSE_ROUND_OF_REFRESH` of its refresh's time, then
+    trains on them and the labelled runs for the rest of it (:func:`refresh_coarse`): the accepted
+    centres teach its level head, not its heatmap or segmentation. Runs before the fine stage, which
+    then keeps its whole share. ``--resume`` of an interrupted refresh keeps the round's labels."""
+    from spinelm.inference import Predictor, load_network
+    from spinelm.semisupervised import (COARSE_SELF_POSTERIOR, PSEUDO_PREFIX, pseudo_cases, pseudo_label,
+                                        remove_cases, round_order)
+
+    model = ModelFolder(model_dir)
+    folder = model.fold_dir(settings.fold, "coarse") / REFRESH_DIR
+    record = folder / "coarse_round.json"
+    prefix = f"{PSEUDO_PREFIX}f{settings.fold}__"
+    cache, unl = model.cache_dir("coarse"), model.unlabelled_cache_dir("coarse")
+    if settings.resume and record.is_file() and (folder / "checkpoint_latest.pt").is_file():
+        rnd = read_json(record)
+        written = pseudo_cases(cache, prefix)
+    else:
+        t0 = time.perf_counter()
+        remove_cases(cache, pseudo_cases(cache, prefix))  # an earlier run's labels belong to other weights
+        device = torch.device(settings.device)
+        predictor = Predictor(model.plans, [load_network(model, settings.fold, "final", "coarse", device)], device,
+                              configuration="coarse")
+        budget = settings.time_budget_min if settings.time_budget_min is not None else \
+            model.plans.training.get("time_budget_min")
+        cap = budget * 60 * model.plans.stage_share("coarse_refresh") * COARSE_ROUND_OF_REFRESH if budget else None
+        res = pseudo_label(predictor, unl, cache, model.plans, prefix=prefix, max_seconds=cap,
+                           order=round_order(read_json(unl / "cache.json")["cases"], [],
+                                             [settings.seed, settings.fold]),
+                           min_posterior=COARSE_SELF_POSTERIOR, centres_only=True, progress=settings.progress)
+        written = res["accepted"]
+        rnd = {"scans": res["scans"], "examined": len(res["examined"]), "accepted": len(written),
+               "seconds": round(time.perf_counter() - t0, 1), "rejected": res["rejected"]}
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, rnd)
+        log.info("fold %d: the coarse stage labelled %d of %d unlabelled scans alone in %.0f s and accepted %d",
+                 settings.fold, rnd["examined"], rnd["scans"], rnd["seconds"], rnd["accepted"])
+    result = refresh_coarse(model.root, settings, written, spent_s=float(rnd["seconds"]), mapped=True)
+    return {**result, "round": {k: v for k, v in rnd.items() if k != "rejected"}}
+
+
+def refresh_coarse(model_dir: str | os.PathLike, settings: TrainSettings, pseudo: list[str], spent_s: float = 0.0,
+                   mapped: bool = False) -> dict:
     """The coarse stage's refresh after self-training: the fine stage's accepted pseudo-labels
     ``pseudo`` (names in the fine cache) go to the coarse cache as centres
-    (:func:`spinelm.semisupervised.coarse_pseudo_labels`), the coarse stage trains on from its final
-    weights for the plan's ``coarse_refresh`` share of the budget on the labelled and the pseudo-labelled
-    runs, and its result replaces the coarse stage's ``checkpoint_final.pt`` (the labelled-only one is
-    kept as :data:`LABELLED_ONLY_CHECKPOINT`). Without an accepted pseudo-label it trains on the labelled
-    runs alone for that time (the plan took it from the fine stage)."""
+    (:func:`spinelm.semisupervised.coarse_pseudo_labels`; ``mapped``: ``pseudo`` are already coarse
+    cache cases), the coarse stage trains on from its final weights for the plan's ``coarse_refresh``
+    share of the budget (less ``spent_s`` already spent labelling) on the labelled and the
+    pseudo-labelled runs, and its result replaces the coarse stage's ``checkpoint_final.pt`` (the
+    labelled-only one is kept as :data:`LABELLED_ONLY_CHECKPOINT`). Without an accepted pseudo-label it
+    trains on the labelled runs alone for that time (the plan took it from another stage)."""
     from spinelm.semisupervised import PSEUDO_PREFIX, coarse_pseudo_labels
 
     model = ModelFolder(model_dir)
     prefix = f"{PSEUDO_PREFIX}f{settings.fold}__"
-    written = coarse_pseudo_labels(model.cache_dir(), model.unlabelled_cache_dir("coarse"), model.cache_dir("coarse"),
-                                   model.plans, [c for c in pseudo if c.startswith(prefix)], prefix)
+    if mapped:
+        written = list(pseudo)
+    else:
+        written = coarse_pseudo_labels(model.cache_dir(), model.unlabelled_cache_dir("coarse"),
+                                       model.cache_dir("coarse"), model.plans,
+                                       [c for c in pseudo if c.startswith(prefix)], prefix)
     if not written:  # the refresh's time is planned: the coarse stage trains on, on the labelled runs
         log.info("fold %d: no accepted pseudo-label; the coarse stage trains on the labelled runs for its refresh time",
                  settings.fold)
-    result = train_fold(model.root, settings, "coarse", refresh=written)
+    result = train_fold(model.root, settings, "coarse", refresh=written, spent_s=spent_s)
     folder = model.fold_dir(settings.fold, "coarse")
     if not (folder / LABELLED_ONLY_CHECKPOINT).is_file():
         shutil.copy2(folder / "checkpoint_final.pt", folder / LABELLED_ONLY_CHECKPOINT)
@@ -814,11 +877,44 @@ def refresh_coarse(model_dir: str | os.PathLike, settings: TrainSettings, pseudo
 
 
 def _drop_pseudo_labels(model: ModelFolder, fold: int) -> None:
-    """Remove the fold's pseudo-labelled cases from every stage's training cache."""
-    from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_cases, remove_cases
+    """Remove the fold's pseudo-labelled cases that come from the fine stage's rounds: from the fine
+    cache, and from the coarse cache when its refresh learns from them (``coarse_source`` ``fine``; the
+    coarse stage's own labels stay with its refresh)."""
+    from spinelm.semisupervised import PSEUDO_PREFIX, pseudo_cases, refresh_source, remove_cases
 
-    for stage in model.plans.stages:
+    stages = [model.plans.stages[-1]] + (["coarse"] if model.plans.has_coarse and
+                                         refresh_source(model.plans.raw) == "fine" else [])
+    for stage in stages:
         remove_cases(model.cache_dir(stage), pseudo_cases(model.cache_dir(stage), f"{PSEUDO_PREFIX}f{fold}__"))
+
+
+def stage_budget_share(model: ModelFolder, settings: TrainSettings, configuration: str, rounds: list,
+                       refresh: bool = False) -> float:
+    """The share of the fold's time budget a stage trains for: the plan's, plus the coarse refresh's
+    share when self-training does not run (it goes back to the stage it was taken from); ``refresh``:
+    the coarse refresh itself."""
+    from spinelm.semisupervised import refresh_source
+
+    plans = model.plans
+    if refresh:
+        return plans.stage_share("coarse_refresh")
+    share = plans.stage_share(configuration)
+    if "coarse_refresh" in (plans.raw.get("budget", {}).get("stage_shares") or {}):
+        source = refresh_source(plans.raw)
+        if source == configuration == "coarse" and not coarse_labels_itself(model, settings):
+            share += plans.stage_share("coarse_refresh")
+        elif source == "fine" and configuration == plans.stages[-1] and not rounds:
+            share += plans.stage_share("coarse_refresh")
+    return share
+
+
+def record_coarse_refresh(model: ModelFolder, fold: int, refresh: dict, update: dict | None = None) -> None:
+    """Keep the coarse refresh's figures (and ``update``) in the fold's ``validation_summary.json``."""
+    path = model.fold_dir(fold) / "validation_summary.json"
+    if path.is_file():
+        keep = ("final", "epochs_run", "elapsed_s", "labelled_runs", "pseudo_labelled_runs", "round")
+        write_json_atomic(path, {**read_json(path), **(update or {}),
+                                 "coarse_refresh": {k: v for k, v in refresh.items() if k in keep}})
 
 
 def revalidate_fine(model_dir: str | os.PathLike, settings: TrainSettings, result: dict) -> dict:
@@ -835,12 +931,7 @@ def revalidate_fine(model_dir: str | os.PathLike, settings: TrainSettings, resul
     summary = validate(network, model.cache_dir(), val, model.plans, device, "fine",
                        _coarse_for_validation(model, settings.fold, device))
     update = {"final": summary, "final_before_refresh": result.get("final")}
-    path = model.fold_dir(settings.fold) / "validation_summary.json"
-    if path.is_file():
-        write_json_atomic(path, {**read_json(path), **update, "coarse_refresh": {
-            k: v for k, v in (result.get("coarse_refresh") or {}).items() if k in ("final", "epochs_run", "elapsed_s",
-                                                                                  "labelled_runs",
-                                                                                  "pseudo_labelled_runs")}})
+    record_coarse_refresh(model, settings.fold, result.get("coarse_refresh") or {}, update)
     log.info("fold %d: with the refreshed coarse stage the fine stage's validation identifies %.3f (d_mean %.2f mm; "
              "%.3f with the labelled-only coarse stage)", settings.fold, summary["id_rate"], summary["d_mean_mm"],
              (result.get("final") or {}).get("id_rate", float("nan")))
@@ -848,14 +939,16 @@ def revalidate_fine(model_dir: str | os.PathLike, settings: TrainSettings, resul
 
 
 def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configuration: str = "fine",
-               refresh: list[str] | None = None) -> dict:
+               refresh: list[str] | None = None, spent_s: float = 0.0) -> dict:
     """Train one stage (``configuration``) of one fold; returns the final validation summary and where
     the checkpoints are. The time budget of ``settings`` is the fold's: the stage trains for its
     share of it (:meth:`spinelm.plans.Plans.stage_share`).
 
     ``refresh`` (coarse stage only; :func:`refresh_coarse`): the pseudo-labelled cases of the coarse
     cache to train on besides the labelled ones, starting from the stage's final weights, in
-    ``REFRESH_DIR`` of its fold folder, for the plan's ``coarse_refresh`` share."""
+    ``REFRESH_DIR`` of its fold folder, for the plan's ``coarse_refresh`` share less ``spent_s`` (spent
+    labelling them). A pseudo-label whose centres the heatmap must not learn (``landmarks_known`` false)
+    feeds the level head's crops only."""
     from tqdm import tqdm
 
     s, model = settings, ModelFolder(model_dir)
@@ -881,11 +974,9 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     iters = s.iterations_per_epoch or plans.training["iterations_per_epoch"]
     budget_s = s.time_budget_min if s.time_budget_min is not None else plans.training.get("time_budget_min")
     rounds = _self_training(model, s, configuration, main_rank, is_ddp)
-    share = plans.stage_share("coarse_refresh" if refresh is not None else configuration)
-    if configuration == plans.stages[-1] and not rounds and "coarse_refresh" in (plans.raw.get("budget", {}).get(
-            "stage_shares") or {}):  # no self-training, so no refresh: its time goes back to this stage
-        share += plans.stage_share("coarse_refresh")
-    budget_s = budget_s * 60 * share if budget_s else None
+    share = stage_budget_share(model, s, configuration, rounds, refresh is not None)
+    # at least a second: labelling that overran the refresh's time still leaves it one epoch
+    budget_s = max(budget_s * 60 * share - spent_s, 1.0) if budget_s else None
     # a round at 1.0 labels the unlabelled scans after the last epoch, with the final weights (for the coarse
     # refresh only): training leaves it its time
     final_round = bool(rounds) and rounds[-1] >= 1.0
@@ -932,8 +1023,10 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
     if rounds and main_rank and not (s.resume and (out / "checkpoint_latest.pt").is_file()):
         _drop_pseudo_labels(model, s.fold)  # an earlier run's pseudo-labels belong to other weights
 
+    taught = [c for c in refresh or [] if read_json(cache / f"{c}.json").get("landmarks_known", True)]
+
     def sampler_batches(start_epoch: int):
-        cases = training_cases(split["train"], run.pseudo["cases"] if rounds else refresh or [])
+        cases = training_cases(split["train"], run.pseudo["cases"] if rounds else taught)
         nb = _batches(PatchSampler(cache, cases, plans, augment=True, configuration=configuration), s, batch_size,
                       run.rng, device, rank, start_epoch)
         nb = _with_class_crops(nb, plans, cache, split["train"], configuration, run.rng, main_rank)

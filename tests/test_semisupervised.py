@@ -99,22 +99,86 @@ def test_rounds_cut_short_take_the_unseen_scans_first():
     assert set(second[:6]) == set(first[4:]) and set(second[6:]) == set(first[:4])
 
 
-def test_the_coarse_refresh_takes_its_time_from_the_fine_stage_and_gives_it_back_without_self_training():
+def test_the_coarse_refresh_takes_its_time_from_the_coarse_stage_and_gives_it_back_without_self_training():
+    """By default the coarse stage labels the scans itself and its refresh comes out of its own share
+    (the fine stage keeps its time); with the fine stage's pseudo-labels it comes out of the fine
+    share. Either way a plan without self-training gives it back to the stage it came from."""
     from spinelm.semisupervised import add_self_training, without_coarse_refresh
 
     raw = {"configurations": {"coarse": {}, "fine": {}}, "training": {}, "rationale": [],
            "budget": {"stage_shares": {"coarse": 0.3, "fine": 0.7}, "affordable_steps": 3000}}
-    add_self_training(raw, 210, 30)
+    st = add_self_training(raw, 210, 30)
     shares = raw["budget"]["stage_shares"]
-    assert shares == {"coarse": 0.3, "fine": 0.55, "coarse_refresh": 0.15} and sum(shares.values()) == 1.0
-    assert "about 2357 steps" in raw["rationale"][-1]  # 3000 x 0.55 / 0.7, said in the plan's why
+    assert st["coarse_source"] == "own" and shares == {"coarse": 0.2, "fine": 0.7, "coarse_refresh": 0.1}
+    assert "labels the unlabelled scans itself" in raw["rationale"][-1] and "fine stage keeps" in raw["rationale"][-1]
     add_self_training(raw, 210, 30)  # planned again (e.g. adopted from this plan): not taken twice
     assert raw["budget"]["stage_shares"] == shares
     without_coarse_refresh(raw)  # --no-unlabelled with an adopted self-training plan
     assert raw["budget"]["stage_shares"] == {"coarse": 0.3, "fine": 0.7}
+
+    add_self_training(raw, 210, 30, coarse_source="fine")
+    shares = raw["budget"]["stage_shares"]
+    assert shares == {"coarse": 0.3, "fine": 0.55, "coarse_refresh": 0.15} and sum(shares.values()) == 1.0
+    assert "about 2357 steps" in raw["rationale"][-1]  # 3000 x 0.55 / 0.7, said in the plan's why
+    add_self_training(raw, 210, 30)  # re-planned with the default: the fine stage gets its share back first
+    assert raw["budget"]["stage_shares"] == {"coarse": 0.2, "fine": 0.7, "coarse_refresh": 0.1}
+    add_self_training(raw, 210, 30, coarse_source="fine")
+    without_coarse_refresh(raw)
+    assert raw["budget"]["stage_shares"] == {"coarse": 0.3, "fine": 0.7}
+    with pytest.raises(ValueError, match="'own' or 'fine'"):
+        add_self_training(raw, 210, 30, coarse_source="teacher")
     single = {"configurations": {"fine": {}}, "training": {}, "budget": {"stage_shares": {"fine": 1.0}}}
     assert "coarse_refresh" not in add_self_training(single, 5, 5)  # no coarse stage, no refresh
     assert single["budget"]["stage_shares"] == {"fine": 1.0}
+
+
+@pytest.mark.parametrize("source", ["own", "fine"])
+def test_each_stage_trains_for_its_share_and_gets_the_refresh_back_when_self_training_does_not_run(
+        phantom_dataset, tmp_path, monkeypatch, source):
+    from spinelm.fingerprint import compute_fingerprint
+    from spinelm.planning import plan, save_plans
+    from spinelm.plans import ModelFolder
+    from spinelm.semisupervised import add_self_training
+    from spinelm.training import TrainSettings, stage_budget_share
+
+    raw = plan(compute_fingerprint(phantom_dataset, num_workers=0, progress=False), device="cpu", time_budget_min=2,
+               seconds_per_mvoxel=50.0)  # slow step: a coarse stage
+    raw["budget"]["stage_shares"] = {"coarse": 0.3, "fine": 0.7}
+    add_self_training(raw, 10, 5, coarse_source=source)
+    save_plans(raw, tmp_path / "plans.json")
+    model = ModelFolder(tmp_path)
+    on, off = TrainSettings(), TrainSettings(unlabelled=False)
+    refresh = raw["budget"]["stage_shares"]["coarse_refresh"]
+    assert stage_budget_share(model, on, "coarse", [], refresh=True) == refresh
+    if source == "own":  # the coarse stage labels the scans itself once they are preprocessed for it
+        unl = model.unlabelled_cache_dir("coarse")
+        assert stage_budget_share(model, on, "coarse", []) == pytest.approx(0.3)  # nothing to label: all of it
+        unl.mkdir(parents=True)
+        (unl / "cache.json").write_text(json.dumps({"cases": ["u"]}))
+        assert stage_budget_share(model, on, "coarse", []) == pytest.approx(0.2)
+        assert stage_budget_share(model, off, "coarse", []) == pytest.approx(0.3)  # --no-unlabelled
+        monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: no self-training
+        assert stage_budget_share(model, on, "coarse", []) == pytest.approx(0.3)
+        assert stage_budget_share(model, on, "fine", []) == pytest.approx(0.7)
+    else:  # taken from the fine stage: back to it when it runs no round
+        assert stage_budget_share(model, on, "coarse", []) == pytest.approx(0.3)
+        assert stage_budget_share(model, on, "fine", [0.5]) == pytest.approx(0.55)
+        assert stage_budget_share(model, on, "fine", []) == pytest.approx(0.7)
+
+
+def test_an_adopted_plan_gives_its_coarse_refresh_back_to_the_stage_it_came_from(tmp_path):
+    from spinelm.pipeline import adopt_plan
+    from spinelm.semisupervised import add_self_training
+
+    for source, back in (("own", {"coarse": 0.3, "fine": 0.7}), ("fine", {"coarse": 0.3, "fine": 0.7})):
+        theirs = {"configurations": {"coarse": {"patch_size": [8, 8, 8]}, "fine": {"patch_size": [16, 16, 16]}},
+                  "training": {}, "rationale": ["why 1"], "budget": {"stage_shares": {"coarse": 0.3, "fine": 0.7}}}
+        add_self_training(theirs, 10, 5, coarse_source=source)
+        (tmp_path / "plans.json").write_text(json.dumps(theirs))
+        raw = {"configurations": {"fine": {}}, "training": {}, "rationale": []}
+        adopt_plan(raw, tmp_path)
+        assert raw["budget"]["stage_shares"] == back  # a run without unlabelled scans trains the stages as planned
+        assert raw["rationale"][1:] == ["why 1"]  # not the earlier plan's self-training
 
 
 def test_labelled_cases_keep_half_the_patches():
@@ -259,8 +323,90 @@ def test_diverse_choice_covers_every_protocol_and_is_deterministic():
     assert np.mean([all(d < 20 for d in draw) for draw in draws]) > 0.5
 
 
-@pytest.mark.parametrize("rounds", [pytest.param((0.5, 0.75), marks=pytest.mark.slow), (1.0,)],
-                         ids=["during", "after"])  # rounds during the fine stage: see the test above too
+def test_the_coarse_stage_labels_the_unlabelled_scans_itself_before_the_fine_stage(phantom_dataset, tmp_path,
+                                                                                   monkeypatch):
+    """The default: right after its training the coarse stage labels the unlabelled scans alone (its
+    own network, no mask), its accepted runs teach its level head (not its heatmap) for its refresh
+    share, the refreshed weights replace its final ones, and then the fine stage trains and validates
+    with them, with its whole share; ``--resume`` does not label again."""
+    import spinelm.semisupervised as semi
+    from spinelm.fingerprint import compute_fingerprint
+    from spinelm.identification import LevelCropSampler
+    from spinelm.pipeline import preprocess, train
+    from spinelm.planning import plan, save_plans
+    from spinelm.plans import ModelFolder
+    from spinelm.training import LABELLED_ONLY_CHECKPOINT, REFRESH_DIR, TrainSettings, coarse_refresh_due
+
+    fp = compute_fingerprint(phantom_dataset, num_workers=0, progress=False)
+    raw = plan(fp, device="cpu", time_budget_min=2, seconds_per_mvoxel=50.0)  # slow step: a coarse stage
+    raw.setdefault("budget", {})["stage_shares"] = {"coarse": 0.3, "fine": 0.7}
+    raw["training"].pop("time_budget_min", None)  # epochs, not minutes: the refresh gets its share of them
+    st = semi.add_self_training(raw, 1, 4)
+    assert st["coarse_source"] == "own" and raw["budget"]["stage_shares"]["fine"] == 0.7
+    st["rounds"] = []  # no rounds in the fine stage: this test is about the coarse stage
+    root = tmp_path / "model"
+    root.mkdir()
+    save_plans(raw, root / "plans.json")
+    preprocess(phantom_dataset, root, 0, progress=False)
+    model = ModelFolder(root)
+    labels = [int(x) for x in model.plans.identification["labels"]][5:9]
+    cc = int(model.plans.cc_axis)
+    calls = []
+
+    class Fake:  # the coarse stage alone: accepts every unlabelled scan, four vertebrae along the column
+        uses_coarse = False
+
+        def predict_preprocessed(self, data, frame, with_mask=True, coarse=None):
+            calls.append((data.shape, with_mask, coarse))
+            shape = data.shape[1:]
+            vox = np.tile(np.asarray(shape, float) / 2, (4, 1))
+            vox[:, cc] = np.linspace(0.2, 0.8, 4) * shape[cc]
+            res = _result(labels)
+            res.labelled.posterior = [0.9] * 4
+            res.landmarks = [Landmark(lab, tuple(p)) for lab, p in zip(labels, frame.to_world(vox))]
+            res.instance_mask = None
+            return res
+
+    real = semi.pseudo_label
+    monkeypatch.setattr(semi, "pseudo_label", lambda predictor, *a, **k: real(Fake(), *a, **k))
+    import spinelm.training as training
+
+    order = []
+    real_train_fold = training.train_fold
+    monkeypatch.setattr(training, "train_fold", lambda root_, s, configuration="fine", **k: order.append(
+        (configuration, "refresh" in k and k["refresh"] is not None)) or real_train_fold(root_, s, configuration, **k))
+    # train() and refresh_coarse() look train_fold up in spinelm.training when they run
+    res = train(root, 0, epochs=4, iterations_per_epoch=1, validate_every=5, progress=False, max_validation_cases=1,
+                device="cpu")[0]
+    assert order == [("coarse", False), ("coarse", True), ("fine", False)]  # the refresh before the fine stage
+    coarse_shape = np.load(next(model.unlabelled_cache_dir("coarse").glob("*_data.npy"))).shape
+    assert [(c[0], c[1], c[2]) for c in calls] == [(coarse_shape, False, None)]  # the coarse array, no mask
+    refresh = res["coarse_refresh"]
+    assert refresh["round"]["accepted"] == 1 and refresh["pseudo_labelled_runs"] == 1
+    assert refresh["epochs_run"] == 2  # 0.1 / 0.2 of the 4 epochs
+    saved = json.loads((model.fold_dir(0) / "validation_summary.json").read_text())
+    assert saved["coarse_refresh"]["round"]["accepted"] == 1 and saved["coarse_refresh"]["pseudo_labelled_runs"] == 1
+    name = semi.pseudo_cases(model.cache_dir("coarse"))[0]
+    props = json.loads((model.cache_dir("coarse") / f"{name}.json").read_text())
+    assert not props["has_mask"] and not props["landmarks_known"]  # the heatmap does not learn its own peaks
+    assert [lm["label"] for lm in props["landmarks"]] == labels
+    assert len(LevelCropSampler(model.cache_dir("coarse"), [name], model.plans)) == 4  # the level head does
+    folder = model.fold_dir(0, "coarse")
+    final, refreshed, kept = (torch.load(p, map_location="cpu", weights_only=True)["network"] for p in
+                              (folder / "checkpoint_final.pt", folder / REFRESH_DIR / "checkpoint_final.pt",
+                               folder / LABELLED_ONLY_CHECKPOINT))
+    assert all(torch.equal(final[k], refreshed[k]) for k in final)
+    assert not all(torch.equal(final[k], kept[k]) for k in final)
+    assert not coarse_refresh_due(model, 0, TrainSettings())
+    order.clear()
+    train(root, 0, epochs=4, iterations_per_epoch=1, validate_every=5, progress=False, max_validation_cases=1,
+          device="cpu", resume=True)
+    assert order == [("fine", False)] and len(calls) == 1  # resumed: the coarse stage and its refresh are done
+
+
+@pytest.mark.parametrize("rounds", [pytest.param((0.5, 0.75), marks=pytest.mark.slow),
+                                    pytest.param((1.0,), marks=pytest.mark.slow)],
+                         ids=["during", "after"])  # the earlier layout (coarse_source "fine"): the default is above
 def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(phantom_dataset, tmp_path,
                                                                                  monkeypatch, rounds):
     """With a coarse identification stage, the fine stage's accepted pseudo-labels reach the coarse
@@ -281,7 +427,7 @@ def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(
     assert list(raw["configurations"]) == ["coarse", "fine"]
     raw.setdefault("budget", {})["stage_shares"] = {"coarse": 0.3, "fine": 0.7}
     raw["training"].pop("time_budget_min", None)  # epochs, not minutes: the refresh gets its share of them
-    st = semi.add_self_training(raw, 1, 4)
+    st = semi.add_self_training(raw, 1, 4, coarse_source="fine")
     assert st["coarse_refresh"] == 0.15 and raw["budget"]["stage_shares"] == {"coarse": 0.3, "fine": 0.55,
                                                                                "coarse_refresh": 0.15}
     assert "coarse identification stage trains on" in raw["rationale"][-1]
