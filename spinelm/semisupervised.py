@@ -442,7 +442,8 @@ def pseudo_label(predictor, unlabelled_cache: Path, cache: Path, plans, coarse_c
             cprops = read_json(coarse_cache / f"{case}.json")
             coarse = (np.load(coarse_cache / f"{case}_data.npy"),
                       Frame.from_info(Geometry.from_json(cprops["canonical_geometry"]), plans.transpose_forward, cprops))
-        result = predictor.predict_preprocessed(data, frame, with_mask=not centres_only, coarse=coarse)
+        result = predictor.predict_preprocessed(data, frame, coarse=coarse, **({"with_mask": False} if centres_only
+                                                                                else {}))
         verdict = accept(result, plans.distance_mm, min_posterior)
         if not verdict.accepted:
             rejected[case] = verdict.reasons
