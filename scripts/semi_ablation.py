@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                       "coarse_round": [own["accepted"], own["examined"]] if own else None,
                       "shifted": fin.get("n_cases_level_shifted"), "n_cases": fin.get("n_cases"), "held_out": held,
                       "coarse_alone": alone,
-                      "epochs": res["epochs_run"], "accepted": [[r["accepted"], r["scans"]] for r in rounds],
+                      "epochs": res["epochs_run"],
+                      "accepted": [[r["accepted"], r["scans"]] for r in rounds if not r.get("skipped")],
                       "minutes": float((base / "minutes.txt").read_text()) if (base / "minutes.txt").is_file() else None,
                       "pretrain_minutes": float((base / "pretrain_minutes.txt").read_text())
                       if (base / "pretrain_minutes.txt").is_file() else None}

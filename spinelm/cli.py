@@ -146,6 +146,10 @@ def _print_folds(results: list[dict], verbose: bool) -> None:
               f"({fin.get('n_identified', 0)}/{fin.get('n_gt', 0)} vertebrae), {fin.get('n_cases_level_shifted', 0)} of "
               f"{fin.get('n_cases', 0)} case(s) level-shifted -> {r['folder']}")
         for k, rnd in enumerate((r.get("self_training") or {}).get("rounds", []), start=1):
+            if rnd.get("skipped"):
+                print(f"  self-training round {k} (after epoch {rnd['epoch']}): skipped, too little time would be left "
+                      f"to train on its labels")
+                continue
             print(f"  self-training round {k} (after epoch {rnd['epoch']}): {rnd.get('examined', rnd['scans'])} of "
                   f"{rnd['scans']} unlabelled scans labelled in {rnd.get('seconds', 0):.0f} s, "
                   f"{rnd.get('accepted_now', rnd['accepted'])} accepted; {rnd['accepted']} pseudo-labelled scans in "

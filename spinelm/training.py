@@ -703,6 +703,15 @@ def _self_training(model: ModelFolder, s: TrainSettings, configuration: str, mai
     return [float(f) for f in plan["rounds"]]
 
 
+def round_leaves_time(elapsed_s: float, budget_s: float | None, round_s: float) -> bool:
+    """Whether a pseudo-labelling round that may take ``round_s`` still leaves at least as much training
+    time after it (within the budget, less its reserve) to learn from its labels. Without a budget or
+    a cap, always."""
+    if budget_s is None or round_s <= 0:
+        return True
+    return budget_s * (1 - TIME_BUDGET_RESERVE) - elapsed_s - round_s >= round_s
+
+
 def _pseudo_round(run: _Run, model: ModelFolder, configuration: str, coarse, device, epoch: int,
                   budget_s: float | None) -> None:
     """Pseudo-label the unlabelled scans with the current (averaged) weights, for at most the plan's
@@ -1076,7 +1085,12 @@ def train_fold(model_dir: str | os.PathLike, settings: TrainSettings, configurat
                      lr, dt)
         due = len(run.pseudo["rounds"]) < len(rounds) and not out_of_time and epoch < epochs - 1 and \
             training_progress(epoch + 1, epochs, run.elapsed, budget_s) >= rounds[len(run.pseudo["rounds"])]
-        if due and main_rank:
+        if due and main_rank and not round_leaves_time(run.elapsed, budget_s, round_share * (stage_budget_s or 0)):
+            log.info("self-training: no round after epoch %d: after its %.0f s there would be too little time left to "
+                     "train on its labels; training on", epoch, round_share * stage_budget_s)
+            run.pseudo["rounds"].append({"epoch": epoch, "skipped": True, "scans": 0, "examined": 0, "accepted_now": 0,
+                                         "accepted": len(run.pseudo["cases"]), "seconds": 0.0})
+        elif due and main_rank:
             _pseudo_round(run, model, configuration, coarse, device, epoch, stage_budget_s)
             next_batch = sampler_batches(epoch + 1)
             out_of_time = budget_s is not None and run.elapsed + dt > budget_s * (1 - TIME_BUDGET_RESERVE)

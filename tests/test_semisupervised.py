@@ -181,6 +181,17 @@ def test_an_adopted_plan_gives_its_coarse_refresh_back_to_the_stage_it_came_from
         assert raw["rationale"][1:] == ["why 1"]  # not the earlier plan's self-training
 
 
+def test_a_round_runs_only_when_enough_time_is_left_to_train_on_its_labels():
+    from spinelm.training import TIME_BUDGET_RESERVE, round_leaves_time
+
+    budget, cap = 840.0, 126.0  # 14 minutes, rounds capped at 15 %
+    usable = budget * (1 - TIME_BUDGET_RESERVE)
+    assert round_leaves_time(420.0, budget, cap)  # half-way: plenty left
+    assert not round_leaves_time(630.0, budget, cap)  # at 75 % after a first round: its labels would go unused
+    assert round_leaves_time(usable - 2 * cap, budget, cap) and not round_leaves_time(usable - 2 * cap + 1, budget, cap)
+    assert round_leaves_time(10_000.0, None, cap) and round_leaves_time(10_000.0, budget, 0.0)  # epochs / no cap
+
+
 def test_labelled_cases_keep_half_the_patches():
     from spinelm.training import training_cases
 
@@ -323,6 +334,29 @@ def test_diverse_choice_covers_every_protocol_and_is_deterministic():
     assert np.mean([all(d < 20 for d in draw) for draw in draws]) > 0.5
 
 
+def _self_training_model(phantom_dataset, root, source: str, rounds):
+    """A planned, preprocessed model folder with a coarse stage and self-training from ``source``
+    (fine-stage ``rounds``), trained in epochs (the refresh gets its share of them)."""
+    import spinelm.semisupervised as semi
+    from spinelm.fingerprint import compute_fingerprint
+    from spinelm.pipeline import preprocess
+    from spinelm.planning import plan, save_plans
+    from spinelm.plans import ModelFolder
+
+    raw = plan(compute_fingerprint(phantom_dataset, num_workers=0, progress=False), device="cpu", time_budget_min=2,
+               seconds_per_mvoxel=50.0)  # slow step: a coarse stage
+    assert list(raw["configurations"]) == ["coarse", "fine"]
+    raw.setdefault("budget", {})["stage_shares"] = {"coarse": 0.3, "fine": 0.7}
+    raw["training"].pop("time_budget_min", None)
+    st = semi.add_self_training(raw, 1, 4, coarse_source=source)
+    st["rounds"] = list(rounds)
+    root.mkdir()
+    save_plans(raw, root / "plans.json")
+    preprocess(phantom_dataset, root, 0, progress=False)
+    model = ModelFolder(root)
+    return model, [int(x) for x in model.plans.identification["labels"]][5:9], int(model.plans.cc_axis)
+
+
 def test_the_coarse_stage_labels_the_unlabelled_scans_itself_before_the_fine_stage(phantom_dataset, tmp_path,
                                                                                    monkeypatch):
     """The default: right after its training the coarse stage labels the unlabelled scans alone (its
@@ -330,27 +364,14 @@ def test_the_coarse_stage_labels_the_unlabelled_scans_itself_before_the_fine_sta
     share, the refreshed weights replace its final ones, and then the fine stage trains and validates
     with them, with its whole share; ``--resume`` does not label again."""
     import spinelm.semisupervised as semi
-    from spinelm.fingerprint import compute_fingerprint
     from spinelm.identification import LevelCropSampler
-    from spinelm.pipeline import preprocess, train
-    from spinelm.planning import plan, save_plans
-    from spinelm.plans import ModelFolder
+    from spinelm.pipeline import train
     from spinelm.training import LABELLED_ONLY_CHECKPOINT, REFRESH_DIR, TrainSettings, coarse_refresh_due
 
-    fp = compute_fingerprint(phantom_dataset, num_workers=0, progress=False)
-    raw = plan(fp, device="cpu", time_budget_min=2, seconds_per_mvoxel=50.0)  # slow step: a coarse stage
-    raw.setdefault("budget", {})["stage_shares"] = {"coarse": 0.3, "fine": 0.7}
-    raw["training"].pop("time_budget_min", None)  # epochs, not minutes: the refresh gets its share of them
-    st = semi.add_self_training(raw, 1, 4)
-    assert st["coarse_source"] == "own" and raw["budget"]["stage_shares"]["fine"] == 0.7
-    st["rounds"] = []  # no rounds in the fine stage: this test is about the coarse stage
     root = tmp_path / "model"
-    root.mkdir()
-    save_plans(raw, root / "plans.json")
-    preprocess(phantom_dataset, root, 0, progress=False)
-    model = ModelFolder(root)
-    labels = [int(x) for x in model.plans.identification["labels"]][5:9]
-    cc = int(model.plans.cc_axis)
+    model, labels, cc = _self_training_model(phantom_dataset, root, "own", [])  # no fine-stage rounds here
+    assert model.plans.training["self_training"]["coarse_source"] == "own"
+    assert model.plans.raw["budget"]["stage_shares"] == {"coarse": 0.2, "fine": 0.7, "coarse_refresh": 0.1}
     calls = []
 
     class Fake:  # the coarse stage alone: accepts every unlabelled scan, four vertebrae along the column
@@ -414,32 +435,18 @@ def test_the_coarse_stage_trains_on_accepted_pseudo_labels_after_the_fine_stage(
     plan's refresh share, and the refreshed weights replace its final checkpoint (the labelled-only
     ones kept); a new coarse training forgets the refresh."""
     import spinelm.semisupervised as semi
-    from spinelm.fingerprint import compute_fingerprint
     from spinelm.identification import LevelCropSampler
     from spinelm.io.image import Frame, Geometry
-    from spinelm.pipeline import preprocess, train
-    from spinelm.planning import plan, save_plans
-    from spinelm.plans import ModelFolder
+    from spinelm.pipeline import train
     from spinelm.training import LABELLED_ONLY_CHECKPOINT, REFRESH_DIR, TrainSettings, coarse_refresh_due, train_fold
 
-    fp = compute_fingerprint(phantom_dataset, num_workers=0, progress=False)
-    raw = plan(fp, device="cpu", time_budget_min=2, seconds_per_mvoxel=50.0)  # slow step: a coarse stage
-    assert list(raw["configurations"]) == ["coarse", "fine"]
-    raw.setdefault("budget", {})["stage_shares"] = {"coarse": 0.3, "fine": 0.7}
-    raw["training"].pop("time_budget_min", None)  # epochs, not minutes: the refresh gets its share of them
-    st = semi.add_self_training(raw, 1, 4, coarse_source="fine")
-    assert st["coarse_refresh"] == 0.15 and raw["budget"]["stage_shares"] == {"coarse": 0.3, "fine": 0.55,
-                                                                               "coarse_refresh": 0.15}
-    assert "coarse identification stage trains on" in raw["rationale"][-1]
-    st["rounds"] = list(rounds)  # (1.0,): one round after the fine stage's last epoch, for the refresh only
     root = tmp_path / "model"
-    root.mkdir()
-    save_plans(raw, root / "plans.json")
-    preprocess(phantom_dataset, root, 0, progress=False)
-    model = ModelFolder(root)
-    labels = [int(x) for x in model.plans.identification["labels"]][5:9]
+    # (1.0,): one round after the fine stage's last epoch, for the refresh only
+    model, labels, cc = _self_training_model(phantom_dataset, root, "fine", rounds)
+    assert model.plans.training["self_training"]["coarse_refresh"] == 0.15
+    assert model.plans.raw["budget"]["stage_shares"] == {"coarse": 0.3, "fine": 0.55, "coarse_refresh": 0.15}
+    assert "coarse identification stage trains on" in model.plans.raw["rationale"][-1]
     assert all(b in L.successors(a) for a, b in zip(labels, labels[1:]))
-    cc = int(model.plans.cc_axis)
 
     class Fake:  # accepts every unlabelled scan: four vertebrae stacked along the column
         uses_coarse = True
